@@ -1,0 +1,3 @@
+"""qsft_vla: Q-SFT for vision-language robot policies in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Datasets: the episode layout and its checks, RLDS reading/writing, statistics, the input pipeline."""

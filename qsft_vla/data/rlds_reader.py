@@ -1,0 +1,131 @@
+"""Opens any RLDS dataset on disk and maps its steps to our canonical keys.
+
+The robot config's `rlds_keys` says where each canonical key lives in the
+dataset's steps ("observation/image", "observation/natural_language_instruction",
+...), so real Open X-Embodiment datasets load with a mapping only. Used by the
+validator, the statistics and the input pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from qsft_vla.data.episode import DataError
+from qsft_vla.robot import RobotSpec
+
+
+def open_builder(data_dir: str):
+  """The TFDS builder of an RLDS dataset directory, with a clear error if it is not one."""
+  if not os.path.isdir(data_dir):
+    raise DataError(data_dir, "dataset directory does not exist")
+  if not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+    raise DataError(data_dir, "not a TFDS dataset directory (no dataset_info.json); "
+                    "make one with `python -m data_tools.convert` or `data_tools.generate`")
+  builder = tfds.builder_from_directory(data_dir)
+  if "steps" not in builder.info.features:
+    raise DataError(data_dir, "not an RLDS dataset: episodes have no 'steps'", key="steps")
+  return builder
+
+
+def _get(tree: dict[str, Any], path: str, where: str):
+  node = tree
+  for part in path.split("/"):
+    if not isinstance(node, dict) or part not in node:
+      have = sorted(node) if isinstance(node, dict) else type(node).__name__
+      raise DataError(where, f"key not found (at {part!r}; present: {have}); "
+                      "fix robot.rlds_keys in the robot config", key=path)
+    node = node[part]
+  return node
+
+
+def canonical_step_keys(spec: RobotSpec) -> dict[str, str]:
+  """Canonical flat name -> dataset path, e.g. {"observation/image": "observation/image"}."""
+  k = spec.rlds_keys
+  out = {f"observation/{cam}": k["cameras"][cam] for cam in spec.camera_names}
+  if spec.state_dim:
+    out["observation/state"] = k["state"]
+  for name in ("action", "reward", "discount", "is_first", "is_last", "is_terminal"):
+    out[name] = k[name]
+  if spec.instruction_source == "step":
+    out["language_instruction"] = k["language_instruction"]
+  return out
+
+
+def canonicalize_steps(steps: dict[str, Any], spec: RobotSpec, where: str) -> dict[str, Any]:
+  """Maps a (tf or numpy) steps dict to the canonical nested layout.
+
+  Works on tensors inside tf.data maps too. A fixed instruction is filled in by
+  the caller (it is not in the data).
+  """
+  out: dict[str, Any] = {"observation": {}}
+  for name, path in canonical_step_keys(spec).items():
+    value = _get(steps, path, where)
+    if name.startswith("observation/"):
+      out["observation"][name.split("/", 1)[1]] = value
+    else:
+      out[name] = value
+  return out
+
+
+def check_dataset_keys(builder, spec: RobotSpec, where: str) -> None:
+  """Fails early, naming the key, if the dataset lacks a key the robot needs."""
+  step_features = builder.info.features["steps"].feature
+  flat = {}
+
+  def walk(f, prefix):
+    if isinstance(f, tfds.features.FeaturesDict):
+      for k, v in f.items():
+        walk(v, f"{prefix}{k}/")
+    else:
+      flat[prefix[:-1]] = f
+
+  walk(step_features, "")
+  for name, path in canonical_step_keys(spec).items():
+    if path not in flat:
+      raise DataError(where, f"dataset steps have no {path!r} (needed for {name}); present: "
+                      f"{sorted(flat)}; fix robot.rlds_keys", key=path)
+
+
+def iterate_episodes(data_dir: str, spec: RobotSpec, split: str = "train"
+                     ) -> Iterator[tuple[int, dict[str, Any]]]:
+  """Yields (index, canonical numpy episode) in file order; for tools, not training."""
+  builder = open_builder(data_dir)
+  check_dataset_keys(builder, spec, data_dir)
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  for i, ep in enumerate(ds):
+    where = f"{data_dir}: episode {i}"
+    episode = {"steps": _to_numpy_steps(ep["steps"], spec, where),
+               "episode_metadata": _metadata_numpy(ep.get("episode_metadata"))}
+    yield i, episode
+
+
+def _to_numpy_steps(steps_ds: tf.data.Dataset, spec: RobotSpec, where: str) -> dict[str, Any]:
+  """Batches a steps tf.data.Dataset into one canonical dict of numpy arrays."""
+  mapped = steps_ds.map(lambda s: canonicalize_steps(s, spec, where))
+  steps = None
+  for batch in mapped.batch(1_000_000):
+    steps = tf.nest.map_structure(lambda x: x.numpy(), batch)
+  if steps is None:  # an empty episode: zero steps
+    spec_struct = mapped.element_spec
+    steps = tf.nest.map_structure(
+        lambda s: np.zeros((0,) + tuple(s.shape), s.dtype.as_numpy_dtype), spec_struct)
+  if "language_instruction" in steps:
+    steps["language_instruction"] = [s.decode("utf-8") for s in steps["language_instruction"]]
+  else:
+    steps["language_instruction"] = [spec.instruction_text] * len(steps["action"])
+  return steps
+
+
+def _metadata_numpy(md) -> dict[str, Any]:
+  if md is None:
+    return {}
+  out = {}
+  for k, v in md.items():
+    v = v.numpy()
+    out[k] = v.decode("utf-8") if isinstance(v, bytes) else v.item()
+  return out

@@ -1,0 +1,165 @@
+"""Writes episodes as an RLDS dataset with TFDS, atomically.
+
+The dataset is a TFDS directory (dataset_info.json, features.json, TFRecord
+shards) readable with `tfds.builder_from_directory(out)`. It is written under a
+temporary name beside `out` and renamed only when complete, so a failed or
+killed run never leaves a half-written dataset under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from qsft_vla.data.episode import DataError, check_episode
+from qsft_vla.robot import RobotSpec
+
+# Written beside the TFDS files: the robot the data was checked against and how
+# it was made (generator flags, converter input), for provenance.
+PROVENANCE_FILE = "qsft_provenance.json"
+
+
+def episode_features(spec: RobotSpec, image_encoding: str = "png") -> tfds.features.FeaturesDict:
+  """The TFDS features of our RLDS schema for this robot."""
+  observation = {
+      cam.name: tfds.features.Image(shape=(cam.height, cam.width, 3), dtype=np.uint8,
+                                    encoding_format=image_encoding)
+      for cam in spec.cameras}
+  if spec.state_dim:
+    observation["state"] = tfds.features.Tensor(shape=(spec.state_dim,), dtype=np.float32)
+  step = {
+      "observation": observation,
+      "action": tfds.features.Tensor(shape=(spec.action_dim,), dtype=np.float32),
+      "reward": tfds.features.Scalar(dtype=np.float32),
+      "discount": tfds.features.Scalar(dtype=np.float32),
+      "is_first": tfds.features.Scalar(dtype=np.bool_),
+      "is_last": tfds.features.Scalar(dtype=np.bool_),
+      "is_terminal": tfds.features.Scalar(dtype=np.bool_),
+      "language_instruction": tfds.features.Text(),
+  }
+  metadata = {
+      "episode_id": tfds.features.Text(),
+      "source": tfds.features.Text(),
+      "noise": tfds.features.Scalar(dtype=np.float32),
+      "success": tfds.features.Scalar(dtype=np.bool_),
+      "return": tfds.features.Scalar(dtype=np.float32),
+  }
+  return tfds.features.FeaturesDict({
+      "steps": tfds.features.Dataset(step),
+      "episode_metadata": metadata,
+  })
+
+
+class RLDSWriter:
+  """Context manager: `with RLDSWriter(out, spec, name=...) as w: w.add(episode)`.
+
+  Every episode is checked with `check_episode` before it is written; the first
+  bad one aborts the whole dataset (nothing appears at `out`).
+  """
+
+  def __init__(self, out: str, spec: RobotSpec, *, name: str, description: str = "",
+               provenance: dict[str, Any] | None = None, split: str = "train",
+               episodes_per_shard: int = 100, image_encoding: str = "png",
+               overwrite: bool = False):
+    self.out = os.path.abspath(out)
+    self.spec = spec
+    self.name = name
+    self.description = description
+    self.provenance = dict(provenance or {})
+    self.split = split
+    self.episodes_per_shard = episodes_per_shard
+    self.image_encoding = image_encoding
+    self.overwrite = overwrite
+    self.num_episodes = 0
+    self.num_steps = 0
+    self._tmp = None
+    self._writer = None
+
+  def __enter__(self) -> "RLDSWriter":
+    if os.path.exists(self.out) and not self.overwrite:
+      raise FileExistsError(f"{self.out} already exists; choose another --out or remove it")
+    parent = os.path.dirname(self.out)
+    os.makedirs(parent, exist_ok=True)
+    self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=parent)
+    info = tfds.core.DatasetInfo(
+        builder=tfds.core.dataset_info.DatasetIdentity(
+            name=self.name, data_dir=self._tmp, module_name="", version="1.0.0"),
+        description=self.description,
+        features=episode_features(self.spec, self.image_encoding))
+    self._writer = tfds.core.SequentialWriter(
+        ds_info=info, max_examples_per_shard=self.episodes_per_shard)
+    self._writer.initialize_splits([self.split])
+    return self
+
+  def add(self, episode: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """Checks and appends one episode; returns check_episode's report."""
+    where = where or f"episode {self.num_episodes}"
+    report = check_episode(episode, self.spec, where)
+    steps = episode["steps"]
+    instr = [s.decode() if isinstance(s, bytes) else s for s in steps["language_instruction"]]
+    example = {
+        "steps": {
+            "observation": {k: np.asarray(v) for k, v in steps["observation"].items()
+                            if k in self.spec.camera_names or k == "state"},
+            "action": np.asarray(steps["action"], np.float32),
+            "reward": np.asarray(steps["reward"], np.float32),
+            "discount": np.asarray(steps["discount"], np.float32),
+            "is_first": np.asarray(steps["is_first"], np.bool_),
+            "is_last": np.asarray(steps["is_last"], np.bool_),
+            "is_terminal": np.asarray(steps["is_terminal"], np.bool_),
+            "language_instruction": instr,
+        },
+        "episode_metadata": _metadata(episode.get("episode_metadata") or {}, steps, where,
+                                      self.num_episodes),
+    }
+    # SequentialWriter wants the steps as a list of step dicts.
+    n = report["length"]
+    example["steps"] = [_index(example["steps"], t) for t in range(n)]
+    self._writer.add_examples({self.split: [example]})
+    self.num_episodes += 1
+    self.num_steps += n
+    return report
+
+  def __exit__(self, exc_type, exc, tb):
+    try:
+      if exc_type is None:
+        if self.num_episodes == 0:
+          raise DataError(self.out, "no episodes were written")
+        self._writer.close_splits([self.split])
+        with open(os.path.join(self._tmp, PROVENANCE_FILE), "w") as f:
+          json.dump({"name": self.name, "num_episodes": self.num_episodes,
+                     "num_steps": self.num_steps, **self.spec.to_dict(),
+                     "provenance": self.provenance}, f, indent=2)
+        if os.path.exists(self.out):  # overwrite=True: replace only once complete
+          shutil.rmtree(self.out)
+        os.rename(self._tmp, self.out)
+        self._tmp = None
+    finally:
+      if self._tmp is not None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+    return False
+
+
+def _metadata(md: dict[str, Any], steps, where: str, index: int) -> dict[str, Any]:
+  """Fills what the producer did not say: return from rewards, success from is_terminal."""
+  unknown = set(md) - {"episode_id", "source", "noise", "success", "return"}
+  if unknown:
+    raise DataError(where, f"unknown episode_metadata field(s) {sorted(unknown)}",
+                    key="episode_metadata")
+  return {"episode_id": str(md.get("episode_id", index)),
+          "source": str(md.get("source", "")),
+          "noise": np.float32(md.get("noise", -1.0)),
+          "success": np.bool_(md.get("success", bool(np.asarray(steps["is_terminal"])[-1]))),
+          "return": np.float32(md.get("return", float(np.sum(steps["reward"]))))}
+
+
+def _index(tree, t):
+  if isinstance(tree, dict):
+    return {k: _index(v, t) for k, v in tree.items()}
+  return tree[t]
