@@ -1,0 +1,57 @@
+"""Shared fixtures: robot specs from the real config files, tiny hand-built episodes."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from qsft_vla import config as qconfig  # noqa: E402
+from qsft_vla.robot import RobotSpec  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def robot_spec(name: str) -> RobotSpec:
+  cfg = qconfig.load_config_file(os.path.join(REPO, "robot_configs", f"{name}.py"))
+  return RobotSpec.from_config(cfg.robot)
+
+
+@pytest.fixture
+def metaworld_spec():
+  return robot_spec("metaworld")
+
+
+@pytest.fixture
+def babyai_spec():
+  return robot_spec("babyai")
+
+
+def make_episode(spec: RobotSpec, length: int, seed: int = 0, terminal: bool = True,
+                 instruction: str = "do the task"):
+  """A valid random episode for `spec`; success (reward 1, terminal) at the end if `terminal`."""
+  rng = np.random.RandomState(seed)
+  obs = {c.name: rng.randint(0, 256, (length, c.height, c.width, 3), dtype=np.uint8)
+         for c in spec.cameras}
+  if spec.state_dim:
+    obs["state"] = rng.randn(length, spec.state_dim).astype(np.float32)
+  actions = []
+  for d in spec.action_dims:
+    if d.kind == "discrete":
+      actions.append(rng.choice(d.values, size=length))
+    else:
+      actions.append(rng.uniform(d.low, d.high, size=length))
+  reward = np.zeros(length, np.float32)
+  if terminal:
+    reward[-1] = 1.0
+  t = np.arange(length)
+  return {"steps": {"observation": obs,
+                    "action": np.stack(actions, axis=1).astype(np.float32),
+                    "reward": reward, "discount": np.ones(length, np.float32),
+                    "is_first": t == 0, "is_last": t == length - 1,
+                    "is_terminal": (t == length - 1) & terminal,
+                    "language_instruction": [instruction] * length},
+          "episode_metadata": {"noise": 0.0}}
