@@ -19,6 +19,11 @@ from qsft_vla.data.episode import DataError
 from qsft_vla.robot import RobotSpec
 
 
+# tf.data reserves a batch's full size for some dtypes, so "the whole episode"
+# is a large but finite batch.
+MAX_EPISODE_STEPS = 1_000_000
+
+
 def open_builder(data_dir: str):
   """The TFDS builder of an RLDS dataset directory, with a clear error if it is not one."""
   if not os.path.isdir(data_dir):
@@ -97,35 +102,28 @@ def iterate_episodes(data_dir: str, spec: RobotSpec, split: str = "train"
   builder = open_builder(data_dir)
   check_dataset_keys(builder, spec, data_dir)
   ds = builder.as_dataset(split=split, shuffle_files=False)
-  for i, ep in enumerate(ds):
-    where = f"{data_dir}: episode {i}"
-    episode = {"steps": _to_numpy_steps(ep["steps"], spec, where),
-               "episode_metadata": _metadata_numpy(ep.get("episode_metadata"))}
-    yield i, episode
 
+  # One traced map over all episodes (a map per episode would re-trace each time).
+  def whole_episode(ep):
+    steps = ep["steps"].map(lambda s: canonicalize_steps(s, spec, data_dir))
+    # An empty episode batches to nothing: append a zero-length batch, take the first.
+    empty = tf.nest.map_structure(lambda t: tf.zeros((0,) + tuple(t.shape), t.dtype),
+                                  steps.element_spec)
+    batched = steps.batch(MAX_EPISODE_STEPS).concatenate(tf.data.Dataset.from_tensors(empty))
+    return {"steps": batched.take(1).get_single_element(),
+            "episode_metadata": ep.get("episode_metadata", {})}
 
-def _to_numpy_steps(steps_ds: tf.data.Dataset, spec: RobotSpec, where: str) -> dict[str, Any]:
-  """Batches a steps tf.data.Dataset into one canonical dict of numpy arrays."""
-  mapped = steps_ds.map(lambda s: canonicalize_steps(s, spec, where))
-  steps = None
-  for batch in mapped.batch(1_000_000):
-    steps = tf.nest.map_structure(lambda x: x.numpy(), batch)
-  if steps is None:  # an empty episode: zero steps
-    spec_struct = mapped.element_spec
-    steps = tf.nest.map_structure(
-        lambda s: np.zeros((0,) + tuple(s.shape), s.dtype.as_numpy_dtype), spec_struct)
-  if "language_instruction" in steps:
-    steps["language_instruction"] = [s.decode("utf-8") for s in steps["language_instruction"]]
-  else:
-    steps["language_instruction"] = [spec.instruction_text] * len(steps["action"])
-  return steps
+  for i, ep in enumerate(ds.map(whole_episode).as_numpy_iterator()):
+    steps = ep["steps"]
+    if len(steps["action"]) >= MAX_EPISODE_STEPS:
+      raise DataError(f"{data_dir}: episode {i}", f"longer than {MAX_EPISODE_STEPS} steps")
+    if "language_instruction" in steps:
+      steps["language_instruction"] = [s.decode("utf-8") for s in steps["language_instruction"]]
+    else:
+      steps["language_instruction"] = [spec.instruction_text] * len(steps["action"])
+    yield i, {"steps": steps, "episode_metadata": _metadata_numpy(ep["episode_metadata"])}
 
 
 def _metadata_numpy(md) -> dict[str, Any]:
-  if md is None:
-    return {}
-  out = {}
-  for k, v in md.items():
-    v = v.numpy()
-    out[k] = v.decode("utf-8") if isinstance(v, bytes) else v.item()
-  return out
+  return {k: v.decode("utf-8") if isinstance(v, bytes) else np.asarray(v).item()
+          for k, v in md.items()}

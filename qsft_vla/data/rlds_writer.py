@@ -155,8 +155,9 @@ def _metadata(md: dict[str, Any], steps, where: str, index: int) -> dict[str, An
   return {"episode_id": str(md.get("episode_id", index)),
           "source": str(md.get("source", "")),
           "noise": np.float32(md.get("noise", -1.0)),
-          "success": np.bool_(md.get("success", bool(np.asarray(steps["is_terminal"])[-1]))),
-          "return": np.float32(md.get("return", float(np.sum(steps["reward"]))))}
+          "success": np.bool_(md["success"] if "success" in md
+                              else bool(np.asarray(steps["is_terminal"])[-1])),
+          "return": np.float32(md["return"] if "return" in md else float(np.sum(steps["reward"])))}
 
 
 def _index(tree, t):
