@@ -1,0 +1,1 @@
+"""Dataset tools (absl binaries): convert, generate, validate and inspect RLDS datasets."""

@@ -1,0 +1,304 @@
+"""Generates a simulated offline dataset: a scripted expert with controlled noise.
+
+  python -m data_tools.generate --env=babyai:BabyAI-GoToLocal-v0 --episodes=200 \
+      --noise=0.0,0.5,1.0 --seed=0 --out=/tmp/babyai_gotolocal
+  python -m data_tools.generate --env=metaworld:pick-place-v3 --episodes=20 \
+      --noise=0.0,0.1,0.3 --out=/tmp/mw_pick_place
+
+Each episode rolls out the simulator's scripted expert (qsft_vla.envs: BabyAI's
+bot with epsilon-random actions, Meta-World's scripted policy with Gaussian
+action noise) and is written as RLDS with TFDS in our schema (DESIGN.md): sparse
+reward 1 on success, is_terminal on success (or an unrecoverable failure), a
+truncated last step on the time limit, and episode metadata (episode_id, source,
+noise, success, return). Episode i uses noise level i mod len(--noise), so the
+levels are mixed evenly in one dataset.
+
+Deterministic: episode i depends only on (--seed, i) through
+np.random.SeedSequence([seed, i]), never on --workers. Workers are spawned
+processes that import only TF-free modules and roll out episodes; the main
+process writes them in index order through RLDSWriter, under a temporary name
+renamed only when complete (a failure leaves nothing at --out). The dataset's
+statistics are cached beside it (qsft_vla.data.statistics), as the converter does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing
+import multiprocessing.util
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (CLI noise)
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tqdm  # pylint: disable=g-import-not-at-top
+
+from qsft_vla import envs  # pylint: disable=g-import-not-at-top  (TF-free)
+from qsft_vla.envs.rollout import record_episode  # pylint: disable=g-import-not-at-top
+
+IMAGE_ENCODINGS = ("png", "jpeg")
+DEFAULT_ENV = "babyai:BabyAI-GoToLocal-v0"
+
+
+def default_workers() -> int:
+  """The CPUs this process may use."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def episode_seeds(seed: int, index: int) -> tuple[int, np.random.Generator]:
+  """(reset seed, expert rng) of episode `index`: a function of (seed, index) only."""
+  env_ss, expert_ss = np.random.SeedSequence([seed, index]).spawn(2)
+  return int(env_ss.generate_state(1)[0]), np.random.default_rng(expert_ss)
+
+
+# --------------------------------------------------------------------------- #
+# Rollouts (run in the workers, or in-process with one worker).
+
+
+class _Roller:
+  """Holds one environment and rolls out episodes by index."""
+
+  def __init__(self, env_id: str, max_steps: int | None, seed: int):
+    kwargs = {} if max_steps is None else {"max_steps": max_steps}
+    self.env = envs.make_env(env_id, seed=seed, **kwargs)
+    self.seed = seed
+
+  def __call__(self, job: tuple[int, float]) -> dict[str, Any]:
+    index, noise = job
+    reset_seed, rng = episode_seeds(self.seed, index)
+    return record_episode(self.env, reset_seed, lambda _: self.env.expert_action(rng, noise),
+                          episode_id=f"{index:06d}", noise=noise)
+
+  def close(self):
+    self.env.close()
+
+
+_WORKER_ROLLER: _Roller | None = None
+_WORKER_ERROR: BaseException | None = None
+
+
+def _init_worker(env_id: str, max_steps: int | None, seed: int) -> None:
+  global _WORKER_ROLLER, _WORKER_ERROR
+  try:
+    _WORKER_ROLLER = _Roller(env_id, max_steps, seed)
+  except Exception as e:  # pylint: disable=broad-except
+    # A failing Pool initializer makes the pool respawn workers forever;
+    # report the error with the first episode instead.
+    _WORKER_ERROR = e
+    return
+  # Runs when the worker exits normally (pool.close + join): frees the
+  # simulator's rendering context before the interpreter goes away.
+  multiprocessing.util.Finalize(None, _WORKER_ROLLER.close, exitpriority=10)
+
+
+def _rollout_in_worker(job: tuple[int, float]) -> dict[str, Any]:
+  if _WORKER_ERROR is not None:
+    raise _WORKER_ERROR
+  return _WORKER_ROLLER(job)
+
+
+# --------------------------------------------------------------------------- #
+# The generator.
+
+
+def _check_args(env_id, episodes, noise_levels, seed, max_steps, workers, image_encoding):
+  envs.check_env_id(env_id)
+  if not isinstance(episodes, int) or episodes < 1:
+    raise ValueError(f"--episodes must be a positive integer, got {episodes!r}")
+  if not noise_levels:
+    raise ValueError("--noise must list at least one noise level")
+  for x in noise_levels:
+    if not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 0):
+      raise ValueError(f"--noise levels must be finite numbers >= 0, got {x!r}")
+  if not isinstance(seed, int) or seed < 0:
+    raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
+  if max_steps is not None and max_steps < 1:
+    raise ValueError(f"--max_steps must be >= 1, got {max_steps}")
+  if workers is not None and workers < 1:
+    raise ValueError(f"--workers must be >= 1, got {workers}")
+  if image_encoding not in IMAGE_ENCODINGS:
+    raise ValueError(f"--image_encoding must be one of {IMAGE_ENCODINGS}, got {image_encoding!r}")
+
+
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(path) for f in files)
+
+
+def generate(env_id: str, episodes: int, noise_levels: Sequence[float], seed: int, out: str, *,
+             max_steps: int | None = None, workers: int | None = None,
+             image_encoding: str = "png", overwrite: bool = False,
+             episodes_per_shard: int = 100, compute_stats: bool = True, progress: bool = True,
+             provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Rolls out `episodes` noisy expert episodes of `env_id` and writes them to `out`.
+
+  Args:
+    env_id: "babyai:<level>" or "metaworld:<task>-v3" (qsft_vla.envs).
+    episodes: number of episodes; episode i uses noise_levels[i % len(noise_levels)].
+    noise_levels: BabyAI: probability of a random action; Meta-World: std of the
+      Gaussian action noise.
+    seed: episode i depends only on (seed, i).
+    out: dataset directory to create (must not exist unless overwrite).
+    max_steps: time limit override (default: the adapter's).
+    workers: rollout processes (default: the CPUs available); 1 = in this process.
+    image_encoding: "png" (lossless) or "jpeg".
+    provenance: extra entries for the dataset's provenance file (e.g. all flags).
+
+  Returns:
+    The summary dict (format_summary prints it).
+  """
+  start = time.perf_counter()
+  noise_levels = [float(x) for x in noise_levels]
+  _check_args(env_id, episodes, noise_levels, seed, max_steps, workers, image_encoding)
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:  # before any work; the writer checks again
+    raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+  workers = min(workers or default_workers(), episodes)
+  spec = envs.robot_spec_for(env_id)
+  jobs = [(i, noise_levels[i % len(noise_levels)]) for i in range(episodes)]
+  per_noise = {x: {"episodes": 0, "successes": 0, "steps": 0, "return": 0.0}
+               for x in noise_levels}
+
+  with contextlib.ExitStack() as stack:
+    if workers > 1:
+      # spawn: workers start from a fresh interpreter, never a copy of this
+      # process's TensorFlow state (the writer imports TF below).
+      pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
+          workers, _init_worker, (env_id, max_steps, seed)))
+      episodes_iter = pool.imap(_rollout_in_worker, jobs)  # ordered: written in index order
+    else:
+      roller = _Roller(env_id, max_steps, seed)
+      stack.callback(roller.close)
+      episodes_iter = map(roller, jobs)
+    # TF is imported only here, in the main process, while the workers start.
+    from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
+    from qsft_vla.data.rlds_writer import RLDSWriter  # pylint: disable=g-import-not-at-top
+
+    record = {"tool": "data_tools.generate", "env": env_id, "episodes": episodes,
+              "noise": noise_levels, "seed": seed, "max_steps": max_steps, "workers": workers,
+              "image_encoding": image_encoding, "overwrite": overwrite,
+              "episode_seeds": "SeedSequence([seed, index]).spawn(2): reset seed, expert rng",
+              "noise_schedule": "episode i uses noise[i % len(noise)]"}
+    record.update(provenance or {})
+    name = re.sub(r"[^a-z0-9_]", "_", env_id.lower())
+    acc = statistics.Accumulator(spec) if compute_stats else None
+    first_episode_s = None
+    with RLDSWriter(out, spec, name=name, provenance=record, overwrite=overwrite,
+                    episodes_per_shard=episodes_per_shard, image_encoding=image_encoding,
+                    description=f"{env_id}: scripted expert with noise levels {noise_levels} "
+                    "(data_tools.generate)") as writer:
+      with tqdm.tqdm(total=episodes, unit="ep", desc="generate", disable=not progress,
+                     file=sys.stderr) as bar:
+        for (index, noise), episode in zip(jobs, episodes_iter):
+          if first_episode_s is None:
+            first_episode_s = time.perf_counter() - start
+          writer.add(episode, where=f"episode {index} (noise {noise})")
+          if acc is not None:
+            acc.add(episode, f"episode {index}")
+          md, length = episode["episode_metadata"], len(episode["steps"]["action"])
+          p = per_noise[noise]
+          p["episodes"] += 1
+          p["successes"] += bool(md["success"])
+          p["steps"] += length
+          p["return"] += md["return"]
+          bar.update(1)
+          bar.set_postfix(steps_per_s=f"{writer.num_steps / (time.perf_counter() - start):.0f}",
+                          success=f"{sum(v['successes'] for v in per_noise.values()) / (index + 1):.2f}",
+                          refresh=False)
+    if workers > 1:
+      pool.close()  # let the workers exit normally (they close their simulators)
+      pool.join()
+
+  stats_path = statistics.save(writer.out, spec, acc.result(writer.out)) if acc else None
+  wall = time.perf_counter() - start
+  size = _dir_bytes(writer.out)
+  steps = writer.num_steps
+  return {
+      "out": writer.out, "env": env_id, "episodes": writer.num_episodes, "steps": steps,
+      "success_rate": sum(p["successes"] for p in per_noise.values()) / writer.num_episodes,
+      "per_noise": {x: {"episodes": p["episodes"], "steps": p["steps"],
+                        "success_rate": p["successes"] / max(p["episodes"], 1),
+                        "mean_return": p["return"] / max(p["episodes"], 1),
+                        "mean_length": p["steps"] / max(p["episodes"], 1)}
+                    for x, p in per_noise.items()},
+      "workers": workers, "wall_s": wall, "startup_s": first_episode_s or 0.0,
+      "env_steps_per_s": steps / wall, "bytes": size,
+      "bytes_per_1k_steps": size * 1000.0 / max(steps, 1), "stats_path": stats_path,
+  }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+  lines = [f"wrote {s['out']} ({s['env']})",
+           f"  episodes {s['episodes']}, steps {s['steps']}, success rate {s['success_rate']:.3f}"]
+  for noise, p in s["per_noise"].items():
+    lines.append(f"  noise {noise:g}: {p['episodes']} episodes, success rate "
+                 f"{p['success_rate']:.3f}, mean length {p['mean_length']:.1f}, "
+                 f"mean return {p['mean_return']:.3f}")
+  lines.append(f"  wall {s['wall_s']:.1f} s ({s['startup_s']:.1f} s to the first episode), "
+               f"{s['env_steps_per_s']:.0f} env steps/s with {s['workers']} worker(s)")
+  lines.append(f"  {s['bytes']:,} bytes on disk, {s['bytes_per_1k_steps']:,.0f} bytes per 1k steps")
+  if s["stats_path"]:
+    lines.append(f"  statistics: {s['stats_path']}")
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# Binary.
+
+_FLAG_NAMES = ("env", "episodes", "noise", "seed", "out", "max_steps", "workers",
+               "image_encoding", "overwrite", "episodes_per_shard", "stats")
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("env", DEFAULT_ENV, "Environment id: babyai:<BabyAI level> or "
+                      "metaworld:<task>-v3.")
+  flags.DEFINE_integer("episodes", 100, "Number of episodes.")
+  flags.DEFINE_list("noise", ["0.0"], "Noise levels, mixed evenly over the episodes (BabyAI: "
+                    "random-action probability; Meta-World: Gaussian action std).")
+  flags.DEFINE_integer("seed", 0, "Episode i depends only on (seed, i).")
+  flags.DEFINE_string("out", None, "Dataset directory to create.", required=True)
+  flags.DEFINE_integer("max_steps", None, "Time limit override (default: the environment's; "
+                       "Meta-World: 200).")
+  flags.DEFINE_integer("workers", None, "Rollout processes (default: the CPUs available).")
+  flags.DEFINE_enum("image_encoding", "png", list(IMAGE_ENCODINGS), "Image encoding.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out (only once complete).")
+  flags.DEFINE_integer("episodes_per_shard", 100, "Episodes per TFRecord shard.")
+  flags.DEFINE_bool("stats", True, "Compute and cache the dataset statistics.")
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  try:
+    noise = [float(x) for x in f.noise]
+  except ValueError:
+    print(f"generate: error: --noise must be a comma-separated list of numbers, got {f.noise}",
+          file=sys.stderr)
+    return 1
+  try:
+    summary = generate(f.env, f.episodes, noise, f.seed, f.out, max_steps=f.max_steps,
+                       workers=f.workers, image_encoding=f.image_encoding,
+                       overwrite=f.overwrite, episodes_per_shard=f.episodes_per_shard,
+                       compute_stats=f.stats,
+                       provenance={"flags": {n: f[n].value for n in _FLAG_NAMES}})
+  except (ValueError, OSError) as e:  # DataError is a ValueError
+    print(f"generate: error: {e}", file=sys.stderr)
+    return 1
+  print(format_summary(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,79 @@
+"""Simulator adapters by id: `make_env("babyai:BabyAI-GoToLocal-v0", seed=0)`.
+
+Ids are "<prefix>:<name>": "babyai:<BabyAI level>" (minigrid) and
+"metaworld:<task>-v3". Each adapter implements qsft_vla.envs.base.SimEnv and
+matches one robot config (`robot_config_for`). A simulator's package is only
+imported when one of its ids is used. TF-free.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from qsft_vla.envs.base import SimEnv
+
+# prefix -> (module, adapter class, robot config, example id)
+_ADAPTERS = {
+    "babyai": ("qsft_vla.envs.babyai", "BabyAIEnv", "robot_configs/babyai.py",
+               "babyai:BabyAI-GoToLocal-v0"),
+    "metaworld": ("qsft_vla.envs.metaworld", "MetaWorldEnv", "robot_configs/metaworld.py",
+                  "metaworld:pick-place-v3"),
+}
+
+
+def _split(env_id: str) -> tuple[str, str]:
+  prefix, sep, name = str(env_id).partition(":")
+  if not sep or prefix not in _ADAPTERS or not name:
+    known = ", ".join(f"{p}: (e.g. {a[3]})" for p, a in _ADAPTERS.items())
+    raise ValueError(f"unknown environment id {env_id!r}: expected <prefix>:<name> with a "
+                     f"known prefix: {known}")
+  return prefix, name
+
+
+def known_names(prefix: str) -> list[str]:
+  """The levels/tasks an adapter knows (imports the simulator)."""
+  module = importlib.import_module(_ADAPTERS[prefix][0])
+  return module.levels() if prefix == "babyai" else module.tasks()
+
+
+def check_env_id(env_id: str) -> None:
+  """Raises ValueError naming the known prefixes, or the known levels/tasks, for a bad id."""
+  prefix, name = _split(env_id)
+  names = known_names(prefix)
+  if name not in names:
+    raise ValueError(f"unknown {prefix} name {name!r} in {env_id!r}; known: {', '.join(names)}")
+
+
+def make_env(env_id: str, seed: int = 0, **kwargs) -> SimEnv:
+  """The adapter for `env_id`; `seed` seeds resets called without one.
+
+  kwargs go to the adapter: max_steps (both), camera and task_index (Meta-World).
+  """
+  check_env_id(env_id)
+  prefix, name = _split(env_id)
+  module_name, cls_name = _ADAPTERS[prefix][:2]
+  cls = getattr(importlib.import_module(module_name), cls_name)
+  return cls(name, seed=seed, **kwargs)
+
+
+def robot_config_for(env_id: str) -> str:
+  """The robot config file (relative to the repository root) of an env id's adapter."""
+  return _ADAPTERS[_split(env_id)[0]][2]
+
+
+def robot_config_path(env_id: str) -> str:
+  """robot_config_for as an absolute path (robot_configs/ sits beside qsft_vla/)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return os.path.join(root, robot_config_for(env_id))
+
+
+def robot_spec_for(env_id: str):
+  """The RobotSpec the adapter's observations and actions follow."""
+  from qsft_vla import config, robot  # pylint: disable=g-import-not-at-top
+  path = robot_config_path(env_id)
+  return robot.RobotSpec.from_config(config.load_config_file(path).robot, where=path)
+
+
+__all__ = ["SimEnv", "make_env", "check_env_id", "known_names", "robot_config_for",
+           "robot_config_path", "robot_spec_for"]

@@ -1,0 +1,155 @@
+"""BabyAI (minigrid) as our robot: robot_configs/babyai.py.
+
+Observation {"image": uint8[56,56,3]}: the agent's egocentric 7x7-cell partial
+view rendered with 8-pixel tiles. The mission string is the instruction. The
+action is float32[1] holding a minigrid action id 0..6.
+
+Reward: exactly 1.0 on the step that completes the mission (minigrid's own
+reward, 1 - 0.9 * steps / max_steps, is replaced), 0.0 elsewhere. Terminated:
+the mission succeeded, or failed for good (e.g. the wrong object was picked
+up: terminal with success False). Truncated: the level's time limit (or a
+smaller `max_steps`).
+
+Expert: minigrid's BabyAIBot with epsilon-random actions (noise = epsilon, the
+probability of a uniformly random action). The bot is told the action that was
+really taken, so it replans around random actions (it plans to undo them); if
+it cannot (it raises on states it does not expect, e.g. after a random action
+opened a box), a fresh bot plans from the current state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import gymnasium as gym
+import minigrid  # noqa: F401  (registers the BabyAI-* levels)
+import numpy as np
+from minigrid.utils.baby_ai_bot import BabyAIBot
+from minigrid.wrappers import RGBImgPartialObsWrapper
+
+from qsft_vla.envs.base import Observation, SimEnv, StepResult
+
+NUM_ACTIONS = 7           # left, right, forward, pickup, drop, toggle, done
+TILE_SIZE = 8             # 7x7 cells * 8 px = 56x56, robot_configs/babyai.py
+VIDEO_TILE_SIZE = 16      # render(): the whole grid, larger, for videos
+
+
+def levels() -> list[str]:
+  """The registered BabyAI level names."""
+  return sorted(k for k in gym.registry if k.startswith("BabyAI-"))
+
+
+class BabyAIEnv(SimEnv):
+  """One BabyAI level; see the module docstring."""
+
+  robot_config = "robot_configs/babyai.py"
+  action_dim = 1
+
+  def __init__(self, level: str, seed: int = 0, max_steps: int | None = None):
+    super().__init__(f"babyai:{level}", seed)
+    if level not in gym.registry:
+      raise ValueError(f"unknown BabyAI level {level!r}; known: {', '.join(levels())}")
+    if max_steps is not None and max_steps < 1:
+      raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    self.level = level
+    self._max_steps_override = max_steps
+    self._env = RGBImgPartialObsWrapper(gym.make(level, disable_env_checker=True),
+                                        tile_size=TILE_SIZE)
+    self._closed = False
+    self._bot = None
+    self._obs = None
+    self._reset(seed)  # so instruction and max_steps are defined before the first reset
+
+  # --- episode ------------------------------------------------------------ #
+
+  def _reset(self, seed: int) -> Observation:
+    # Level generation prints "Sampling rejected: ..." on retries; keep CLIs clean.
+    with contextlib.redirect_stdout(io.StringIO()):
+      obs, _ = self._env.reset(seed=seed)
+    self._mission = obs["mission"]
+    self._t = 0
+    self._bot = None
+    self._steps_since_plan = 0
+    self._last_action = None
+    self._planned = None
+    self._obs = self._observation(obs)
+    return self._obs
+
+  @property
+  def instruction(self) -> str:
+    return self._mission
+
+  @property
+  def max_steps(self) -> int:
+    level_limit = self._env.unwrapped.max_steps
+    if self._max_steps_override is None:
+      return level_limit
+    return min(level_limit, self._max_steps_override)
+
+  def step(self, action: np.ndarray) -> StepResult:
+    a = _action_id(action)
+    obs, env_reward, terminated, truncated, _ = self._env.step(a)
+    self._t += 1
+    self._steps_since_plan += 1
+    self._last_action = a
+    # Success is the only terminal state with a positive reward (failures give 0).
+    success = bool(terminated and env_reward > 0)
+    truncated = not terminated and (truncated or self._t >= self.max_steps)
+    self._obs = self._observation(obs)
+    return self._obs, float(success), bool(terminated), bool(truncated), {"success": success}
+
+  # --- expert ------------------------------------------------------------- #
+
+  def expert_action(self, rng: np.random.Generator, noise: float) -> np.ndarray:
+    # The bot replans every step (also on random steps) so it stays in sync.
+    a = self._bot_action()
+    if rng.random() < noise:
+      a = int(rng.integers(NUM_ACTIONS))
+    return np.array([a], np.float32)
+
+  def _bot_action(self) -> int:
+    if self._planned is not None and self._steps_since_plan == 0:
+      return self._planned  # asked twice for the same state
+    try:
+      if self._bot is None or self._steps_since_plan > 1:
+        # New episode, or steps the bot did not see: plan from the current state.
+        self._bot = BabyAIBot(self._env)
+        a = self._bot.replan(None)
+      else:
+        a = self._bot.replan(self._last_action)
+    except Exception:  # pylint: disable=broad-except
+      # The bot's plan broke on an off-plan state (it asserts or raises
+      # DisappearedBoxError); a fresh bot starts from what it sees now.
+      try:
+        self._bot = BabyAIBot(self._env)
+        a = self._bot.replan(None)
+      except Exception:  # pylint: disable=broad-except
+        self._bot, a = None, int(self._env.unwrapped.actions.done)
+    self._planned, self._steps_since_plan = int(a), 0
+    return self._planned
+
+  # --- frames ------------------------------------------------------------- #
+
+  @staticmethod
+  def _observation(obs) -> Observation:
+    return {"image": np.ascontiguousarray(obs["image"], dtype=np.uint8)}
+
+  def render(self) -> np.ndarray:
+    """The whole grid from above (agent's view highlighted), for videos."""
+    return self._env.unwrapped.get_frame(highlight=True, tile_size=VIDEO_TILE_SIZE)
+
+  def close(self) -> None:
+    if not self._closed:
+      self._closed = True
+      self._env.close()
+
+
+def _action_id(action) -> int:
+  """float32[1] holding 0..6 -> int; anything else is a caller bug."""
+  a = np.asarray(action, dtype=np.float64).reshape(-1)
+  if a.shape != (1,) or not np.isfinite(a[0]) or a[0] != round(a[0]) \
+      or not 0 <= a[0] < NUM_ACTIONS:
+    raise ValueError(f"BabyAI action must be float32[1] holding an action id 0..{NUM_ACTIONS - 1}, "
+                     f"got {np.asarray(action).tolist()!r}")
+  return int(a[0])
