@@ -1,0 +1,82 @@
+"""Prints a dataset's statistics, computing and caching them beside it if needed.
+
+  python -m data_tools.stats --data=DIR --config=robot_configs/<x>.py[:variant] [--recompute]
+
+The cache is <DIR>/qsft_stats.json (qsft_vla.data.statistics); it is reused
+while the dataset and the robot's key mapping are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (CLI noise)
+
+from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
+from qsft_vla.robot import RobotSpec  # pylint: disable=g-import-not-at-top
+
+
+def format_stats(s: dict[str, Any]) -> str:
+  lines = [f"episodes {s['num_episodes']}, steps {s['num_steps']}, length "
+           f"min {s['episode_length']['min']} / mean {s['episode_length']['mean']:.1f} / "
+           f"max {s['episode_length']['max']}",
+           f"success rate {s['success_rate']:.3f}, terminal rate {s['terminal_rate']:.3f}"]
+  r = s["reward"]
+  lines.append(f"reward min {r['min']:.4g}, max {r['max']:.4g}, mean {r['mean']:.4g}"
+               f"{' (sparse 0/1)' if r['is_sparse_binary'] else ''}")
+  e = s["episode_return"]
+  q = ", ".join(f"q{k}={v:.4g}" for k, v in e["quantiles"].items())
+  lines.append(f"episode return min {e['min']:.4g}, max {e['max']:.4g}, mean {e['mean']:.4g}, "
+               f"std {e['std']:.4g}; {q}")
+  a = s["action"]
+  cols = ("q01", "q99", "min", "max", "mean", "std")
+  width = max(len(n) for n in a["names"] + ["action"])
+  lines.append(f"{'action':<{width}}  " + "  ".join(f"{c:>10}" for c in cols))
+  for j, n in enumerate(a["names"]):
+    lines.append(f"{n:<{width}}  " + "  ".join(f"{a[c][j]:>10.4g}" for c in cols))
+  if "state" in s:
+    st = s["state"]
+    lines.append(f"{'state':<{width}}  " + "  ".join(f"{c:>10}" for c in ("min", "max", "mean",
+                                                                           "std")))
+    for j in range(len(st["mean"])):
+      lines.append(f"{'[' + str(j) + ']':<{width}}  " +
+                   "  ".join(f"{st[c][j]:>10.4g}" for c in ("min", "max", "mean", "std")))
+  return "\n".join(lines)
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("data", None, "RLDS dataset directory.", required=True)
+  flags.DEFINE_string("config", None, "Robot config: robot_configs/<x>.py[:variant].",
+                      required=True)
+  flags.DEFINE_string("split", "train", "Split.")
+  flags.DEFINE_bool("recompute", False, "Ignore the cache and recompute.")
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from qsft_vla.config import load_config_file  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if not f["verbosity"].present:  # TFDS logs every file it opens at INFO
+    logging.set_verbosity(logging.WARNING)
+  try:
+    spec = RobotSpec.from_config(load_config_file(f.config).robot, where=f.config)
+    stats = statistics.load_or_compute(f.data, spec, f.split, recompute=f.recompute)
+  except (ValueError, OSError) as e:  # DataError and ConfigError are ValueErrors
+    print(f"stats: error: {e}", file=sys.stderr)
+    return 1
+  path = statistics.cache_path(f.data)
+  cache = path if os.path.exists(path) else f"{path} (could not be written)"
+  print(f"statistics of {f.data} (split {f.split}), cached at {cache}")
+  print(format_stats(stats))
+  return 0
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)
