@@ -9,7 +9,7 @@ export MUJOCO_GL=egl PYOPENGL_PLATFORM=egl TF_CPP_MIN_LOG_LEVEL=2
 DATA="${DATA:-data/babyai_gotolocal}"
 if [ ! -e "$DATA" ]; then
   .venv/bin/python -m data_tools.generate --env=babyai:BabyAI-GoToLocal-v0 \
-    --episodes="${EPISODES:-500}" --noise=0.0,0.25,0.5,0.75 --seed=0 --out="$DATA"
+    --episodes="${EPISODES:-500}" --noise=0.0,0.5,1.0 --seed=0 --out="$DATA"
 fi
 .venv/bin/python -m data_tools.validate --data="$DATA" --config=robot_configs/babyai.py
 .venv/bin/python -m data_tools.stats --data="$DATA" --config=robot_configs/babyai.py

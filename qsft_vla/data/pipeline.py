@@ -1,0 +1,527 @@
+"""The input pipeline: RLDS datasets -> shuffled, mixed batches of numpy arrays.
+
+Per dataset (mixture member): open and check it up front (keys, declared
+shapes, optionally a full pass for NaN/empty episodes), read episodes with the
+images left encoded, compute the episode-level fields on whole episodes
+(windows, next observation, terminal/has_next, rescaled reward, return-to-go,
+action tokens), and flatten to steps. Then mix members by `data.weights`,
+shuffle steps, decode/resize/augment images per step, batch and prefetch.
+
+Images stay PNG/JPEG bytes until after the shuffle, so the shuffle buffer (and
+a saved iterator state) holds compressed frames, not pixels.
+
+One training example (a leading batch axis is added by batching):
+  observation:        {<camera>: uint8[W, h, w, 3], "state": float32[W, S] (if state_dim)}
+  history_mask:       bool[W]; False marks start-of-episode padding (a repeat of frame 0)
+  next_observation:   the window ending at t+1 (the last step repeats its own window)
+  next_history_mask:  bool[W]
+  instruction:        string (raw text; numpy bytes)
+  action:             float32[D] (raw); action_tokens: int32[D]
+  reward:             float32, rescaled (statistics.rescale_reward_params)
+  return_to_go:       float32, discounted with learner.gamma over rescaled rewards
+  terminal:           bool, last step that reached a terminal state (no bootstrap)
+  has_next:           bool, False on every episode's last step (no s')
+  episode_index, step_index, dataset_index: int32 (episode = file order in its split)
+
+Bad data fails with DataError naming the dataset dir, episode, step and key:
+declared-feature problems when the pipeline is built, NaN/Inf and empty
+episodes in the validation pass (or, with validate=False, when the offending
+element is read). The pipeline itself writes nothing except an iterator state
+that the caller asks for (statistics.load_or_compute caches a dataset's
+statistics beside it, as everywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from qsft_vla.data import rlds_reader
+from qsft_vla.data import transforms as tr
+from qsft_vla.data.episode import DataError
+from qsft_vla.robot import RobotSpec
+
+# In-graph checks raise InvalidArgumentError carrying this marked message;
+# BatchIterator turns it back into a DataError.
+_ERROR_MARK = "QSFT_DATA_ERROR"
+_ERROR_RE = re.compile(_ERROR_MARK + r"<<(.*)\|(-?\d*)\|([^|]*)\|([^|]*)>>", re.S)
+_ALL_STEPS = 2**31 - 1
+ITERATOR_STATE_POINTER = "iterator_state.json"
+
+
+# --------------------------------------------------------------------------- #
+# Up-front checks and per-dataset parameters.
+
+
+def _data_dirs(cfg) -> tuple[tuple[str, ...], np.ndarray]:
+  d = cfg.data.dir
+  if d is None:
+    raise DataError("config", "data.dir is not set", key="data.dir")
+  dirs = tuple(d) if isinstance(d, (list, tuple)) else (d,)
+  w = np.ones(len(dirs)) if cfg.data.weights is None else np.asarray(cfg.data.weights, float)
+  if w.shape != (len(dirs),) or np.any(w < 0) or w.sum() <= 0:
+    raise DataError("config", f"data.weights {cfg.data.weights} do not fit data.dir {dirs}",
+                    key="data.weights")
+  return dirs, w / w.sum()
+
+
+def _feature_at(features, path: str):
+  node = features
+  for part in path.split("/"):
+    node = node[part]
+  return node
+
+
+def check_dataset_features(builder, spec: RobotSpec, where: str) -> dict[str, bool]:
+  """Compares the dataset's declared step features with the robot config.
+
+  Returns {camera: stored encoded (Image feature)}; raises DataError naming the
+  key on a missing key or a wrong shape/dtype.
+  """
+  rlds_reader.check_dataset_keys(builder, spec, where)
+  steps = builder.info.features["steps"].feature
+  keys = rlds_reader.canonical_step_keys(spec)
+
+  def expect(path, shape, dtype=None):
+    """dtype None: any float type (cast to float32 when read)."""
+    f = _feature_at(steps, path)
+    got_shape, got_dtype = tuple(f.shape), tf.dtypes.as_dtype(f.np_dtype)
+    if got_shape != shape:
+      raise DataError(where, f"declared shape {got_shape} does not match the robot config "
+                      f"{shape}", key=path)
+    if (got_dtype != dtype) if dtype is not None else not got_dtype.is_floating:
+      raise DataError(where, f"declared dtype {got_dtype.name}, expected "
+                      f"{dtype.name if dtype is not None else 'a float type'}", key=path)
+    return f
+
+  encoded = {}
+  for cam in spec.cameras:
+    f = expect(keys[f"observation/{cam.name}"], (cam.height, cam.width, 3), tf.uint8)
+    encoded[cam.name] = isinstance(f, tfds.features.Image)
+  if spec.state_dim:
+    expect(keys["observation/state"], (spec.state_dim,))
+  expect(keys["action"], (spec.action_dim,))
+  expect(keys["reward"], ())
+  return encoded
+
+
+def reward_params(cfg, spec: RobotSpec, data_dir: str) -> tuple[float, float]:
+  """(scale, shift) for one dataset: identity for "none", else from its statistics."""
+  mode = cfg.data.reward_rescale
+  if mode == "none":
+    return 1.0, 0.0
+  from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
+  stats = statistics.load_or_compute(data_dir, spec, split=cfg.data.split)
+  scale, shift = statistics.rescale_reward_params(stats, cfg.learner.gamma, mode)
+  return float(scale), float(shift)
+
+
+# --------------------------------------------------------------------------- #
+# Action tokens inside tf.data.
+
+
+def tf_action_encoder(tokenizer_spec: dict[str, Any]):
+  """Returns (encode, out_of_bounds): TF twins of ActionTokenizer.encode.
+
+  Built from `tokenizer.to_spec()` with the tokenizer's own float32 rule:
+  token = number of the dimension's float32 bin edges <= x, after clipping x
+  to the float32 bounds. `out_of_bounds(x)` is the "reject" test (bool[..., D]).
+  """
+  from qsft_vla.tokenizers.action import DISCRETE_TOLERANCE  # pylint: disable=g-import-not-at-top
+  dims = tokenizer_spec["dims"]
+  vocab = max(d["bins"] for d in dims)
+  edges = np.full((len(dims), vocab - 1), np.inf, np.float32)
+  lo, hi, oob_lo, oob_hi = (np.zeros(len(dims), np.float32) for _ in range(4))
+  for i, d in enumerate(dims):
+    if d["kind"] == "continuous":
+      width = (d["high"] - d["low"]) / d["bins"]
+      inner = d["low"] + width * np.arange(1, d["bins"])
+      lo[i], hi[i] = d["low"], d["high"]
+      oob_lo[i], oob_hi[i] = lo[i], hi[i]
+    else:
+      v = np.asarray(d["values"], np.float64)
+      inner = (v[:-1] + v[1:]) / 2
+      lo[i], hi[i] = v[0], v[-1]
+      tol = DISCRETE_TOLERANCE * max(1.0, abs(v[0]), abs(v[-1]))
+      oob_lo[i], oob_hi[i] = v[0] - tol, v[-1] + tol
+    edges[i, :d["bins"] - 1] = inner
+  tiny = np.finfo(np.float32).tiny
+
+  def flush(x):  # subnormals -> 0, as the tokenizer does
+    return tf.where(tf.abs(x) < tiny, tf.zeros_like(x), x)
+
+  edges_t, lo_t, hi_t = flush(tf.constant(edges)), flush(tf.constant(lo)), flush(tf.constant(hi))
+
+  def encode(actions):
+    x = flush(tf.cast(actions, tf.float32))
+    x = tf.clip_by_value(x, lo_t, hi_t)
+    x = tf.where(tf.math.is_nan(x), lo_t + tf.zeros_like(x), x)
+    return tf.reduce_sum(tf.cast(edges_t <= x[..., None], tf.int32), axis=-1)
+
+  def out_of_bounds(actions):
+    x = flush(tf.cast(actions, tf.float32))
+    return (x < flush(tf.constant(oob_lo))) | (x > flush(tf.constant(oob_hi)))
+
+  return encode, out_of_bounds
+
+
+# --------------------------------------------------------------------------- #
+# Episode level.
+
+
+def _fail(where, key: str, what: str, step=None) -> tf.Tensor:
+  step = "" if step is None else tf.strings.as_string(step)
+  return tf.strings.join([_ERROR_MARK, "<<", where, "|", step, "|", key, "|", what, ">>"])
+
+
+def _episode_index(tfds_id: tf.Tensor, shard_lengths) -> tf.Tensor:
+  """Index of the episode in its split's file order, from the tfds_id
+  ("<name>-<split>.<format>-<shard>[-of-<n>]__<record>"); -1 if unparsable."""
+  pattern = r"^.*-(\d+)(?:-of-\d+)?__(\d+)$"
+  ok = tf.strings.regex_full_match(tfds_id, pattern)
+  shard = tf.strings.to_number(
+      tf.where(ok, tf.strings.regex_replace(tfds_id, pattern, r"\1"), "0"), tf.int64)
+  record = tf.strings.to_number(
+      tf.where(ok, tf.strings.regex_replace(tfds_id, pattern, r"\2"), "-1"), tf.int64)
+  offsets = tf.constant(np.concatenate([[0], np.cumsum(shard_lengths)]).astype(np.int64))
+  shard = tf.clip_by_value(shard, 0, len(shard_lengths))
+  return tf.cast(tf.where(ok, tf.gather(offsets, shard) + record, -1), tf.int32)
+
+
+def _first_step(bad: tf.Tensor) -> tf.Tensor:
+  """First t where bad[t, ...] is True anywhere."""
+  flat = tf.reduce_any(tf.reshape(bad, [tf.shape(bad)[0], -1]), axis=1)
+  return tf.argmax(tf.cast(flat, tf.int32), output_type=tf.int32)
+
+
+def _episode_fn(data_dir: str, dataset_index: int, spec: RobotSpec, *, window: int,
+                gamma: float, scale: float, shift: float, shard_lengths, encode,
+                out_of_bounds, reject: bool):
+  """Whole episode -> per-step tensors with a leading T axis (see module docstring)."""
+  keys = rlds_reader.canonical_step_keys(spec)
+
+  def fn(ep):
+    episode = _episode_index(ep["tfds_id"], shard_lengths)
+    where = tf.strings.join([f"{data_dir}: episode ", tf.strings.as_string(episode)])
+    steps_ds = ep["steps"]
+    nonempty = tf.debugging.Assert(steps_ds.cardinality() > 0,
+                                   [_fail(where, "steps", "empty episode (0 steps)")])
+    with tf.control_dependencies([nonempty]):
+      raw = steps_ds.batch(_ALL_STEPS).get_single_element()
+    s = rlds_reader.canonicalize_steps(raw, spec, data_dir)
+    s["action"] = tf.cast(s["action"], tf.float32)
+    if spec.state_dim:
+      s["observation"]["state"] = tf.cast(s["observation"]["state"], tf.float32)
+    length = tf.shape(s["action"])[0]
+
+    checks = []
+    finite = {"action": s["action"], "reward": s["reward"]}
+    if spec.state_dim:
+      finite["observation/state"] = s["observation"]["state"]
+    for name, x in finite.items():
+      bad = ~tf.math.is_finite(x)
+      checks.append(tf.debugging.Assert(
+          ~tf.reduce_any(bad), [_fail(where, keys[name], "non-finite value (NaN or Inf)",
+                                      _first_step(bad))]))
+    if reject:  # the robot says out-of-bound actions are data bugs, not noise
+      bad = out_of_bounds(s["action"])
+      checks.append(tf.debugging.Assert(
+          ~tf.reduce_any(bad), [_fail(where, keys["action"], "action outside the robot's "
+                                      "bounds (out_of_bounds policy 'reject')",
+                                      _first_step(bad))]))
+
+    reward = tr.rescale_rewards(s["reward"], scale, shift)
+    terminal, _ = tr.episode_end_flags(s["is_terminal"])
+    obs = tr.history_windows(s["observation"], window)
+    mask = tr.history_mask(length, window)
+    if spec.instruction_source == "fixed":
+      instruction = tf.fill([length], spec.instruction_text)
+    else:
+      instruction = s["language_instruction"]
+    out = {
+        "observation": obs,
+        "history_mask": mask,
+        "next_observation": tr.next_step(obs),
+        "next_history_mask": tr.next_step(mask),
+        "instruction": instruction,
+        "action": s["action"],
+        "action_tokens": encode(s["action"]),
+        "reward": reward,
+        "return_to_go": tr.returns_to_go(reward, gamma),
+        "terminal": terminal,
+        "has_next": tr.has_next(length),
+        "episode_index": tf.fill([length], episode),
+        "step_index": tf.range(length, dtype=tf.int32),
+        "dataset_index": tf.fill([length], tf.constant(dataset_index, tf.int32)),
+    }
+    with tf.control_dependencies(checks):
+      return tf.nest.map_structure(tf.identity, out)
+
+  return fn
+
+
+# --------------------------------------------------------------------------- #
+# Step level.
+
+
+def _step_fn(spec: RobotSpec, encoded: dict[str, bool], dirs: tuple[str, ...], *,
+             image_size, augment, seed: int, window: int):
+  """Decodes, checks, resizes and (optionally) augments the frames of one example."""
+  keys = rlds_reader.canonical_step_keys(spec)
+  dirs_t = tf.constant(dirs)
+
+  def fn(counter, ex):
+    ex = dict(ex)
+    obs, nxt = dict(ex["observation"]), dict(ex["next_observation"])
+    where = tf.strings.join([tf.gather(dirs_t, ex["dataset_index"]), ": episode ",
+                             tf.strings.as_string(ex["episode_index"])])
+    base_seed = tf.stack([tf.constant(seed, tf.int64), counter])
+    for k, cam in enumerate(spec.cameras):
+      frames = tf.concat([obs[cam.name], nxt[cam.name]], axis=0)  # [2W, ...]
+      if encoded[cam.name]:
+        want = (cam.height, cam.width, 3)
+        decoded = []
+        for j in range(2 * window):
+          img = tf.io.decode_image(frames[j], channels=3, expand_animations=False)
+          ok = tf.debugging.Assert(
+              tf.reduce_all(tf.shape(img) == want),
+              [_fail(where, keys[f"observation/{cam.name}"],
+                     f"decoded image shape differs from the robot config {want}",
+                     ex["step_index"])])
+          with tf.control_dependencies([ok]):
+            decoded.append(tf.ensure_shape(img, want))
+        frames = tf.stack(decoded)
+      size = image_size or (cam.height, cam.width)
+      if augment is not None:
+        cam_seed = tf.random.experimental.stateless_fold_in(base_seed, k)
+        frames = tr.augment_images(frames, cam_seed, crop_scale=augment.crop_scale,
+                                   brightness=augment.brightness, contrast=augment.contrast,
+                                   size=size)
+      else:
+        frames = tr.resize_images(frames, size)
+      obs[cam.name], nxt[cam.name] = frames[:window], frames[window:]
+    ex["observation"], ex["next_observation"] = obs, nxt
+    return ex
+
+  return fn
+
+
+# --------------------------------------------------------------------------- #
+# Assembly.
+
+
+class _Member:
+  """One mixture member: its builder, parameters and episode-level dataset."""
+
+  def __init__(self, index: int, data_dir: str, cfg, spec: RobotSpec, tokenizer):
+    self.index, self.dir = index, data_dir
+    self.builder = rlds_reader.open_builder(data_dir)
+    self.encoded = check_dataset_features(self.builder, spec, data_dir)
+    split = cfg.data.split.split("[")[0]  # "train[:90%]" -> "train"
+    if split not in self.builder.info.splits:
+      raise DataError(data_dir, f"no split {split!r}; have {sorted(self.builder.info.splits)}",
+                      key="data.split")
+    self.scale, self.shift = reward_params(cfg, spec, data_dir)
+    encode, oob = tf_action_encoder(tokenizer.to_spec())
+    split_info = self.builder.info.splits[split]
+    self.episode_fn = _episode_fn(
+        data_dir, index, spec, window=cfg.data.window, gamma=float(cfg.learner.gamma),
+        scale=self.scale, shift=self.shift, shard_lengths=list(split_info.shard_lengths),
+        encode=encode, out_of_bounds=oob, reject=tokenizer.out_of_bounds == "reject")
+
+  def episodes(self, cfg, spec, *, shuffle_files: bool, seed: int, options) -> tf.data.Dataset:
+    decoders = {}
+    keys = rlds_reader.canonical_step_keys(spec)
+    for cam, enc in self.encoded.items():
+      if enc:  # keep the PNG/JPEG bytes; decoded per step after the shuffle
+        node = decoders
+        parts = keys[f"observation/{cam}"].split("/")
+        for part in parts[:-1]:
+          node = node.setdefault(part, {})
+        node[parts[-1]] = tfds.decode.SkipDecoding()
+    read_config = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=seed, try_autocache=False,
+                                  options=options)
+    return self.builder.as_dataset(split=cfg.data.split, shuffle_files=shuffle_files,
+                                   decoders={"steps": decoders} if decoders else None,
+                                   read_config=read_config)
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  # Asserts are stateful ops with no state worth saving; checkpoint the iterator anyway.
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+  return options
+
+
+def _members(cfg, spec, tokenizer) -> tuple[list[_Member], np.ndarray]:
+  dirs, weights = _data_dirs(cfg)
+  return [_Member(i, d, cfg, spec, tokenizer) for i, d in enumerate(dirs)], weights
+
+
+def validate_datasets(cfg, spec: RobotSpec, tokenizer, members=None) -> int:
+  """A full pass over every episode's non-image fields (images stay encoded):
+  raises DataError on an empty episode, NaN/Inf action, reward or state, or a
+  rejected out-of-bound action. Returns the number of steps checked."""
+  if members is None:
+    members, _ = _members(cfg, spec, tokenizer)
+  parallel = _parallel_calls(cfg)
+  total = 0
+  for m in members:
+    ds = m.episodes(cfg, spec, shuffle_files=False, seed=0, options=_options(False))
+    ds = ds.map(m.episode_fn, num_parallel_calls=parallel, deterministic=False)
+    count = ds.map(lambda ex: tf.shape(ex["reward"], out_type=tf.int64)[0])
+    try:
+      total += int(count.reduce(np.int64(0), lambda a, b: a + b))
+    except tf.errors.InvalidArgumentError as e:
+      raise _as_data_error(e) from None
+  return total
+
+
+def _parallel_calls(cfg) -> int:
+  n = cfg.data.num_parallel_calls
+  return tf.data.AUTOTUNE if n in (-1, None) else int(n)
+
+
+def make_dataset(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
+                 train: bool = True, validate: bool = True) -> tf.data.Dataset:
+  """The batched tf.data pipeline (see the module docstring for one example).
+
+  train=True: every member repeats forever with shuffled files, members are
+  sampled by data.weights, steps are shuffled in one buffer of
+  data.shuffle_buffer, augmentation follows data.augment, partial batches are
+  dropped. train=False: one ordered pass (members concatenated), no shuffle,
+  no augmentation, last partial batch kept.
+  Deterministic (data.deterministic or train=False): ordered maps and seeded
+  shuffles, so the same config and seed give identical batches.
+  validate: run `validate_datasets` first (a full read of the non-image data),
+  so bad data fails before training rather than hours into it.
+  """
+  members, weights = _members(cfg, spec, tokenizer)
+  if any(m.encoded != members[0].encoded for m in members):
+    raise DataError(members[0].dir, "mixture members store cameras differently (encoded "
+                    "images vs raw tensors); convert them to one layout")
+  if validate:
+    validate_datasets(cfg, spec, tokenizer, members)
+  deterministic = bool(cfg.data.deterministic) or not train
+  options = _options(deterministic)
+  parallel = _parallel_calls(cfg)
+
+  streams = []
+  for m in members:
+    member_seed = seed * 1_000_003 + m.index
+    ds = m.episodes(cfg, spec, shuffle_files=train, seed=member_seed, options=options)
+    if train:
+      ds = ds.repeat()
+    ds = ds.map(m.episode_fn, num_parallel_calls=parallel, deterministic=deterministic)
+    streams.append(ds.unbatch())
+  if train:
+    if len(streams) == 1:
+      ds = streams[0]
+    else:
+      ds = tf.data.Dataset.sample_from_datasets(streams, weights=list(weights), seed=seed)
+    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  else:
+    ds = streams[0]
+    for s in streams[1:]:
+      ds = ds.concatenate(s)
+
+  augment = cfg.data.augment if (train and cfg.data.augment.enabled) else None
+  image_size = None if cfg.data.image_size is None else tuple(cfg.data.image_size)
+  step_fn = _step_fn(spec, members[0].encoded, tuple(m.dir for m in members),
+                     image_size=image_size, augment=augment, seed=seed, window=cfg.data.window)
+  ds = ds.enumerate().map(step_fn, num_parallel_calls=parallel, deterministic=deterministic)
+  ds = ds.batch(batch_size, drop_remainder=train)
+  if cfg.data.prefetch:
+    ds = ds.prefetch(tf.data.AUTOTUNE if cfg.data.prefetch < 0 else cfg.data.prefetch)
+  return ds.with_options(options)
+
+
+# --------------------------------------------------------------------------- #
+# Numpy batches.
+
+
+def _as_data_error(e: tf.errors.OpError) -> Exception:
+  m = _ERROR_RE.search(e.message or "")
+  if m is None:
+    return e
+  where, step, key, what = m.groups()
+  return DataError(where, what, step=int(step) if step else None, key=key)
+
+
+class BatchIterator:
+  """Iterates a pipeline's batches as dicts of numpy arrays (strings as bytes).
+
+  Bad data found while reading raises DataError. The iterator position
+  (shuffle buffers and prefetched batches included) can be saved and restored
+  with a tf.train.Checkpoint of the underlying tf.data iterator.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self.dataset = dataset
+    self._it = iter(dataset)
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    try:
+      batch = next(self._it)
+    except tf.errors.InvalidArgumentError as e:
+      raise _as_data_error(e) from None
+    return tf.nest.map_structure(lambda x: x.numpy(), batch)
+
+  def save_iterator_state(self, path: str) -> None:
+    """Writes the position under directory `path`, atomically: the new files
+    get a fresh prefix and the pointer file is swapped in (os.replace) only
+    after they are complete; a failure leaves the previous state intact."""
+    os.makedirs(path, exist_ok=True)
+    prefix = f"iterator-{uuid.uuid4().hex}"
+    try:
+      tf.train.Checkpoint(iterator=self._it).write(os.path.join(path, prefix))
+      pointer_tmp = os.path.join(path, f".{ITERATOR_STATE_POINTER}.{prefix}.tmp")
+      with open(pointer_tmp, "w") as f:
+        json.dump({"prefix": prefix}, f)
+      os.replace(pointer_tmp, os.path.join(path, ITERATOR_STATE_POINTER))
+    except BaseException:
+      _remove_state_files(path, keep=_current_prefix(path))
+      raise
+    _remove_state_files(path, keep=prefix)
+
+  def restore_iterator_state(self, path: str) -> None:
+    """Restores a position saved by `save_iterator_state` into this iterator,
+    which must come from an identically configured pipeline."""
+    prefix = _current_prefix(path)
+    if prefix is None:
+      raise FileNotFoundError(f"{path}: no iterator state ({ITERATOR_STATE_POINTER} missing)")
+    tf.train.Checkpoint(iterator=self._it).read(os.path.join(path, prefix)).assert_consumed()
+
+
+def _current_prefix(path: str) -> str | None:
+  try:
+    with open(os.path.join(path, ITERATOR_STATE_POINTER)) as f:
+      return json.load(f)["prefix"]
+  except FileNotFoundError:
+    return None
+
+
+def _remove_state_files(path: str, keep: str | None) -> None:
+  """Deletes iterator files and temp pointers other than `keep`'s."""
+  for name in os.listdir(path):
+    stale = name.startswith("iterator-") and (keep is None or not name.startswith(keep + "."))
+    if stale or (name.startswith(f".{ITERATOR_STATE_POINTER}.") and name.endswith(".tmp")):
+      os.remove(os.path.join(path, name))
+
+
+def as_numpy_batches(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
+                     train: bool = True, validate: bool = True) -> BatchIterator:
+  """`make_dataset(...)` wrapped in a BatchIterator."""
+  return BatchIterator(make_dataset(cfg, spec, tokenizer, batch_size=batch_size, seed=seed,
+                                    train=train, validate=validate))
