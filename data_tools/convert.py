@@ -51,7 +51,6 @@ import dataclasses
 import glob
 import os
 import re
-import sys
 from typing import Any, Callable, Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (CLI noise)
@@ -520,22 +519,12 @@ def _define_flags():
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from qsft_vla.config import load_config_file  # pylint: disable=g-import-not-at-top
+  from data_tools import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  if not f["verbosity"].present:  # TFDS logs every file it opens at INFO
-    logging.set_verbosity(logging.WARNING)
-  try:
-    cfg = load_config_file(f.config)
-    spec = RobotSpec.from_config(cfg.robot, where=f.config)
-    summary = convert(f.input, f.format, spec, f.out, parse_keys(f.keys), terminal=f.terminal,
-                      resize=f.resize, out_of_bounds=f.out_of_bounds, hdf5_root=f.hdf5_root,
-                      overwrite=f.overwrite, compute_stats=f.stats)
-  except (ValueError, OSError) as e:  # DataError and ConfigError are ValueErrors
-    print(f"convert: error: {e}", file=sys.stderr)
-    return 1
-  print(format_summary(summary))
-  return 0
+  return cli.run("convert", lambda: format_summary(convert(
+      f.input, f.format, cli.load_robot(f.config), f.out, parse_keys(f.keys),
+      terminal=f.terminal, resize=f.resize, out_of_bounds=f.out_of_bounds,
+      hdf5_root=f.hdf5_root, overwrite=f.overwrite, compute_stats=f.stats)))
 
 
 if __name__ == "__main__":

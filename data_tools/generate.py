@@ -278,24 +278,21 @@ def _define_flags():
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from data_tools import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  try:
-    noise = [float(x) for x in f.noise]
-  except ValueError:
-    print(f"generate: error: --noise must be a comma-separated list of numbers, got {f.noise}",
-          file=sys.stderr)
-    return 1
-  try:
-    summary = generate(f.env, f.episodes, noise, f.seed, f.out, max_steps=f.max_steps,
-                       workers=f.workers, image_encoding=f.image_encoding,
-                       overwrite=f.overwrite, episodes_per_shard=f.episodes_per_shard,
-                       compute_stats=f.stats,
-                       provenance={"flags": {n: f[n].value for n in _FLAG_NAMES}})
-  except (ValueError, OSError) as e:  # DataError is a ValueError
-    print(f"generate: error: {e}", file=sys.stderr)
-    return 1
-  print(format_summary(summary))
-  return 0
+
+  def work():
+    try:
+      noise = [float(x) for x in f.noise]
+    except ValueError:
+      raise ValueError(f"--noise must be a comma-separated list of numbers, got {f.noise}")
+    return format_summary(generate(
+        f.env, f.episodes, noise, f.seed, f.out, max_steps=f.max_steps, workers=f.workers,
+        image_encoding=f.image_encoding, overwrite=f.overwrite,
+        episodes_per_shard=f.episodes_per_shard, compute_stats=f.stats,
+        provenance={"flags": {n: f[n].value for n in _FLAG_NAMES}}))
+
+  return cli.run("generate", work)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,11 @@ while the dataset and the robot's key mapping are unchanged.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (CLI noise)
 
 from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
-from qsft_vla.robot import RobotSpec  # pylint: disable=g-import-not-at-top
 
 
 def format_stats(s: dict[str, Any]) -> str:
@@ -58,22 +56,17 @@ def _define_flags():
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from qsft_vla.config import load_config_file  # pylint: disable=g-import-not-at-top
+  from data_tools import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  if not f["verbosity"].present:  # TFDS logs every file it opens at INFO
-    logging.set_verbosity(logging.WARNING)
-  try:
-    spec = RobotSpec.from_config(load_config_file(f.config).robot, where=f.config)
-    stats = statistics.load_or_compute(f.data, spec, f.split, recompute=f.recompute)
-  except (ValueError, OSError) as e:  # DataError and ConfigError are ValueErrors
-    print(f"stats: error: {e}", file=sys.stderr)
-    return 1
-  path = statistics.cache_path(f.data)
-  cache = path if os.path.exists(path) else f"{path} (could not be written)"
-  print(f"statistics of {f.data} (split {f.split}), cached at {cache}")
-  print(format_stats(stats))
-  return 0
+
+  def work():
+    stats = statistics.load_or_compute(f.data, cli.load_robot(f.config), f.split,
+                                       recompute=f.recompute)
+    path = statistics.cache_path(f.data)
+    cache = path if os.path.exists(path) else f"{path} (could not be written)"
+    return f"statistics of {f.data} (split {f.split}), cached at {cache}\n" + format_stats(stats)
+
+  return cli.run("stats", work)
 
 
 if __name__ == "__main__":

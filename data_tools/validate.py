@@ -16,7 +16,6 @@ expected.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (CLI noise)
@@ -131,19 +130,10 @@ def _define_flags():
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from qsft_vla.config import load_config_file  # pylint: disable=g-import-not-at-top
+  from data_tools import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  if not f["verbosity"].present:  # TFDS logs every file it opens at INFO
-    logging.set_verbosity(logging.WARNING)
-  try:
-    spec = RobotSpec.from_config(load_config_file(f.config).robot, where=f.config)
-    report = validate(f.data, spec, f.split)
-  except (ValueError, OSError) as e:  # DataError and ConfigError are ValueErrors
-    print(f"invalid: {e}", file=sys.stderr)
-    return 1
-  print(format_report(report))
-  return 0
+  return cli.run("validate", lambda: format_report(
+      validate(f.data, cli.load_robot(f.config), f.split)))
 
 
 if __name__ == "__main__":
