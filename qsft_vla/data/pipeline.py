@@ -375,8 +375,9 @@ def validate_datasets(cfg, spec: RobotSpec, tokenizer, members=None) -> int:
   parallel = _parallel_calls(cfg)
   total = 0
   for m in members:
-    ds = m.episodes(cfg, spec, shuffle_files=False, seed=0, options=_options(False))
-    ds = ds.map(m.episode_fn, num_parallel_calls=parallel, deterministic=False)
+    ds = m.episodes(cfg, spec, shuffle_files=False, seed=0, options=_options(True))
+    # Ordered, so the error reported is the first bad episode in file order.
+    ds = ds.map(m.episode_fn, num_parallel_calls=parallel, deterministic=True)
     count = ds.map(lambda ex: tf.shape(ex["reward"], out_type=tf.int64)[0])
     try:
       total += int(count.reduce(np.int64(0), lambda a, b: a + b))

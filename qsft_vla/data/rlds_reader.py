@@ -19,11 +19,6 @@ from qsft_vla.data.episode import DataError
 from qsft_vla.robot import RobotSpec
 
 
-# tf.data reserves a batch's full size for some dtypes, so "the whole episode"
-# is a large but finite batch.
-MAX_EPISODE_STEPS = 1_000_000
-
-
 def open_builder(data_dir: str):
   """The TFDS builder of an RLDS dataset directory, with a clear error if it is not one."""
   if not os.path.isdir(data_dir):
@@ -98,30 +93,46 @@ def check_dataset_keys(builder, spec: RobotSpec, where: str) -> None:
 
 def iterate_episodes(data_dir: str, spec: RobotSpec, split: str = "train"
                      ) -> Iterator[tuple[int, dict[str, Any]]]:
-  """Yields (index, canonical numpy episode) in file order; for tools, not training."""
+  """Yields (index, canonical numpy episode) in file order; for tools, not training.
+
+  Steps stream through one traced tf.data pipeline tagged with their episode
+  index and are grouped here: batching a whole episode inside tf.data needs a
+  batch size, and tf.data reserves memory for all of it.
+  """
   builder = open_builder(data_dir)
   check_dataset_keys(builder, spec, data_dir)
+  num_episodes = builder.info.splits[split].num_examples
   ds = builder.as_dataset(split=split, shuffle_files=False)
 
-  # One traced map over all episodes (a map per episode would re-trace each time).
-  def whole_episode(ep):
-    steps = ep["steps"].map(lambda s: canonicalize_steps(s, spec, data_dir))
-    # An empty episode batches to nothing: append a zero-length batch, take the first.
-    empty = tf.nest.map_structure(lambda t: tf.zeros((0,) + tuple(t.shape), t.dtype),
-                                  steps.element_spec)
-    batched = steps.batch(MAX_EPISODE_STEPS).concatenate(tf.data.Dataset.from_tensors(empty))
-    return {"steps": batched.take(1).get_single_element(),
-            "episode_metadata": ep.get("episode_metadata", {})}
+  def tagged_steps(index, ep):
+    metadata = ep.get("episode_metadata", {})
+    return ep["steps"].map(lambda s: (index, canonicalize_steps(s, spec, data_dir), metadata))
 
-  for i, ep in enumerate(ds.map(whole_episode).as_numpy_iterator()):
-    steps = ep["steps"]
-    if len(steps["action"]) >= MAX_EPISODE_STEPS:
-      raise DataError(f"{data_dir}: episode {i}", f"longer than {MAX_EPISODE_STEPS} steps")
-    if "language_instruction" in steps:
-      steps["language_instruction"] = [s.decode("utf-8") for s in steps["language_instruction"]]
-    else:
-      steps["language_instruction"] = [spec.instruction_text] * len(steps["action"])
-    yield i, {"steps": steps, "episode_metadata": _metadata_numpy(ep["episode_metadata"])}
+  steps_ds = ds.enumerate().flat_map(tagged_steps)
+  _, step_spec, _ = steps_ds.element_spec
+  current, rows, metadata = 0, [], {}
+  for index, step, md in steps_ds.as_numpy_iterator():
+    while index > current:  # episode `current` is complete (or had no steps at all)
+      yield current, _episode(rows, metadata, step_spec, spec)
+      current, rows, metadata = current + 1, [], {}
+    rows.append(step)
+    metadata = md
+  while current < num_episodes:
+    yield current, _episode(rows, metadata, step_spec, spec)
+    current, rows, metadata = current + 1, [], {}
+
+
+def _episode(rows, metadata, step_spec, spec: RobotSpec) -> dict[str, Any]:
+  if rows:
+    steps = tf.nest.map_structure(lambda *xs: np.stack(xs), *rows)
+  else:  # an empty episode: zero-length arrays of the right shapes
+    steps = tf.nest.map_structure(
+        lambda s: np.zeros((0,) + tuple(s.shape), s.dtype.as_numpy_dtype), step_spec)
+  if "language_instruction" in steps:
+    steps["language_instruction"] = [s.decode("utf-8") for s in steps["language_instruction"]]
+  else:
+    steps["language_instruction"] = [spec.instruction_text] * len(steps["action"])
+  return {"steps": steps, "episode_metadata": _metadata_numpy(metadata)}
 
 
 def _metadata_numpy(md) -> dict[str, Any]:
