@@ -1,0 +1,105 @@
+"""Q-SFT Bellman targets on logits (QSFT.md, "The Bellman weight").
+
+Probabilities are always the softmax over the model's FULL output vocabulary
+(action bins, the dummy id and any other ids), exactly as the losses train
+them; a valid mask only selects which ids are candidate actions.
+
+Indexing convention (0-based, D action dimensions, one control step t):
+  position j of a step's logits [B, D, V] is the model's prediction of token
+  k_t[j], made at the token state x_t[j] = (history up to o_t, instruction,
+  k_t[0..j-1]). QSFT.md counts from 1: its x_t^{j+1} is our x_t[j].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_EPS = 1e-4
+
+
+def vocab_valid_mask(action_mask, vocab_size: int, offset: int = 0) -> np.ndarray:
+  """Places an action-token mask bool[D, K] (ActionTokenizer.valid_mask()) at
+  ids offset..offset+K-1 of a model vocabulary of `vocab_size`: bool[D, V].
+  Every other id (the dummy, text tokens) is invalid."""
+  action_mask = np.asarray(action_mask, bool)
+  n_dims, k = action_mask.shape
+  if offset < 0 or offset + k > vocab_size:
+    raise ValueError(f"action ids {offset}..{offset + k - 1} do not fit a vocabulary of "
+                     f"{vocab_size}")
+  out = np.zeros((n_dims, vocab_size), bool)
+  out[:, offset:offset + k] = action_mask
+  return out
+
+
+def support_ratio_max(pi_logits, p_target_logits, valid_mask, eps=DEFAULT_EPS):
+  """R(x) = max over valid b with pi_phi(b|x) > eps of p_theta_bar(b|x) / pi_phi(b|x).
+
+  Args:
+    pi_logits: [..., V] logits of the behaviour policy pi_phi.
+    p_target_logits: [..., V] logits of the target likelihood model p_theta_bar.
+    valid_mask: bool, broadcastable to [..., V]; True for the action bins that
+      may be taken at that position (e.g. vocab_valid_mask(...) [D, V] for
+      logits [B, D, V]).
+    eps: support threshold on pi_phi (QSFT.md: 1e-4).
+
+  Returns:
+    float32[...]: R at each position. Both distributions are softmaxes over
+    the full vocabulary V; the ratio is exp(log p - log pi) in float32. If no
+    valid b has pi_phi(b|x) > eps, R falls back to the ratio at the valid token
+    of largest pi_phi (the one action the data supports most). Not
+    stop-gradient'ed: bellman_weights does that.
+  """
+  log_pi = jax.nn.log_softmax(jnp.asarray(pi_logits, jnp.float32), axis=-1)
+  log_p = jax.nn.log_softmax(jnp.asarray(p_target_logits, jnp.float32), axis=-1)
+  valid = jnp.broadcast_to(jnp.asarray(valid_mask, bool), log_pi.shape)
+  log_ratio = log_p - log_pi
+  support = valid & (log_pi > jnp.log(jnp.asarray(eps, jnp.float32)))
+  best = jnp.max(jnp.where(support, log_ratio, -jnp.inf), axis=-1)
+  # Fallback index: the most likely valid token under pi_phi.
+  fallback_id = jnp.argmax(jnp.where(valid, log_pi, -jnp.inf), axis=-1)
+  fallback = jnp.take_along_axis(log_ratio, fallback_id[..., None], axis=-1)[..., 0]
+  return jnp.exp(jnp.where(jnp.any(support, axis=-1), best, fallback))
+
+
+def bellman_weights(R_within, R_next_first, reward, terminal, has_next, gamma, clip=True):  # pylint: disable=invalid-name
+  """Per-token Q-SFT weights w[B, D] and the mask of tokens that have a target.
+
+  Args:
+    R_within: float[B, D]; R_within[:, j] = R(x_t[j]), the support ratio at
+      the position that predicts token j of step t (support_ratio_max on the
+      step's logits [B, D, V] gives exactly this). Column 0 is not used here:
+      R(x_t[0]) is the bootstrap of the previous step, not of this one.
+    R_next_first: float[B]; R(x_{t+1}[0]), the ratio at the first token of the
+      next step (position 0 of the next observation's logits). Ignored where
+      there is no bootstrap (terminal or no next state).
+    reward: float[B], already rescaled so that Q stays in [0, 1].
+    terminal: bool[B]; the step reached a terminal state (no bootstrap).
+    has_next: bool[B]; False on an episode's last step (no s').
+    gamma: discount, applied once per control step.
+    clip: clip w to [0, 1] (QSFT.md default; the author's code does not clip).
+
+  Returns:
+    w: float32[B, D], stop-gradient.
+      j < D-1: w[:, j] = R_within[:, j+1] (the state after token j; gamma = 1
+               and no reward inside a step).
+      j = D-1: w[:, D-1] = reward + gamma * (1 - terminal) * R_next_first.
+    td_mask: float32[B, D], 1 where the token has a target. A truncated end
+      (not terminal and not has_next) has no s', so its bootstrap is dropped:
+      td_mask[:, D-1] = 0 there (and w[:, D-1] = reward, never read), while
+      its inside-step tokens keep their targets (they need no s').
+  """
+  r_within = jnp.asarray(R_within, jnp.float32)
+  reward = jnp.asarray(reward, jnp.float32)
+  terminal = jnp.asarray(terminal, bool)
+  has_next = jnp.asarray(has_next, bool)
+  bootstrap = ~terminal & has_next
+  # where, not multiply: a stale R_next_first (e.g. inf) must not leak via 0 * inf.
+  last = reward + jnp.where(bootstrap, gamma * jnp.asarray(R_next_first, jnp.float32), 0.0)
+  w = jnp.concatenate([r_within[:, 1:], last[:, None]], axis=1)
+  if clip:
+    w = jnp.clip(w, 0.0, 1.0)
+  truncated = ~terminal & ~has_next
+  td_mask = jnp.ones(w.shape, jnp.float32).at[:, -1].set(jnp.where(truncated, 0.0, 1.0))
+  return jax.lax.stop_gradient(w), td_mask
