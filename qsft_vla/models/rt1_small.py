@@ -1,0 +1,276 @@
+"""A small RT-1-style policy network trained from scratch.
+
+Per example the transformer sees one sequence:
+  prefix  = for each of the W history frames: the instruction-conditioned image
+            tokens of every camera (+ one state token when state_dim > 0);
+  actions = D positions; position j holds a learned start embedding (j = 0) or
+            the embedding of action token j-1 (j > 0), plus a per-dimension
+            position embedding, and predicts action token j.
+Attention is prefix-LM: the observation prefix attends bidirectionally within
+itself, action positions attend to the whole prefix and causally to action
+positions <= their own. Frames padded at the start of an episode
+(history_mask False) are never attended to. Because the prefix never attends
+to actions, its keys/values are computed once (`encode_prefix`) and decoding
+adds one position per step (`decode_step`) with static shapes.
+
+The instruction (token ids from tokenizers.text) -> learned embeddings ->
+masked mean -> FiLM on every conv block of the image encoder, initialised to
+the identity as in RT-1, so at init the instruction does not change anything.
+One output head gives logits over V = K + 1 ids: the K action bins and the
+Q-SFT dummy id K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qsft_vla.models.layers import FiLM, TransformerBlock
+
+
+@dataclasses.dataclass(frozen=True)
+class RT1SmallConfig:
+  """Sizes of RT1Small. `action_vocab` is K (ActionTokenizer.vocab_size)."""
+  num_action_dims: int
+  action_vocab: int
+  window: int = 1
+  cameras: tuple[str, ...] = ("image",)
+  state_dim: int = 0
+  text_vocab: int = 30522            # MiniLM WordPiece
+  max_text_len: int = 16
+  text_dim: int = 64
+  conv_channels: tuple[int, ...] = (32, 64, 128)
+  tokens_per_image: int = 8
+  width: int = 128
+  depth: int = 3
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    for name in ("num_action_dims", "action_vocab", "window", "text_vocab", "max_text_len",
+                 "text_dim", "tokens_per_image", "width", "depth", "num_heads"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"RT1SmallConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if not self.cameras:
+      raise ValueError("RT1SmallConfig.cameras must name at least one camera")
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+
+  @property
+  def dummy_id(self) -> int:
+    return self.action_vocab
+
+  @property
+  def output_size(self) -> int:
+    return self.action_vocab + 1
+
+  @property
+  def tokens_per_frame(self) -> int:
+    return len(self.cameras) * self.tokens_per_image + (1 if self.state_dim else 0)
+
+  @property
+  def prefix_len(self) -> int:
+    return self.window * self.tokens_per_frame
+
+  @property
+  def seq_len(self) -> int:
+    return self.prefix_len + self.num_action_dims
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "RT1SmallConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"unknown RT1SmallConfig fields {unknown}; known: {sorted(fields)}")
+    d = dict(d)
+    for k in ("cameras", "conv_channels"):
+      if k in d:
+        d[k] = tuple(d[k])
+    return cls(**d)
+
+  @classmethod
+  def for_robot(cls, spec, action_tokenizer, window: int, **overrides) -> "RT1SmallConfig":
+    """Config for a RobotSpec and its ActionTokenizer; overrides set the other sizes."""
+    return cls(num_action_dims=action_tokenizer.num_dims,
+               action_vocab=action_tokenizer.vocab_size, window=window,
+               cameras=tuple(c.name for c in spec.cameras), state_dim=spec.state_dim,
+               **overrides)
+
+
+class ImageEncoder(nn.Module):
+  """uint8 images [N, H, W, 3] + condition [N, E] -> tokens [N, num_tokens, width].
+
+  Strided convs with GroupNorm and FiLM, then TokenLearner-lite: num_tokens
+  learned spatial softmax maps pool the last feature map into tokens.
+  """
+  channels: tuple[int, ...]
+  num_tokens: int
+  width: int
+
+  @nn.compact
+  def __call__(self, images, cond):
+    x = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    for i, c in enumerate(self.channels):
+      x = nn.Conv(c, (3, 3), strides=(2, 2), padding="SAME", name=f"conv{i}")(x)
+      x = nn.GroupNorm(num_groups=math.gcd(8, c), name=f"norm{i}")(x)
+      x = FiLM(name=f"film{i}")(x, cond)
+      x = nn.relu(x)
+    self.sow("intermediates", "conv_features", x)
+    n, h, w, c = x.shape
+    feats = x.reshape(n, h * w, c)
+    maps = jax.nn.softmax(nn.Dense(self.num_tokens, name="token_maps")(feats), axis=1)
+    tokens = jnp.einsum("npt,npc->ntc", maps, feats)
+    return nn.Dense(self.width, name="token_proj")(tokens)
+
+
+class RT1Small(nn.Module):
+  """See the module docstring. All shapes are static given the config."""
+  config: RT1SmallConfig
+
+  def setup(self):
+    cfg = self.config
+    embed_init = nn.initializers.normal(0.02)
+    self.text_embed = nn.Embed(cfg.text_vocab, cfg.text_dim, embedding_init=embed_init)
+    self.image_encoder = ImageEncoder(cfg.conv_channels, cfg.tokens_per_image, cfg.width)
+    if cfg.state_dim:
+      self.state_proj = nn.Dense(cfg.width)
+    self.obs_pos = self.param("obs_pos", embed_init, (cfg.window, cfg.tokens_per_frame, cfg.width))
+    self.action_embed = nn.Embed(cfg.action_vocab, cfg.width, embedding_init=embed_init)
+    self.action_start = self.param("action_start", embed_init, (cfg.width,))
+    self.action_pos = self.param("action_pos", embed_init, (cfg.num_action_dims, cfg.width))
+    self.blocks = [TransformerBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.dropout,
+                                    name=f"block{i}") for i in range(cfg.depth)]
+    self.ln_out = nn.LayerNorm()
+    self.head = nn.Dense(cfg.output_size)
+
+  # ------------------------------------------------------------------ inputs
+  def _check(self, observation, history_mask, text_ids, text_mask):
+    cfg = self.config
+    batch = history_mask.shape[0]
+    if history_mask.shape != (batch, cfg.window):
+      raise ValueError(f"history_mask: expected shape [B, {cfg.window}], got {history_mask.shape}")
+    for cam in cfg.cameras:
+      if cam not in observation:
+        raise ValueError(f"observation: missing camera {cam!r}; got keys {sorted(observation)}")
+      img = observation[cam]
+      if img.ndim != 5 or img.shape[:2] != (batch, cfg.window) or img.shape[-1] != 3:
+        raise ValueError(f"observation[{cam!r}]: expected [{batch}, {cfg.window}, H, W, 3], "
+                         f"got {img.shape}")
+    if cfg.state_dim:
+      st = observation.get("state")
+      if st is None or st.shape != (batch, cfg.window, cfg.state_dim):
+        raise ValueError(f"observation['state']: expected [{batch}, {cfg.window}, "
+                         f"{cfg.state_dim}], got {None if st is None else st.shape}")
+    for name, a in (("text_ids", text_ids), ("text_mask", text_mask)):
+      if a.shape != (batch, cfg.max_text_len):
+        raise ValueError(f"{name}: expected [{batch}, {cfg.max_text_len}], got {a.shape}")
+
+  def _instruction(self, text_ids, text_mask):
+    """Masked mean of the learned token embeddings: [B, text_dim]."""
+    emb = self.text_embed(text_ids)
+    m = text_mask.astype(emb.dtype)[..., None]
+    return (emb * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+  def _prefix(self, observation, history_mask, text_ids, text_mask):
+    """Observation tokens [B, P, C] and which of them may be attended to: bool[B, P]."""
+    cfg = self.config
+    self._check(observation, history_mask, text_ids, text_mask)
+    b, w = history_mask.shape
+    cond = jnp.repeat(self._instruction(text_ids, text_mask), w, axis=0)  # [B*W, E]
+    per_frame = []
+    for cam in cfg.cameras:
+      img = observation[cam]
+      tokens = self.image_encoder(img.reshape((b * w,) + img.shape[2:]), cond)
+      per_frame.append(tokens.reshape(b, w, cfg.tokens_per_image, cfg.width))
+    if cfg.state_dim:
+      state = jnp.asarray(observation["state"], jnp.float32)
+      per_frame.append(self.state_proj(state)[:, :, None, :])
+    x = jnp.concatenate(per_frame, axis=2) + self.obs_pos  # [B, W, tokens_per_frame, C]
+    valid = jnp.repeat(jnp.asarray(history_mask, bool), cfg.tokens_per_frame, axis=1)
+    return x.reshape(b, cfg.prefix_len, cfg.width), valid
+
+  def _action_inputs(self, action_tokens):
+    """Shifted teacher forcing: [start, emb(k_0), ..., emb(k_{D-2})] + position: [B, D, C]."""
+    b = action_tokens.shape[0]
+    prev = self.action_embed(action_tokens[:, :-1])
+    start = jnp.broadcast_to(self.action_start, (b, 1, self.config.width))
+    return jnp.concatenate([start, prev], axis=1) + self.action_pos
+
+  def _logits(self, h):
+    return self.head(self.ln_out(h)).astype(jnp.float32)
+
+  # ---------------------------------------------------------------- training
+  def __call__(self, observation, history_mask, text_ids, text_mask, action_tokens,
+               train: bool = False):
+    """Teacher-forced logits float32[B, D, V]; position j predicts action_tokens[:, j]."""
+    cfg = self.config
+    if action_tokens.shape[1:] != (cfg.num_action_dims,):
+      raise ValueError(f"action_tokens: expected [B, {cfg.num_action_dims}], "
+                       f"got {action_tokens.shape}")
+    prefix, valid = self._prefix(observation, history_mask, text_ids, text_mask)
+    x = jnp.concatenate([prefix, self._action_inputs(action_tokens)], axis=1)
+    key_valid = jnp.concatenate(
+        [valid, jnp.ones((valid.shape[0], cfg.num_action_dims), bool)], axis=1)
+    mask = self._attention_mask(key_valid)
+    for block in self.blocks:
+      x, _ = block(x, mask, train)
+    return self._logits(x[:, cfg.prefix_len:])
+
+  def _attention_mask(self, key_valid):
+    """Prefix-LM mask bool[B, 1, T, T] over T = P + D positions."""
+    p, t = self.config.prefix_len, key_valid.shape[1]
+    q = jnp.arange(t)[:, None]
+    k = jnp.arange(t)[None, :]
+    structural = (k < p) | (k <= q)  # prefix keys for all; actions causally
+    return (structural[None] & key_valid[:, None, :])[:, None]
+
+  # --------------------------------------------------------------- inference
+  def encode_prefix(self, observation, history_mask, text_ids, text_mask):
+    """Runs the observation prefix once; returns the cache for decode_step.
+
+    cache = {"k", "v": per layer [B, P + D, H, d] (action slots zero until
+    decoded), "key_valid": bool[B, P + D]}.
+    """
+    cfg = self.config
+    x, valid = self._prefix(observation, history_mask, text_ids, text_mask)
+    mask = valid[:, None, None, :]  # the prefix sees itself bidirectionally
+    pad = ((0, 0), (0, cfg.num_action_dims), (0, 0), (0, 0))
+    ks, vs = [], []
+    for block in self.blocks:
+      x, (k, v) = block(x, mask, False)
+      ks.append(jnp.pad(k, pad))
+      vs.append(jnp.pad(v, pad))
+    key_valid = jnp.concatenate(
+        [valid, jnp.ones((valid.shape[0], cfg.num_action_dims), bool)], axis=1)
+    return {"k": ks, "v": vs, "key_valid": key_valid}
+
+  def decode_step(self, cache, prev_token, j):
+    """Logits float32[B, V] for action position j (int, may be traced) and the new cache.
+
+    prev_token int32[B] is action token j-1 (ignored at j = 0).
+    """
+    cfg = self.config
+    j = jnp.asarray(j, jnp.int32)
+    b = prev_token.shape[0]
+    emb = self.action_embed(jnp.asarray(prev_token, jnp.int32))
+    x = jnp.where(j == 0, jnp.broadcast_to(self.action_start, (b, cfg.width)), emb)
+    x = (x + jax.lax.dynamic_index_in_dim(self.action_pos, j, keepdims=False))[:, None, :]
+    index = cfg.prefix_len + j
+    mask = cache["key_valid"] & (jnp.arange(cfg.seq_len) <= index)[None, :]
+    mask = mask[:, None, None, :]
+    ks, vs = [], []
+    for block, k, v in zip(self.blocks, cache["k"], cache["v"]):
+      x, (k, v) = block.decode(x, k, v, index, mask)
+      ks.append(k)
+      vs.append(v)
+    new_cache = {"k": ks, "v": vs, "key_valid": cache["key_valid"]}
+    return self._logits(x[:, 0]), new_cache
