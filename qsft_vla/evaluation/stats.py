@@ -1,0 +1,102 @@
+"""Success-rate statistics of an evaluation: Wilson interval, summary, comparison table.
+
+TF-free and numpy-only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+  """The Wilson score interval of a binomial proportion (z=1.96: 95%).
+
+  Unlike the normal ("Wald") interval it behaves at 0/n and n/n (it does not
+  collapse to a point) and stays inside [0, 1]. n=0 gives (0, 1): nothing is known.
+  Example: 8/10 -> (0.490, 0.943).
+  """
+  if isinstance(successes, bool) or isinstance(n, bool):
+    raise TypeError("successes and n must be integers, not booleans")
+  if int(successes) != successes or int(n) != n:
+    raise ValueError(f"successes and n must be integers, got {successes!r}, {n!r}")
+  successes, n = int(successes), int(n)
+  if n < 0 or not 0 <= successes <= max(n, 0):
+    raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
+  if not z > 0:
+    raise ValueError(f"z must be > 0, got {z}")
+  if n == 0:
+    return 0.0, 1.0
+  p = successes / n
+  z2 = z * z
+  denom = 1.0 + z2 / n
+  center = (p + z2 / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+  low = 0.0 if successes == 0 else max(0.0, center - half)
+  high = 1.0 if successes == n else min(1.0, center + half)
+  return low, high
+
+
+def summarize(episode_results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+  """Aggregates per-episode results (each with "success", "return", "length").
+
+  Returns success_rate, ci_low/ci_high (95% Wilson), episodes, successes,
+  mean/std of return and length (population std). With no episodes the rate
+  and means are NaN and the interval is (0, 1).
+  """
+  results = list(episode_results)
+  for i, r in enumerate(results):
+    missing = {"success", "return", "length"} - set(r)
+    if missing:
+      raise KeyError(f"episode result {i} lacks {sorted(missing)}")
+  n = len(results)
+  successes = sum(bool(r["success"]) for r in results)
+  returns = np.asarray([float(r["return"]) for r in results], np.float64)
+  lengths = np.asarray([float(r["length"]) for r in results], np.float64)
+  low, high = wilson_interval(successes, n)
+  nan = float("nan")
+  return {
+      "success_rate": successes / n if n else nan,
+      "ci_low": low,
+      "ci_high": high,
+      "episodes": n,
+      "successes": successes,
+      "mean_return": float(returns.mean()) if n else nan,
+      "std_return": float(returns.std()) if n else nan,
+      "mean_length": float(lengths.mean()) if n else nan,
+      "std_length": float(lengths.std()) if n else nan,
+  }
+
+
+def _fmt(x: float, spec: str) -> str:
+  return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+  """A plain-text table, one row per named summary (e.g. {"Q-SFT": s1, "BC": s2}).
+
+  Columns: success rate with its 95% interval, successes/episodes, mean return
+  and mean length (each +- std). Rows keep the mapping's order.
+  """
+  header = ("policy", "success", "95% CI", "succ/eps", "return", "length")
+  body = []
+  for name, s in rows.items():
+    body.append((
+        str(name),
+        _fmt(s.get("success_rate"), ".1%"),
+        f"[{_fmt(s.get('ci_low'), '.1%')}, {_fmt(s.get('ci_high'), '.1%')}]",
+        f"{s.get('successes', '?')}/{s.get('episodes', '?')}",
+        f"{_fmt(s.get('mean_return'), '.3f')} +- {_fmt(s.get('std_return'), '.3f')}",
+        f"{_fmt(s.get('mean_length'), '.1f')} +- {_fmt(s.get('std_length'), '.1f')}",
+    ))
+  widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
+
+  def line(r):
+    # Name left-aligned, numbers right-aligned.
+    cells = [r[0].ljust(widths[0])] + [r[c].rjust(widths[c]) for c in range(1, len(r))]
+    return "  ".join(cells).rstrip()
+
+  sep = "  ".join("-" * w for w in widths)
+  return "\n".join([line(header), sep, *(line(r) for r in body)])
