@@ -17,7 +17,11 @@ The instruction (token ids from tokenizers.text) -> learned embeddings ->
 masked mean -> FiLM on every conv block of the image encoder, initialised to
 the identity as in RT-1, so at init the instruction does not change anything.
 One output head gives logits over V = K + 1 ids: the K action bins and the
-Q-SFT dummy id K.
+Q-SFT dummy id K. With `num_output_heads` H > 1 (Q-SFT "shared trunk, separate
+output heads") the trunk is shared and H Dense heads ("head", "head_1", ...,
+"head_{H-1}") read the same final features; __call__ then returns
+[H, B, D, V] and decode_step [H, B, V] (head 0 first). H = 1 keeps the single
+head's parameter name "head" and the unstacked shapes.
 """
 
 from __future__ import annotations
@@ -51,10 +55,12 @@ class RT1SmallConfig:
   num_heads: int = 4
   mlp_ratio: int = 4
   dropout: float = 0.0
+  num_output_heads: int = 1
 
   def __post_init__(self):
     for name in ("num_action_dims", "action_vocab", "window", "text_vocab", "max_text_len",
-                 "text_dim", "tokens_per_image", "width", "depth", "num_heads"):
+                 "num_output_heads", "text_dim", "tokens_per_image", "width", "depth",
+                 "num_heads"):
       if getattr(self, name) < 1:
         raise ValueError(f"RT1SmallConfig.{name} must be >= 1, got {getattr(self, name)}")
     if not self.cameras:
@@ -151,6 +157,8 @@ class RT1Small(nn.Module):
                                     name=f"block{i}") for i in range(cfg.depth)]
     self.ln_out = nn.LayerNorm()
     self.head = nn.Dense(cfg.output_size)
+    self.extra_heads = [nn.Dense(cfg.output_size, name=f"head_{i}")
+                        for i in range(1, cfg.num_output_heads)]
 
   # ------------------------------------------------------------------ inputs
   def _check(self, observation, history_mask, text_ids, text_mask):
@@ -206,12 +214,18 @@ class RT1Small(nn.Module):
     return jnp.concatenate([start, prev], axis=1) + self.action_pos
 
   def _logits(self, h):
-    return self.head(self.ln_out(h)).astype(jnp.float32)
+    """float32[..., V] with one head, [H, ..., V] with H > 1 heads."""
+    h = self.ln_out(h)
+    out = self.head(h).astype(jnp.float32)
+    if not self.extra_heads:
+      return out
+    return jnp.stack([out] + [head(h).astype(jnp.float32) for head in self.extra_heads])
 
   # ---------------------------------------------------------------- training
   def __call__(self, observation, history_mask, text_ids, text_mask, action_tokens,
                train: bool = False):
-    """Teacher-forced logits float32[B, D, V]; position j predicts action_tokens[:, j]."""
+    """Teacher-forced logits float32[B, D, V] ([H, B, D, V] with H > 1 output
+    heads); position j predicts action_tokens[:, j]."""
     cfg = self.config
     if action_tokens.shape[1:] != (cfg.num_action_dims,):
       raise ValueError(f"action_tokens: expected [B, {cfg.num_action_dims}], "
@@ -254,7 +268,8 @@ class RT1Small(nn.Module):
     return {"k": ks, "v": vs, "key_valid": key_valid}
 
   def decode_step(self, cache, prev_token, j):
-    """Logits float32[B, V] for action position j (int, may be traced) and the new cache.
+    """Logits float32[B, V] ([H, B, V] with H > 1 output heads) for action
+    position j (int, may be traced) and the new cache.
 
     prev_token int32[B] is action token j-1 (ignored at j = 0).
     """

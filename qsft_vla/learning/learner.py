@@ -1,0 +1,410 @@
+"""The Q-SFT learner (QSFT.md): pi_phi, p_theta and p_theta_bar trained on batches.
+
+Algorithms (LearnerConfig.algorithm):
+  "qsft":        pi_phi with L_CE, p_theta with L_WCE (Bellman weights from
+                 pi_phi and the Polyak target p_theta_bar), Polyak update of
+                 the target after every p_theta step.
+  "bc":          pi_phi with L_CE only (no p_theta, no target).
+  "filtered_bc": L_CE on pi_phi over the kept examples only: a batch field
+                 `episode_return` (kept where >= filter_threshold) if present,
+                 else a boolean batch field `keep` the data side computes (the
+                 pipeline's per-step `return_to_go` is not the episode's
+                 return, so the learner never filters on it).
+
+Architectures (LearnerConfig.architecture):
+  "separate": pi_phi and p_theta are two copies of a single-head model
+              (model.config.num_output_heads == 1); params_pi and params_p are
+              full flax variable dicts, params_target a copy of params_p.
+  "shared":   one trunk with two output heads (num_output_heads == 2): head 0
+              ("head") is pi_phi, head 1 ("head_1") is p_theta. params_pi
+              holds the trunk AND the pi head, params_p only {"params":
+              {"head_1": ...}}; params_target is a copy of the whole shared
+              variables (trunk and both heads), of which only head 1 is read.
+              At init head_1 is a copy of head, so p_theta starts equal to
+              pi_phi, as with separate backbones.
+
+Schedules (LearnerConfig.schedule):
+  "joint":      every step trains both (the author's code: L_CE + L_WCE).
+  "sequential": steps [0, pi_steps) train pi_phi only, later steps p_theta
+                only with pi_phi frozen (the paper's Algorithm 1). With the
+                shared architecture the p phase trains only the p head (the
+                trunk belongs to pi_phi and stays frozen).
+A frozen group's params and optimiser state are kept bit for bit (selected
+with jnp.where), and the target moves only on steps that update p_theta.
+
+The weight of the last token of a step needs R(x_{t+1}[0]), i.e. pi_phi and
+p_theta_bar at position 0 of the NEXT observation. The next step's action
+tokens are unknown, but position 0 is exact with any tokens: its input is the
+learned start embedding (never a token), and the prefix-LM mask lets it
+attend only to the observation prefix and itself, so tokens fed at positions
+>= 1 cannot reach it. We feed zeros.
+
+Logits of ids that are not allowed at a position are replaced by a large
+negative constant before every softmax (LearnerConfig.mask_invalid_logits):
+pi_phi may put mass only on the valid bins of that dimension, p_theta on those
+bins and the dummy (bins only with residual "uniform"). Then those ids have
+probability exactly 0 and their logits do not matter for L_CE / L_WCE / R. The controller must apply the same
+`mask_pi_logits` / `mask_p_logits` before policy.reweighted_logits.
+
+Batch (leading axis B; with steps_per_call S > 1 every leaf has a leading
+microbatch axis [S, B, ...] and S optimiser steps run in one call via
+lax.scan): observation, history_mask, next_observation, next_history_mask,
+text_ids int32[B, L], text_mask bool[B, L] (tokenised outside), action_tokens
+int32[B, D], reward, terminal, has_next (and episode_return or keep for
+filtered BC). Other keys (instruction bytes, indices) are dropped.
+
+Everything is TF-free; `step` is jit-compiled on a jax.sharding.Mesh with one
+axis "data": params and optimiser state replicated, the batch sharded on its
+batch axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qsft_vla.learning import losses, polyak, targets
+
+ALGORITHMS = ("qsft", "bc", "filtered_bc")
+SCHEDULES = ("joint", "sequential")
+ARCHITECTURES = ("separate", "shared")
+P_HEAD = "head_1"
+NEG_INF = -1e9  # finite: exp underflows to exactly 0, no inf - inf NaNs
+BATCH_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
+              "text_ids", "text_mask", "action_tokens", "reward", "terminal", "has_next",
+              "episode_return", "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+  """Defaults from QSFT.md / the paper (Table 4, chess/wordle column)."""
+  algorithm: str = "qsft"
+  beta: float = 1.0                 # inference only; stored for the controller
+  gamma: float = 0.99
+  eps: float = targets.DEFAULT_EPS  # support threshold on pi_phi
+  clip_weights: bool = True
+  residual: str = "dummy"
+  polyak_alpha: float = 0.005
+  lr_pi: float = 1e-4
+  lr_p: float = 1e-4
+  schedule: str = "joint"
+  pi_steps: int = 0                 # sequential: length of the pi_phi phase
+  architecture: str = "separate"
+  grad_clip_norm: Optional[float] = 1.0   # None: no clipping
+  steps_per_call: int = 1
+  filter_threshold: float = 0.5     # filtered_bc: keep episode_return >= this
+  mask_invalid_logits: bool = True
+  donate_state: bool = False        # step donates the input state's buffers
+
+  def __post_init__(self):
+    for name, allowed in (("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
+                          ("architecture", ARCHITECTURES), ("residual", losses.RESIDUALS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"LearnerConfig.{name} must be one of {allowed}, "
+                         f"got {getattr(self, name)!r}")
+    if self.steps_per_call < 1:
+      raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
+    if not 0.0 <= self.polyak_alpha <= 1.0:
+      raise ValueError(f"polyak_alpha must be in [0, 1], got {self.polyak_alpha}")
+    if self.pi_steps < 0:
+      raise ValueError(f"pi_steps must be >= 0, got {self.pi_steps}")
+
+  @property
+  def uses_p(self) -> bool:
+    return self.algorithm == "qsft"
+
+  @property
+  def num_output_heads(self) -> int:
+    """Heads the model must have: 2 for Q-SFT with a shared trunk, else 1."""
+    return 2 if self.uses_p and self.architecture == "shared" else 1
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "LearnerConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"unknown LearnerConfig fields {unknown}; known: {sorted(fields)}")
+    return cls(**d)
+
+
+def model_config_for(model_config, learner_config: LearnerConfig):
+  """The model config with the number of output heads the learner needs."""
+  return dataclasses.replace(model_config, num_output_heads=learner_config.num_output_heads)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """params_pi / params_p: the two trained groups (see the module docstring for
+  what they hold per architecture); params_target: p_theta_bar ({} without
+  p_theta); opt_pi / opt_p: their optax states; rng: base key for dropout."""
+  step: jax.Array
+  params_pi: Any
+  params_p: Any
+  params_target: Any
+  opt_pi: Any
+  opt_p: Any
+  rng: jax.Array
+
+
+def _tree_where(cond, a, b):
+  return jax.tree_util.tree_map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+def _split_shared(variables):
+  """Full shared variables -> (trunk + pi head, {"params": {"head_1": ...}})."""
+  params = dict(variables["params"])
+  head_p = params.pop(P_HEAD)
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  return {**rest, "params": params}, {"params": {P_HEAD: head_p}}
+
+
+def _merge_shared(group_pi, group_p):
+  return {**group_pi, "params": {**group_pi["params"], **group_p["params"]}}
+
+
+class Learner:
+  """Learner(model, config, valid_mask): init(rng, example_batch) and step(state, batch).
+
+  model: an RT1Small-like flax module, __call__(observation, history_mask,
+    text_ids, text_mask, action_tokens, train) -> logits [B, D, V] (or
+    [2, B, D, V] for the shared architecture), with config.dummy_id and
+    config.num_output_heads (use model_config_for).
+  valid_mask: bool[D, K] (ActionTokenizer.valid_mask()); action ids are 0..K-1.
+  mesh: a Mesh with an axis "data"; default: all local devices.
+  """
+
+  def __init__(self, model, config: LearnerConfig, valid_mask, mesh: Optional[Mesh] = None):
+    self.model = model
+    self.config = config
+    heads = getattr(model.config, "num_output_heads", 1)
+    if heads != config.num_output_heads:
+      raise ValueError(f"algorithm={config.algorithm!r}, architecture={config.architecture!r} "
+                       f"needs a model with num_output_heads={config.num_output_heads}, got "
+                       f"{heads} (use learner.model_config_for)")
+    self.dummy_id = int(model.config.dummy_id)
+    vocab = int(model.config.output_size)
+    self.valid = targets.vocab_valid_mask(valid_mask, vocab)          # [D, V]
+    self.p_allowed = self.valid.copy()
+    if config.residual == "dummy":  # "uniform" has no dummy: p lives on the bins only
+      self.p_allowed[:, self.dummy_id] = True
+    self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), ("data",))
+    self.opt_pi = self._optimizer(config.lr_pi)
+    self.opt_p = self._optimizer(config.lr_p)
+    self._jit_step = None
+
+  # ------------------------------------------------------------------ pieces
+  def _optimizer(self, lr):
+    chain = []
+    if self.config.grad_clip_norm is not None:
+      chain.append(optax.clip_by_global_norm(self.config.grad_clip_norm))
+    chain.append(optax.adam(lr))
+    return optax.chain(*chain)
+
+  def mask_pi_logits(self, logits):
+    """pi_phi's logits [..., D, V] with ids other than that dim's bins at NEG_INF."""
+    if not self.config.mask_invalid_logits:
+      return logits
+    return jnp.where(jnp.asarray(self.valid), logits, NEG_INF)
+
+  def mask_p_logits(self, logits):
+    """p_theta's logits [..., D, V] with ids other than that dim's bins and the
+    dummy ("dummy" residual) at NEG_INF."""
+    if not self.config.mask_invalid_logits:
+      return logits
+    return jnp.where(jnp.asarray(self.p_allowed), logits, NEG_INF)
+
+  def _apply(self, variables, obs, hm, ti, tm, tokens, rng):
+    if rng is None:
+      return self.model.apply(variables, obs, hm, ti, tm, tokens, False)
+    return self.model.apply(variables, obs, hm, ti, tm, tokens, True, rngs={"dropout": rng})
+
+  def inference_params(self, state: TrainState):
+    """{"pi": variables, "p": variables} for separate backbones (p absent for BC),
+    {"shared": variables} (head 0 = pi, head 1 = p) for the shared trunk."""
+    if self.config.num_output_heads == 2:
+      return {"shared": _merge_shared(state.params_pi, state.params_p)}
+    out = {"pi": state.params_pi}
+    if self.config.uses_p:
+      out["p"] = state.params_p
+    return out
+
+  # -------------------------------------------------------------------- init
+  def init(self, rng, example_batch, variables=None) -> TrainState:
+    """All networks start from the same weights: `variables` (e.g. pretrained)
+    or a fresh model.init(rng, ...) on example_batch (leading axis B; with
+    steps_per_call > 1 the [S, B, ...] batch is accepted too)."""
+    batch = self._select(example_batch, check_filter=False)
+    if self.config.steps_per_call > 1 and np.ndim(batch["reward"]) == 2:
+      batch = jax.tree_util.tree_map(lambda x: x[0], batch)
+    init_rng, state_rng = jax.random.split(rng)
+    if variables is None:
+      variables = jax.jit(self.model.init, static_argnums=6)(
+          init_rng, batch["observation"], batch["history_mask"], batch["text_ids"],
+          batch["text_mask"], batch["action_tokens"], False)
+    variables = jax.tree_util.tree_map(jnp.asarray, flax.core.unfreeze(variables))
+    if self.config.num_output_heads == 2:
+      params = dict(variables["params"])
+      params[P_HEAD] = jax.tree_util.tree_map(jnp.array, params["head"])  # p starts as pi
+      variables = {**variables, "params": params}
+      group_pi, group_p = _split_shared(variables)
+      target = jax.tree_util.tree_map(jnp.array, variables)
+    elif self.config.uses_p:
+      group_pi = variables
+      group_p = jax.tree_util.tree_map(jnp.array, variables)
+      target = jax.tree_util.tree_map(jnp.array, variables)
+    else:
+      group_pi, group_p, target = variables, {}, {}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params_pi=group_pi, params_p=group_p,
+                       params_target=target, opt_pi=self.opt_pi.init(group_pi),
+                       opt_p=self.opt_p.init(group_p), rng=state_rng)
+    return jax.device_put(state, NamedSharding(self.mesh, P()))
+
+  # -------------------------------------------------------------------- step
+  def _select(self, batch, check_filter=True):
+    out = {k: batch[k] for k in BATCH_KEYS if k in batch}
+    missing = [k for k in BATCH_KEYS[:10] if k not in out]
+    if missing:
+      raise ValueError(f"batch misses keys {missing}; got {sorted(batch)}")
+    filtered = check_filter and self.config.algorithm == "filtered_bc"
+    if filtered and not ("episode_return" in out or "keep" in out):
+      raise ValueError("filtered_bc needs a batch field 'episode_return' or 'keep'")
+    return out
+
+  def _active(self, step):
+    """(train pi_phi?, train p_theta?) as bool scalars for this step."""
+    cfg = self.config
+    if not cfg.uses_p:
+      return jnp.asarray(True), jnp.asarray(False)
+    if cfg.schedule == "joint":
+      return jnp.asarray(True), jnp.asarray(True)
+    in_pi_phase = step < cfg.pi_steps
+    return in_pi_phase, ~in_pi_phase
+
+  def _example_mask(self, batch):
+    b = batch["action_tokens"].shape[0]
+    if self.config.algorithm != "filtered_bc":
+      return jnp.ones((b, 1), jnp.float32)
+    if "episode_return" in batch:
+      keep = jnp.asarray(batch["episode_return"], jnp.float32) >= self.config.filter_threshold
+    else:
+      keep = jnp.asarray(batch["keep"], bool)
+    return keep.astype(jnp.float32)[:, None]
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """One optimiser step on one batch [B, ...] (plain function; `step` jits it)."""
+    cfg = self.config
+    obs, hm = batch["observation"], batch["history_mask"]
+    ti, tm = batch["text_ids"], batch["text_mask"]
+    tokens = jnp.asarray(batch["action_tokens"], jnp.int32)
+    train_pi, train_p = self._active(state.step)
+    w_pi = train_pi.astype(jnp.float32)
+    w_p = train_p.astype(jnp.float32)
+    rng_pi = rng_p = None
+    if self.model.config.dropout > 0:
+      rng_pi, rng_p = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    shared = cfg.num_output_heads == 2
+    ex_mask = self._example_mask(batch)
+
+    if cfg.uses_p:
+      # Targets: constants computed before the update, from the current pi_phi and p_theta_bar.
+      next_tokens = jnp.zeros_like(tokens)  # exact for position 0, see the module docstring
+      nobs, nhm = batch["next_observation"], batch["next_history_mask"]
+      if shared:
+        online = _merge_shared(state.params_pi, state.params_p)
+        pi_next = self._apply(online, nobs, nhm, ti, tm, next_tokens, None)[0]
+        tgt_now = self._apply(state.params_target, obs, hm, ti, tm, tokens, None)[1]
+        tgt_next = self._apply(state.params_target, nobs, nhm, ti, tm, next_tokens, None)[1]
+      else:
+        pi_next = self._apply(state.params_pi, nobs, nhm, ti, tm, next_tokens, None)
+        tgt_now = self._apply(state.params_target, obs, hm, ti, tm, tokens, None)
+        tgt_next = self._apply(state.params_target, nobs, nhm, ti, tm, next_tokens, None)
+      pi_next = self.mask_pi_logits(pi_next)
+      tgt_now = self.mask_p_logits(tgt_now)
+      tgt_next = self.mask_p_logits(tgt_next)
+
+    def loss_fn(group_pi, group_p):
+      if shared:
+        logits = self._apply(_merge_shared(group_pi, group_p), obs, hm, ti, tm, tokens, rng_pi)
+        pi_logits, p_logits = logits[0], logits[1]
+      else:
+        pi_logits = self._apply(group_pi, obs, hm, ti, tm, tokens, rng_pi)
+        p_logits = (self._apply(group_p, obs, hm, ti, tm, tokens, rng_p) if cfg.uses_p else None)
+      pi_logits = self.mask_pi_logits(pi_logits)
+      loss_pi = losses.cross_entropy(pi_logits, tokens, jnp.broadcast_to(ex_mask, tokens.shape))
+      aux = {"loss_pi": loss_pi}
+      if not cfg.uses_p:
+        return loss_pi, aux
+      p_logits = self.mask_p_logits(p_logits)
+      pi_sg = jax.lax.stop_gradient(pi_logits)
+      r_within = targets.support_ratio_max(pi_sg, tgt_now, self.valid, cfg.eps)
+      r_next = targets.support_ratio_max(pi_next[:, 0], tgt_next[:, 0], self.valid[0], cfg.eps)
+      w, td_mask = targets.bellman_weights(r_within, r_next, batch["reward"], batch["terminal"],
+                                           batch["has_next"], cfg.gamma, cfg.clip_weights)
+      loss_p, wmetrics = losses.weighted_cross_entropy(
+          p_logits, tokens, w, residual=cfg.residual, dummy_id=self.dummy_id,
+          valid_mask=self.valid, mask=td_mask)
+      logp_p = jax.nn.log_softmax(jax.lax.stop_gradient(p_logits), -1)
+      logp_pi = jax.nn.log_softmax(pi_sg, -1)
+      tok = tokens[..., None]
+      log_ratio = (jnp.take_along_axis(logp_p, tok, -1) - jnp.take_along_axis(logp_pi, tok, -1))
+      aux.update({"loss_p": loss_p, "ratio_p_pi": jnp.mean(jnp.exp(log_ratio)),
+                  "r_next_first": jnp.mean(r_next), "td_mask_mean": jnp.mean(td_mask)})
+      aux.update(wmetrics)
+      return w_pi * loss_pi + w_p * loss_p, aux
+
+    (_, aux), (g_pi, g_p) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        state.params_pi, state.params_p)
+
+    upd, new_opt_pi = self.opt_pi.update(g_pi, state.opt_pi, state.params_pi)
+    new_pi = optax.apply_updates(state.params_pi, upd)
+    new_pi = _tree_where(train_pi, new_pi, state.params_pi)
+    new_opt_pi = _tree_where(train_pi, new_opt_pi, state.opt_pi)
+    metrics = dict(aux)
+    metrics["grad_norm_pi"] = optax.global_norm(g_pi)
+    metrics["lr_pi"] = w_pi * cfg.lr_pi
+    new_p, new_opt_p, new_target = state.params_p, state.opt_p, state.params_target
+    if cfg.uses_p:
+      upd, new_opt_p = self.opt_p.update(g_p, state.opt_p, state.params_p)
+      new_p = optax.apply_updates(state.params_p, upd)
+      new_p = _tree_where(train_p, new_p, state.params_p)
+      new_opt_p = _tree_where(train_p, new_opt_p, state.opt_p)
+      online_p = _merge_shared(new_pi, new_p) if shared else new_p
+      new_target = _tree_where(
+          train_p, polyak.polyak_update(state.params_target, online_p, cfg.polyak_alpha),
+          state.params_target)
+      metrics["grad_norm_p"] = optax.global_norm(g_p)
+      metrics["lr_p"] = w_p * cfg.lr_p
+    if cfg.algorithm == "filtered_bc":
+      metrics["kept_fraction"] = jnp.mean(ex_mask)
+    new_state = state.replace(step=state.step + 1, params_pi=new_pi, params_p=new_p,
+                              params_target=new_target, opt_pi=new_opt_pi, opt_p=new_opt_p)
+    return new_state, metrics
+
+  def train_steps(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """steps_per_call steps: one on [B, ...], or a lax.scan over [S, B, ...];
+    with S > 1 the metrics are stacked per step ([S])."""
+    if self.config.steps_per_call == 1:
+      return self.train_step(state, batch)
+    return jax.lax.scan(self.train_step, state, batch)
+
+  def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """Jitted train_steps on self.mesh: state replicated, batch sharded over "data"."""
+    batch = self._select(batch)
+    if self._jit_step is None:
+      replicated = NamedSharding(self.mesh, P())
+      spec = P("data") if self.config.steps_per_call == 1 else P(None, "data")
+      self._jit_step = jax.jit(self.train_steps,
+                               in_shardings=(replicated, NamedSharding(self.mesh, spec)),
+                               out_shardings=(replicated, replicated),
+                               donate_argnums=(0,) if self.config.donate_state else ())
+    return self._jit_step(state, batch)

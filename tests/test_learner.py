@@ -1,0 +1,276 @@
+"""The Q-SFT learner (qsft_vla/learning/learner.py) on a tiny RT1Small and synthetic batches."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from qsft_vla.learning import learner as L
+from qsft_vla.models.rt1_small import RT1Small, RT1SmallConfig
+
+TINY = RT1SmallConfig(num_action_dims=2, action_vocab=5, window=1, width=32, depth=1, num_heads=2,
+                      conv_channels=(8,), tokens_per_image=2, max_text_len=8, text_vocab=64,
+                      text_dim=16)
+# dim 0 has 5 bins, dim 1 has 3 (ids 3, 4 invalid there).
+VALID = np.array([[True] * 5, [True, True, True, False, False]])
+
+
+def make_batch(cfg=TINY, batch=8, seed=0, steps=None, reward=None, terminal=None):
+  rng = np.random.default_rng(seed)
+  lead = (batch,) if steps is None else (steps, batch)
+  img = lambda: rng.integers(0, 256, lead + (cfg.window, 16, 16, 3), dtype=np.uint8)
+  tokens = np.stack([rng.integers(0, VALID[j].sum(), lead) for j in range(cfg.num_action_dims)],
+                    -1).astype(np.int32)
+  return {
+      "observation": {"image": img()}, "history_mask": np.ones(lead + (cfg.window,), bool),
+      "next_observation": {"image": img()},
+      "next_history_mask": np.ones(lead + (cfg.window,), bool),
+      "instruction": np.array([b"pick"] * batch),  # dropped by the learner
+      "text_ids": rng.integers(1, cfg.text_vocab, lead + (cfg.max_text_len,)).astype(np.int32),
+      "text_mask": np.ones(lead + (cfg.max_text_len,), bool),
+      "action_tokens": tokens,
+      "reward": (rng.random(lead) < 0.3).astype(np.float32) if reward is None
+                else np.full(lead, reward, np.float32),
+      "terminal": (rng.random(lead) < 0.3) if terminal is None else np.full(lead, terminal),
+      "has_next": rng.random(lead) < 0.9,
+  }
+
+
+@functools.lru_cache(maxsize=None)
+def init_variables(model_cfg):
+  b = make_batch(model_cfg, batch=1)
+  return jax.jit(RT1Small(model_cfg).init)(jax.random.PRNGKey(0), b["observation"],
+                                           b["history_mask"], b["text_ids"], b["text_mask"],
+                                           b["action_tokens"])
+
+
+def init_state(lrn, batch, seed=0):
+  return lrn.init(jax.random.PRNGKey(seed), batch, variables=init_variables(lrn.model.config))
+
+
+# The main Q-SFT learner: large lr and alpha so that a few steps show.
+MAIN = dict(lr_pi=3e-3, lr_p=3e-3, polyak_alpha=0.25)
+
+
+@functools.lru_cache(maxsize=None)
+def make_learner(**kw):
+  cfg = L.LearnerConfig(**kw)
+  return L.Learner(RT1Small(L.model_config_for(TINY, cfg)), cfg, VALID)
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def assert_tree_equal(a, b):
+  for x, y in zip(leaves(a), leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def tree_changed(a, b):
+  return any(not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
+
+
+def assert_params_close(a, b, lr):
+  """Adam moves a weight by ~lr * sign(g) per step even where g is float noise
+  (e.g. conv biases before GroupNorm, whose exact gradient is 0), so two
+  mathematically equal runs may differ there by up to ~lr per step: almost
+  every weight must agree to 1e-6, none by more than a few lr."""
+  diffs = np.concatenate([np.abs(x - y).ravel() for x, y in zip(leaves(a), leaves(b),
+                                                                 strict=True)])
+  assert diffs.max() < 4 * lr, diffs.max()
+  assert np.mean(diffs > 1e-6) < 0.02, np.mean(diffs > 1e-6)
+
+
+def run(learner, state, batch, n):
+  history = []
+  for _ in range(n):
+    state, m = learner.step(state, batch)
+    history.append(jax.tree_util.tree_map(np.asarray, m))
+  return state, history
+
+
+def test_qsft_losses_decrease_and_metrics():
+  lrn = make_learner(**MAIN)
+  batch = make_batch()
+  state = init_state(lrn, batch)
+  state, hist = run(lrn, state, batch, 25)
+  first, last = hist[0], hist[-1]
+  for k in ("loss_pi", "loss_p", "weight_mean", "weight_std", "ratio_p_pi", "grad_norm_pi",
+            "grad_norm_p", "lr_pi", "lr_p"):
+    assert np.isfinite(last[k]), k
+  assert last["loss_pi"] < 0.7 * first["loss_pi"], (first["loss_pi"], last["loss_pi"])
+  assert last["loss_p"] < 0.9 * first["loss_p"], (first["loss_p"], last["loss_p"])
+  assert 0.0 <= last["weight_mean"] <= 1.0
+  assert float(last["lr_pi"]) == pytest.approx(3e-3) and float(last["lr_p"]) == pytest.approx(3e-3)
+  assert int(state.step) == 25
+
+
+def test_jit_on_mesh_equals_plain_function_and_is_deterministic():
+  lrn = make_learner(**MAIN)
+  assert lrn.mesh.axis_names == ("data",)
+  one = lrn
+  if len(jax.devices()) > 1:
+    one = L.Learner(lrn.model, lrn.config, VALID, mesh=Mesh(np.array(jax.devices()[:1]), ("data",)))
+  assert one.mesh.size == 1
+  batch = make_batch(seed=1)
+  state = init_state(one, batch, seed=1)
+  s_jit, m_jit = one.step(state, batch)
+  # The plain function, jitted without mesh or shardings (op by op it takes ~15 s).
+  select = one._select  # pylint: disable=protected-access
+  s_plain, m_plain = jax.jit(one.train_step)(state, select(batch))
+  for k in m_jit:
+    np.testing.assert_allclose(m_jit[k], m_plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for name in ("params_pi", "params_p", "params_target"):
+    assert_params_close(getattr(s_jit, name), getattr(s_plain, name), MAIN["lr_p"])
+  # Same seed -> identical metrics and params.
+  s2, m2 = one.step(init_state(one, batch, seed=1), batch)
+  for k in m_jit:
+    np.testing.assert_array_equal(m_jit[k], m2[k])
+  assert_tree_equal(s_jit, s2)
+
+
+def test_bc_updates_only_pi_and_filtered_bc_masks_examples():
+  lrn = make_learner(algorithm="bc")
+  batch = make_batch(seed=2)
+  state = init_state(lrn, batch)
+  assert state.params_p == {} and state.params_target == {}
+  new, m = lrn.step(state, batch)
+  assert tree_changed(state.params_pi, new.params_pi)
+  assert set(m) == {"loss_pi", "grad_norm_pi", "lr_pi"}
+
+  flt = make_learner(algorithm="filtered_bc")
+  with pytest.raises(ValueError, match="episode_return"):
+    flt.step(state, batch)
+  # episode_return takes precedence over keep; >= threshold 0.5 keeps.
+  ret = np.array([0.0, 0.5, 1.0, 0.2])
+  np.testing.assert_array_equal(  # pylint: disable=protected-access
+      flt._example_mask({"action_tokens": np.zeros((4, 2)), "episode_return": ret,
+                         "keep": np.ones(4, bool)})[:, 0], [0, 1, 1, 0])
+  fs = init_state(flt, batch)
+  _, fm = flt.step(fs, {**batch, "keep": np.ones(8, bool)})
+  np.testing.assert_allclose(fm["loss_pi"], m["loss_pi"], rtol=1e-6)  # all kept == BC
+  keep = np.arange(8) < 3
+  _, fm = flt.step(fs, {**batch, "keep": keep})
+  # CE per example from the BC model's logits: the kept mean only.
+  b = lrn._select(batch)  # pylint: disable=protected-access
+  logits = lrn.mask_pi_logits(lrn.model.apply(state.params_pi, b["observation"],
+                                              b["history_mask"], b["text_ids"], b["text_mask"],
+                                              b["action_tokens"]))
+  ce = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)),
+                           b["action_tokens"][..., None], -1)[..., 0]
+  np.testing.assert_allclose(fm["loss_pi"], ce[:3].mean(), rtol=1e-5)
+  assert float(fm["kept_fraction"]) == pytest.approx(3 / 8)
+  # Nothing kept: zero loss, params unchanged (Adam with zero gradients).
+  ns, nm = flt.step(fs, {**batch, "keep": np.zeros(8, bool)})
+  assert float(nm["loss_pi"]) == 0.0
+  assert_tree_equal(ns.params_pi, fs.params_pi)
+
+
+def test_sequential_schedule_freezes_groups():
+  lrn = make_learner(schedule="sequential", pi_steps=2)
+  batch = make_batch(seed=3)
+  s0 = init_state(lrn, batch)
+  s2, hist = run(lrn, s0, batch, 2)
+  assert tree_changed(s0.params_pi, s2.params_pi)
+  assert_tree_equal(s0.params_p, s2.params_p)
+  assert_tree_equal(s0.params_target, s2.params_target)
+  assert_tree_equal(s0.opt_p, s2.opt_p)
+  assert float(hist[0]["lr_p"]) == 0.0 and float(hist[0]["lr_pi"]) > 0
+  s4, hist = run(lrn, s2, batch, 2)
+  assert_tree_equal(s2.params_pi, s4.params_pi)
+  assert_tree_equal(s2.opt_pi, s4.opt_pi)
+  assert tree_changed(s2.params_p, s4.params_p)
+  assert tree_changed(s2.params_target, s4.params_target)
+  assert float(hist[-1]["lr_pi"]) == 0.0
+
+
+def test_polyak_target_update():
+  alpha = MAIN["polyak_alpha"]
+  lrn = make_learner(**MAIN)
+  batch = make_batch(seed=4)
+  s0 = init_state(lrn, batch)
+  s1, _ = lrn.step(s0, batch)
+  s2, _ = lrn.step(s1, batch)  # the target now differs from both p and its init
+  for old, new_p, new_t in zip(leaves(s1.params_target), leaves(s2.params_p),
+                               leaves(s2.params_target), strict=True):
+    np.testing.assert_allclose(new_t, (1 - alpha) * old + alpha * new_p, rtol=1e-6, atol=1e-7)
+  assert tree_changed(s1.params_target, s2.params_target)
+
+
+def test_shared_architecture_two_heads():
+  with pytest.raises(ValueError, match="num_output_heads=2"):
+    L.Learner(RT1Small(TINY), L.LearnerConfig(architecture="shared"), VALID)
+  lrn = make_learner(architecture="shared", lr_pi=3e-3, lr_p=3e-3)
+  assert lrn.model.config.num_output_heads == 2
+  batch = make_batch(seed=5)
+  s0 = init_state(lrn, batch)
+  assert set(s0.params_p["params"]) == {"head_1"} and "head_1" not in s0.params_pi["params"]
+  assert {"head", "head_1"} <= set(s0.params_target["params"])
+  assert_tree_equal(s0.params_p["params"]["head_1"], s0.params_pi["params"]["head"])
+  s, hist = run(lrn, s0, batch, 10)
+  assert hist[-1]["loss_pi"] < hist[0]["loss_pi"]
+  assert tree_changed(s.params_p["params"]["head_1"], s.params_pi["params"]["head"])
+  full = lrn.inference_params(s)["shared"]
+  b = lrn._select(batch)  # pylint: disable=protected-access
+  logits = lrn.model.apply(full, b["observation"], b["history_mask"], b["text_ids"],
+                           b["text_mask"], b["action_tokens"])
+  assert logits.shape == (2, 8, 2, 6)
+  # decode_step gives both heads too and agrees with teacher forcing at position 0.
+  cache = lrn.model.apply(full, b["observation"], b["history_mask"], b["text_ids"],
+                          b["text_mask"], method=RT1Small.encode_prefix)
+  step0, _ = lrn.model.apply(full, cache, b["action_tokens"][:, 0], 0,
+                             method=RT1Small.decode_step)
+  np.testing.assert_allclose(step0, logits[:, :, 0], atol=1e-5)
+
+
+def test_steps_per_call_equals_single_steps():
+  single = make_learner(**MAIN)
+  double = make_learner(**MAIN, steps_per_call=2)
+  batches = make_batch(seed=6, steps=2)
+  s0 = init_state(double, batches)
+  s_double, m_double = double.step(s0, batches)
+  assert m_double["loss_p"].shape == (2,)
+  s = s0
+  for i in range(2):
+    s, m = single.step(s, jax.tree_util.tree_map(lambda x: x[i], batches))
+    for k in ("loss_pi", "loss_p", "weight_mean", "grad_norm_pi", "grad_norm_p"):
+      np.testing.assert_allclose(m[k], m_double[k][i], rtol=1e-5, err_msg=k)
+  assert int(s_double.step) == 2
+  for name in ("params_pi", "params_p", "params_target"):
+    assert_params_close(getattr(s, name), getattr(s_double, name), MAIN["lr_p"])
+
+
+def test_known_answer_unit_weights_give_cross_entropy():
+  """reward = 1 and terminal everywhere: w = 1 on the last (here only) token, so
+  L_WCE == L_CE of p's logits, and with p == pi at init and no logit masking
+  (the masks of pi and p differ by the dummy) loss_p == loss_pi."""
+  cfg1 = dataclasses.replace(TINY, num_action_dims=1)
+  lcfg = L.LearnerConfig(mask_invalid_logits=False)
+  lrn = L.Learner(RT1Small(cfg1), lcfg, VALID[:1])
+  batch = make_batch(cfg1, seed=7, reward=1.0, terminal=True)
+  state = init_state(lrn, batch)
+  _, m = lrn.step(state, batch)
+  assert float(m["weight_mean"]) == 1.0 and float(m["weight_std"]) == 0.0
+  assert float(m["weight_min"]) == 1.0
+  np.testing.assert_allclose(m["loss_p"], -m["token_logp"], rtol=1e-6)
+  np.testing.assert_allclose(m["loss_p"], m["loss_pi"], rtol=1e-6)
+
+
+def test_invalid_logits_do_not_matter():
+  lrn = make_learner()
+  x = jnp.arange(2 * 6, dtype=jnp.float32).reshape(2, 6)
+  pi = np.asarray(lrn.mask_pi_logits(x))
+  p = np.asarray(lrn.mask_p_logits(x))
+  assert (pi[1, 3:] == L.NEG_INF).all() and (pi[:, 5] == L.NEG_INF).all()
+  assert (p[1, 3:5] == L.NEG_INF).all() and (p[:, 5] == x[:, 5]).all()
+  assert np.array_equal(pi[0, :5], x[0, :5])
+  uniform = L.Learner(RT1Small(TINY), L.LearnerConfig(residual="uniform"), VALID)
+  assert (np.asarray(uniform.mask_p_logits(x))[:, 5] == L.NEG_INF).all()  # no dummy
+  with pytest.raises(ValueError, match="algorithm"):
+    L.LearnerConfig(algorithm="sac")
+  assert L.LearnerConfig.from_dict(L.LearnerConfig().to_dict()) == L.LearnerConfig()
