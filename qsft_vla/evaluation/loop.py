@@ -77,7 +77,22 @@ def eval_reset_seed(seed: int, index: int) -> int:
 # --------------------------------------------------------------------------- #
 
 
-class ExpertPolicy:
+class _PerEpisodeRng:
+  """Episode k (the k-th reset) draws from the rng SeedSequence([seed, k]), so a
+  fresh reference policy replays its results exactly."""
+
+  def __init__(self, seed: int):
+    self.seed = int(seed)
+    self._episodes = 0
+    self._rng = np.random.default_rng([self.seed, 0])
+
+  def reset(self, instruction: str) -> None:
+    del instruction
+    self._rng = np.random.default_rng([self.seed, self._episodes])
+    self._episodes += 1
+
+
+class ExpertPolicy(_PerEpisodeRng):
   """The env's scripted expert (env.expert_action) as a Policy: tests and an upper bound.
 
   It reads the simulator's state, so it must act in the env being evaluated:
@@ -89,11 +104,9 @@ class ExpertPolicy:
   def __init__(self, env: SimEnv | None = None, noise: float = 0.0, seed: int = 0):
     if not 0.0 <= noise:
       raise ValueError(f"noise must be >= 0, got {noise}")
+    super().__init__(seed)
     self.env = env
     self.noise = float(noise)
-    self.seed = int(seed)
-    self._episodes = 0
-    self._rng = np.random.default_rng([self.seed, 0])
 
   def bind_env(self, env: SimEnv) -> None:
     if self.env is None:
@@ -102,11 +115,6 @@ class ExpertPolicy:
       raise ValueError("ExpertPolicy was made for a different env object than the one being "
                        "evaluated; pass that env to evaluate() or make ExpertPolicy(env=None)")
 
-  def reset(self, instruction: str) -> None:
-    del instruction
-    self._rng = np.random.default_rng([self.seed, self._episodes])
-    self._episodes += 1
-
   def act(self, observation: Observation) -> np.ndarray:
     del observation
     if self.env is None:
@@ -114,7 +122,7 @@ class ExpertPolicy:
     return self.env.expert_action(self._rng, self.noise)
 
 
-class RandomPolicy:
+class RandomPolicy(_PerEpisodeRng):
   """Uniformly random actions within the robot's action space: a lower-bound reference.
 
   `robot` is a RobotSpec, an env id or a SimEnv (its robot spec is loaded).
@@ -128,15 +136,8 @@ class RandomPolicy:
       if not d.bounded:
         raise ValueError(f"RandomPolicy needs bounded actions; {spec.name} dimension {d.name!r} "
                          "has no low/high (bounds from dataset quantiles)")
+    super().__init__(seed)
     self.spec = spec
-    self.seed = int(seed)
-    self._episodes = 0
-    self._rng = np.random.default_rng([self.seed, 0])
-
-  def reset(self, instruction: str) -> None:
-    del instruction
-    self._rng = np.random.default_rng([self.seed, self._episodes])
-    self._episodes += 1
 
   def act(self, observation: Observation) -> np.ndarray:
     del observation
