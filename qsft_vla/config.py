@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -169,6 +169,15 @@ def _validate_data(d, where):
                       f"got {d.reward_rescale!r}")
   if d.image_size is not None and (len(d.image_size) != 2 or min(d.image_size) < 1):
     raise ConfigError(f"{where}: data.image_size must be (height, width), got {d.image_size!r}")
+
+
+def check_dataclass_fields(cls, d: Mapping[str, Any]) -> None:
+  """Fails with the unknown field(s) named when `d` has keys `cls` (a dataclass) lacks."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(fields)}")
 
 
 def as_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -70,6 +70,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from qsft_vla.config import check_dataclass_fields
 from qsft_vla.learning import losses, polyak, targets
 
 ALGORITHMS = ("qsft", "bc", "filtered_bc")
@@ -130,10 +131,7 @@ class LearnerConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LearnerConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"unknown LearnerConfig fields {unknown}; known: {sorted(fields)}")
+    check_dataclass_fields(cls, d)
     return cls(**d)
 
 

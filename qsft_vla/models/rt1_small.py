@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qsft_vla.config import check_dataclass_fields
 from qsft_vla.models.layers import FiLM, TransformerBlock
 
 
@@ -93,10 +94,7 @@ class RT1SmallConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "RT1SmallConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"unknown RT1SmallConfig fields {unknown}; known: {sorted(fields)}")
+    check_dataclass_fields(cls, d)
     d = dict(d)
     for k in ("cameras", "conv_channels"):
       if k in d:
