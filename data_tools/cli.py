@@ -6,11 +6,18 @@ binary with one clear line on stderr and exit status 1, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 from qsft_vla.config import load_config_file
 from qsft_vla.robot import RobotSpec
+
+
+def dir_bytes(path: str) -> int:
+  """Bytes on disk under `path` (for the size figures the tools print)."""
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(path) for f in files)
 
 
 def quiet_logging() -> None:

@@ -58,6 +58,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (CLI
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tqdm  # pylint: disable=g-import-not-at-top
 
+from data_tools import cli  # pylint: disable=g-import-not-at-top
 from qsft_vla.config import ConfigError  # pylint: disable=g-import-not-at-top
 from qsft_vla.data import rlds_reader, statistics  # pylint: disable=g-import-not-at-top
 from qsft_vla.data.episode import UNKNOWN_NOISE, DataError  # pylint: disable=g-import-not-at-top
@@ -392,11 +393,6 @@ def _as_spec(robot) -> RobotSpec:
   return RobotSpec.from_config(robot.robot if "robot" in robot else robot)
 
 
-def _dir_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f))
-             for root, _, files in os.walk(path) for f in files)
-
-
 def convert(input_path: str, fmt: str, robot_spec, out: str,
             key_map: dict[str, str] | None = None, *, terminal: str = "auto",
             resize: bool = False, out_of_bounds: str | None = None, hdf5_root: str = "/",
@@ -467,7 +463,7 @@ def convert(input_path: str, fmt: str, robot_spec, out: str,
           acc.add(episode, src.where)
     writer.provenance["casts"] = sorted(casts)
   summary = {"out": writer.out, "episodes": writer.num_episodes, "steps": writer.num_steps,
-             "bytes": _dir_bytes(writer.out), "out_of_bounds_policy": spec.out_of_bounds,
+             "bytes": cli.dir_bytes(writer.out), "out_of_bounds_policy": spec.out_of_bounds,
              "out_of_bounds": {k: v for k, v in oob.items() if v}, "casts": sorted(casts),
              "resized_episodes": counts["resized"], "terminal_episodes": counts["terminal"],
              "success_episodes": counts["success"], "stats_path": None}
@@ -519,7 +515,6 @@ def _define_flags():
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from data_tools import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   return cli.run("convert", lambda: format_summary(convert(
       f.input, f.format, cli.load_robot(f.config), f.out, parse_keys(f.keys),

@@ -38,6 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (CLI
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tqdm  # pylint: disable=g-import-not-at-top
 
+from data_tools import cli  # pylint: disable=g-import-not-at-top  (TF-free)
 from qsft_vla import envs  # pylint: disable=g-import-not-at-top  (TF-free)
 from qsft_vla.envs.rollout import record_episode  # pylint: disable=g-import-not-at-top
 
@@ -128,11 +129,6 @@ def _check_args(env_id, episodes, noise_levels, seed, max_steps, workers, image_
     raise ValueError(f"--image_encoding must be one of {IMAGE_ENCODINGS}, got {image_encoding!r}")
 
 
-def _dir_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f))
-             for root, _, files in os.walk(path) for f in files)
-
-
 def generate(env_id: str, episodes: int, noise_levels: Sequence[float], seed: int, out: str, *,
              max_steps: int | None = None, workers: int | None = None,
              image_encoding: str = "png", overwrite: bool = False,
@@ -219,7 +215,7 @@ def generate(env_id: str, episodes: int, noise_levels: Sequence[float], seed: in
 
   stats_path = statistics.save(writer.out, spec, acc.result(writer.out)) if acc else None
   wall = time.perf_counter() - start
-  size = _dir_bytes(writer.out)
+  size = cli.dir_bytes(writer.out)
   steps = writer.num_steps
   return {
       "out": writer.out, "env": env_id, "episodes": writer.num_episodes, "steps": steps,
@@ -278,7 +274,6 @@ def _define_flags():
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from data_tools import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
 
   def work():
