@@ -44,12 +44,9 @@ def expected_features(spec: RobotSpec) -> dict[str, tuple[tuple[int, ...], Any]]
 
 def check_features(builder, spec: RobotSpec, where: str) -> None:
   """Fails, naming the key, if a declared step feature has the wrong shape or dtype."""
-  step_features = builder.info.features["steps"].feature
   want = expected_features(spec)
   for name, path in rlds_reader.canonical_step_keys(spec).items():
-    feature = step_features
-    for part in path.split("/"):
-      feature = feature[part]
+    feature = rlds_reader.step_feature(builder, path)
     shape = tuple(feature.shape) if feature.shape is not None else None
     np_dtype = getattr(feature, "np_dtype", None)
     dtype = np.dtype(feature.dtype.as_numpy_dtype if np_dtype is None else np_dtype)

@@ -72,13 +72,6 @@ def _data_dirs(cfg) -> tuple[tuple[str, ...], np.ndarray]:
   return dirs, w / w.sum()
 
 
-def _feature_at(features, path: str):
-  node = features
-  for part in path.split("/"):
-    node = node[part]
-  return node
-
-
 def check_dataset_features(builder, spec: RobotSpec, where: str) -> dict[str, bool]:
   """Compares the dataset's declared step features with the robot config.
 
@@ -86,12 +79,11 @@ def check_dataset_features(builder, spec: RobotSpec, where: str) -> dict[str, bo
   key on a missing key or a wrong shape/dtype.
   """
   rlds_reader.check_dataset_keys(builder, spec, where)
-  steps = builder.info.features["steps"].feature
   keys = rlds_reader.canonical_step_keys(spec)
 
   def expect(path, shape, dtype=None):
     """dtype None: any float type (cast to float32 when read)."""
-    f = _feature_at(steps, path)
+    f = rlds_reader.step_feature(builder, path)
     got_shape, got_dtype = tuple(f.shape), tf.dtypes.as_dtype(f.np_dtype)
     if got_shape != shape:
       raise DataError(where, f"declared shape {got_shape} does not match the robot config "

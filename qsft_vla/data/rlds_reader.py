@@ -72,6 +72,14 @@ def canonicalize_steps(steps: dict[str, Any], spec: RobotSpec, where: str) -> di
   return out
 
 
+def step_feature(builder, path: str):
+  """The TFDS feature declared for one step key ("observation/image") of a dataset."""
+  feature = builder.info.features["steps"].feature
+  for part in path.split("/"):
+    feature = feature[part]
+  return feature
+
+
 def check_dataset_keys(builder, spec: RobotSpec, where: str) -> None:
   """Fails early, naming the key, if the dataset lacks a key the robot needs."""
   step_features = builder.info.features["steps"].feature
