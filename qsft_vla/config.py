@@ -96,16 +96,98 @@ def data_defaults() -> ml_collections.ConfigDict:
   return d
 
 
+def model_defaults() -> ml_collections.ConfigDict:
+  """The backbone (models.build_model). Sizes of the small RT-1 style network."""
+  m = ml_collections.ConfigDict()
+  m.name = "rt1_small"
+  m.max_text_len = 16           # instruction tokens (WordPiece), padded/truncated
+  m.text_dim = 64
+  m.conv_channels = (32, 64, 128)
+  m.tokens_per_image = 8
+  m.width = 128
+  m.depth = 3
+  m.num_heads = 4
+  m.mlp_ratio = 4
+  m.dropout = 0.0
+  return m
+
+
+def learner_defaults() -> ml_collections.ConfigDict:
+  """learning.LearnerConfig fields (QSFT.md; defaults: the paper's Table 4)."""
+  l = ml_collections.ConfigDict()
+  l.algorithm = "qsft"          # "qsft" | "bc" | "filtered_bc" (the config variants)
+  l.beta = 1.0                  # inference: pi * exp(beta * p); 0 = behaviour cloning
+  l.gamma = 0.99
+  l.eps = 1e-4                  # support threshold on pi_phi in the Bellman target
+  l.clip_weights = True         # clip Bellman weights to [0, 1]
+  l.residual = "dummy"          # "dummy" (final paper) | "uniform" (submitted version)
+  l.polyak_alpha = 0.005
+  l.lr_pi = 1e-4
+  l.lr_p = 1e-4
+  l.schedule = "joint"          # "joint" | "sequential" (pi_phi first, then p_theta)
+  l.pi_steps = 0                # sequential: steps of the pi_phi phase
+  l.architecture = "separate"   # "separate" backbones | "shared" trunk with two heads
+  l.grad_clip_norm = ml_collections.FieldReference(1.0, field_type=object)  # None: off
+  l.steps_per_call = 1          # optimiser steps per jit call (lax.scan)
+  # filtered_bc: keep episodes whose return is >= this quantile of the dataset's
+  # episode returns (per mixture member, from its statistics).
+  l.filter_quantile = 0.5
+  l.mask_invalid_logits = True
+  return l
+
+
+def train_defaults() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.num_steps = 10_000          # optimiser steps
+  t.batch_size = 128            # global batch, split over the devices of the mesh
+  t.checkpoint_every = 1_000    # also at the end
+  t.keep_checkpoints = 3        # the last k are kept
+  t.log_every = 50              # metrics.jsonl, TensorBoard, progress line
+  t.validate_data = True        # full pass over the non-image data before training
+  return t
+
+
+def eval_defaults() -> ml_collections.ConfigDict:
+  """Closed-loop evaluation in simulation (qsft_vla.evaluate, and during training)."""
+  e = ml_collections.ConfigDict()
+  e.env = ""                    # e.g. "babyai:BabyAI-GoToLocal-v0"; "" = no simulator
+  e.every = 0                   # during training: every N steps (0 = never)
+  e.episodes = 20
+  e.seed = 1000                 # episode i is reset with evaluation.eval_reset_seed(seed, i)
+  e.max_steps = ml_collections.FieldReference(None, field_type=object)  # None: the env's limit
+  e.video_episodes = 3
+  return e
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The full schema, locked. Robot config files fill in the REQUIRED fields."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.robot = robot_defaults()
   c.data = data_defaults()
-  c.learner = ml_collections.ConfigDict()
-  c.learner.gamma = 0.99
+  c.model = model_defaults()
+  c.learner = learner_defaults()
+  c.train = train_defaults()
+  c.eval = eval_defaults()
   c.lock()
   return c
+
+
+ALGORITHM_VARIANTS = ("qsft", "bc", "filtered_bc")
+
+
+def apply_algorithm_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:
+  """Sets the learner for a config-file variant: Q-SFT or one of its baselines.
+
+  The baselines run the same learner with pi_phi alone; their controller uses
+  beta = 0 (pure pi_phi), whatever learner.beta says.
+  """
+  if variant not in ALGORITHM_VARIANTS:
+    raise ConfigError(f"{where}: unknown variant {variant!r}; known: "
+                      f"{', '.join(ALGORITHM_VARIANTS)}")
+  c.learner.algorithm = variant
+  if variant != "qsft":
+    c.learner.beta = 0.0
 
 
 # --------------------------------------------------------------------------- #
@@ -149,6 +231,42 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
     robot.RobotSpec.from_config(cfg.robot, where=where)
   if "data" in cfg:
     _validate_data(cfg.data, where)
+  if "train" in cfg:
+    _validate_train(cfg.train, where)
+  if "eval" in cfg:
+    _validate_eval(cfg.eval, where)
+  if "learner" in cfg and "algorithm" in cfg.learner:
+    if cfg.learner.algorithm not in ALGORITHM_VARIANTS:
+      raise ConfigError(f"{where}: learner.algorithm must be one of {ALGORITHM_VARIANTS}, "
+                        f"got {cfg.learner.algorithm!r}")
+    if not 0.0 <= cfg.learner.filter_quantile <= 1.0:
+      raise ConfigError(f"{where}: learner.filter_quantile must be in [0, 1], "
+                        f"got {cfg.learner.filter_quantile}")
+
+
+def _validate_train(t, where):
+  for name in ("num_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+    v = t[name]
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "num_steps" else 1):
+      raise ConfigError(f"{where}: train.{name} must be an integer >= "
+                        f"{0 if name == 'num_steps' else 1}, got {v!r}")
+
+
+def _validate_eval(e, where):
+  if e.env:
+    from qsft_vla import envs  # pylint: disable=g-import-not-at-top
+    try:
+      envs.parse_env_id(e.env)  # the prefix only: the simulator is imported when used
+    except ValueError as err:
+      raise ConfigError(f"{where}: eval.env: {err}") from None
+  for name in ("every", "episodes", "seed", "video_episodes"):
+    if isinstance(e[name], bool) or not isinstance(e[name], int) or e[name] < 0:
+      raise ConfigError(f"{where}: eval.{name} must be an integer >= 0, got {e[name]!r}")
+  if e.every and not e.env:
+    raise ConfigError(f"{where}: eval.every={e.every} needs eval.env (a simulator id)")
+  if e.max_steps is not None and (not isinstance(e.max_steps, int) or e.max_steps < 1):
+    raise ConfigError(f"{where}: eval.max_steps must be None or an integer >= 1, "
+                      f"got {e.max_steps!r}")
 
 
 def _validate_data(d, where):

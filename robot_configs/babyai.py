@@ -2,6 +2,8 @@
 
 One discrete action per step (the 7 minigrid actions), a 56x56 RGB egocentric
 partial view (7x7 cells, 8 px each), the mission string as the instruction.
+Variants (the learner): qsft (default), bc, filtered_bc; the same data, model
+and schedule, so their results compare directly.
 Usage: --config=robot_configs/babyai.py[:variant]
 """
 
@@ -10,10 +12,7 @@ from qsft_vla import config as qconfig
 MINIGRID_ACTIONS = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 
 
-def get_config(variant: str = "default"):
-  if variant not in ("default",):
-    raise qconfig.ConfigError(f"robot_configs/babyai.py: unknown variant {variant!r}; "
-                              "known: default")
+def get_config(variant: str = "qsft"):
   c = qconfig.base_config()
   r = c.robot
   r.name = "babyai"
@@ -28,5 +27,29 @@ def get_config(variant: str = "default"):
   r.rlds_keys.cameras = {"image": "observation/image"}
   # Sparse success reward in {0, 1}: used as is (QSFT.md).
   c.data.reward_rescale = "auto"
-  c.learner.gamma = 0.95
+  c.data.dir = "data/babyai_gotolocal"   # scripts/main.sh generates it
+  c.data.window = 1
+  c.data.shuffle_buffer = 5_000
+  c.data.deterministic = True            # cheap at this size; same seed, same run
+
+  # Small enough for a CPU: 56x56 frames -> 7x7 features -> 8 tokens.
+  c.model.conv_channels = (32, 64, 64)
+  c.model.width = 64
+  c.model.depth = 2
+  c.model.num_heads = 4
+
+  c.learner.gamma = 0.95                 # ALFWorld / 20Q column of the paper
+  c.learner.beta = 4.0                   # Wordle column: small discrete action set
+  c.learner.lr_pi = 3e-4
+  c.learner.lr_p = 3e-4
+
+  c.train.num_steps = 3_000
+  c.train.batch_size = 64
+  c.train.checkpoint_every = 500
+  c.train.log_every = 50
+
+  c.eval.env = "babyai:BabyAI-GoToLocal-v0"
+  c.eval.episodes = 100
+  c.eval.max_steps = 64
+  qconfig.apply_algorithm_variant(c, variant, where="robot_configs/babyai.py")
   return c

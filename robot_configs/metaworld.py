@@ -2,16 +2,14 @@
 
 Actions are 4 continuous dimensions in [-1, 1] (the environment clips to this
 box), 256 bins each. Observation: one 64x64 RGB camera and the 39-dim state.
+Variants (the learner): qsft (default), bc, filtered_bc.
 Usage: --config=robot_configs/metaworld.py[:variant]
 """
 
 from qsft_vla import config as qconfig
 
 
-def get_config(variant: str = "default"):
-  if variant not in ("default",):
-    raise qconfig.ConfigError(f"robot_configs/metaworld.py: unknown variant {variant!r}; "
-                              "known: default")
+def get_config(variant: str = "qsft"):
   c = qconfig.base_config()
   r = c.robot
   r.name = "metaworld_sawyer"
@@ -24,5 +22,19 @@ def get_config(variant: str = "default"):
   r.action.out_of_bounds = "clip"  # noisy scripted actions exceed the box; the env clips too
   r.rlds_keys.cameras = {"image": "observation/image"}
   c.data.reward_rescale = "auto"
+  c.data.dir = "data/mw_pick_place"
+  c.data.window = 2                      # two frames: velocity from images
+  c.data.deterministic = True
+
   c.learner.gamma = 0.99
+  c.learner.beta = 1.0
+
+  c.train.num_steps = 20_000
+  c.train.batch_size = 128
+  c.train.checkpoint_every = 1_000
+
+  c.eval.env = "metaworld:pick-place-v3"
+  c.eval.episodes = 50
+  c.eval.max_steps = 200
+  qconfig.apply_algorithm_variant(c, variant, where="robot_configs/metaworld.py")
   return c

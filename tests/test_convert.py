@@ -292,7 +292,7 @@ def test_binary_converts(tmp_path):
   save_npz(tmp_path / "in", "a.npz", **babyai_episode(np.random.default_rng(6), 4))
   r = subprocess.run(
       [sys.executable, "-m", "data_tools.convert", f"--input={tmp_path / 'in'}", "--format=npz",
-       f"--config={BABYAI}:default", f"--out={tmp_path / 'out'}", "--keys=image=image"],
+       f"--config={BABYAI}:qsft", f"--out={tmp_path / 'out'}", "--keys=image=image"],
       capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert r.returncode == 0, r.stdout + r.stderr
   assert "episodes 1, steps 4" in r.stdout and "cast action: int64 -> float32" in r.stdout

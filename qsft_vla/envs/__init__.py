@@ -22,7 +22,8 @@ _ADAPTERS = {
 }
 
 
-def _split(env_id: str) -> tuple[str, str]:
+def parse_env_id(env_id: str) -> tuple[str, str]:
+  """(prefix, name) of "<prefix>:<name>"; ValueError for an unknown prefix. Imports nothing."""
   prefix, sep, name = str(env_id).partition(":")
   if not sep or prefix not in _ADAPTERS or not name:
     known = ", ".join(f"{p}: (e.g. {a[3]})" for p, a in _ADAPTERS.items())
@@ -39,7 +40,7 @@ def known_names(prefix: str) -> list[str]:
 
 def check_env_id(env_id: str) -> None:
   """Raises ValueError naming the known prefixes, or the known levels/tasks, for a bad id."""
-  prefix, name = _split(env_id)
+  prefix, name = parse_env_id(env_id)
   names = known_names(prefix)
   if name not in names:
     raise ValueError(f"unknown {prefix} name {name!r} in {env_id!r}; known: {', '.join(names)}")
@@ -51,7 +52,7 @@ def make_env(env_id: str, seed: int = 0, **kwargs) -> SimEnv:
   kwargs go to the adapter: max_steps (both), camera and task_index (Meta-World).
   """
   check_env_id(env_id)
-  prefix, name = _split(env_id)
+  prefix, name = parse_env_id(env_id)
   module_name, cls_name = _ADAPTERS[prefix][:2]
   cls = getattr(importlib.import_module(module_name), cls_name)
   return cls(name, seed=seed, **kwargs)
@@ -59,7 +60,7 @@ def make_env(env_id: str, seed: int = 0, **kwargs) -> SimEnv:
 
 def robot_config_for(env_id: str) -> str:
   """The robot config file (relative to the repository root) of an env id's adapter."""
-  return _ADAPTERS[_split(env_id)[0]][2]
+  return _ADAPTERS[parse_env_id(env_id)[0]][2]
 
 
 def robot_config_path(env_id: str) -> str:

@@ -44,7 +44,7 @@ negative constant before every softmax (LearnerConfig.mask_invalid_logits):
 pi_phi may put mass only on the valid bins of that dimension, p_theta on those
 bins and the dummy (bins only with residual "uniform"). Then those ids have
 probability exactly 0 and their logits do not matter for L_CE / L_WCE / R. The controller must apply the same
-`mask_pi_logits` / `mask_p_logits` before policy.reweighted_logits.
+masks (policy.allowed_ids / policy.mask_logits) before policy.reweighted_logits.
 
 Batch (leading axis B; with steps_per_call S > 1 every leaf has a leading
 microbatch axis [S, B, ...] and S optimiser steps run in one call via
@@ -71,13 +71,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qsft_vla.config import check_dataclass_fields
-from qsft_vla.learning import losses, polyak, targets
+from qsft_vla.learning import losses, policy, polyak, targets
 
 ALGORITHMS = ("qsft", "bc", "filtered_bc")
 SCHEDULES = ("joint", "sequential")
 ARCHITECTURES = ("separate", "shared")
 P_HEAD = "head_1"
-NEG_INF = -1e9  # finite: exp underflows to exactly 0, no inf - inf NaNs
+NEG_INF = policy.NEG_INF
 BATCH_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
               "text_ids", "text_mask", "action_tokens", "reward", "terminal", "has_next",
               "episode_return", "keep")
@@ -158,7 +158,7 @@ def _tree_where(cond, a, b):
   return jax.tree_util.tree_map(lambda x, y: jnp.where(cond, x, y), a, b)
 
 
-def _split_shared(variables):
+def split_shared(variables):
   """Full shared variables -> (trunk + pi head, {"params": {"head_1": ...}})."""
   params = dict(variables["params"])
   head_p = params.pop(P_HEAD)
@@ -166,7 +166,7 @@ def _split_shared(variables):
   return {**rest, "params": params}, {"params": {P_HEAD: head_p}}
 
 
-def _merge_shared(group_pi, group_p):
+def merge_shared(group_pi, group_p):
   return {**group_pi, "params": {**group_pi["params"], **group_p["params"]}}
 
 
@@ -191,10 +191,8 @@ class Learner:
                        f"{heads} (use learner.model_config_for)")
     self.dummy_id = int(model.config.dummy_id)
     vocab = int(model.config.output_size)
-    self.valid = targets.vocab_valid_mask(valid_mask, vocab)          # [D, V]
-    self.p_allowed = self.valid.copy()
-    if config.residual == "dummy":  # "uniform" has no dummy: p lives on the bins only
-      self.p_allowed[:, self.dummy_id] = True
+    self.valid, self.p_allowed = policy.allowed_ids(valid_mask, vocab, self.dummy_id,
+                                                    config.residual)   # [D, V] each
     self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), ("data",))
     self.opt_pi = self._optimizer(config.lr_pi)
     self.opt_p = self._optimizer(config.lr_p)
@@ -212,14 +210,14 @@ class Learner:
     """pi_phi's logits [..., D, V] with ids other than that dim's bins at NEG_INF."""
     if not self.config.mask_invalid_logits:
       return logits
-    return jnp.where(jnp.asarray(self.valid), logits, NEG_INF)
+    return policy.mask_logits(logits, self.valid)
 
   def mask_p_logits(self, logits):
     """p_theta's logits [..., D, V] with ids other than that dim's bins and the
     dummy ("dummy" residual) at NEG_INF."""
     if not self.config.mask_invalid_logits:
       return logits
-    return jnp.where(jnp.asarray(self.p_allowed), logits, NEG_INF)
+    return policy.mask_logits(logits, self.p_allowed)
 
   def _apply(self, variables, obs, hm, ti, tm, tokens, rng):
     if rng is None:
@@ -230,7 +228,7 @@ class Learner:
     """{"pi": variables, "p": variables} for separate backbones (p absent for BC),
     {"shared": variables} (head 0 = pi, head 1 = p) for the shared trunk."""
     if self.config.num_output_heads == 2:
-      return {"shared": _merge_shared(state.params_pi, state.params_p)}
+      return {"shared": merge_shared(state.params_pi, state.params_p)}
     out = {"pi": state.params_pi}
     if self.config.uses_p:
       out["p"] = state.params_p
@@ -254,7 +252,7 @@ class Learner:
       params = dict(variables["params"])
       params[P_HEAD] = jax.tree_util.tree_map(jnp.array, params["head"])  # p starts as pi
       variables = {**variables, "params": params}
-      group_pi, group_p = _split_shared(variables)
+      group_pi, group_p = split_shared(variables)
       target = jax.tree_util.tree_map(jnp.array, variables)
     elif self.config.uses_p:
       group_pi = variables
@@ -318,7 +316,7 @@ class Learner:
       next_tokens = jnp.zeros_like(tokens)  # exact for position 0, see the module docstring
       nobs, nhm = batch["next_observation"], batch["next_history_mask"]
       if shared:
-        online = _merge_shared(state.params_pi, state.params_p)
+        online = merge_shared(state.params_pi, state.params_p)
         pi_next = self._apply(online, nobs, nhm, ti, tm, next_tokens, None)[0]
         tgt_now = self._apply(state.params_target, obs, hm, ti, tm, tokens, None)[1]
         tgt_next = self._apply(state.params_target, nobs, nhm, ti, tm, next_tokens, None)[1]
@@ -332,7 +330,7 @@ class Learner:
 
     def loss_fn(group_pi, group_p):
       if shared:
-        logits = self._apply(_merge_shared(group_pi, group_p), obs, hm, ti, tm, tokens, rng_pi)
+        logits = self._apply(merge_shared(group_pi, group_p), obs, hm, ti, tm, tokens, rng_pi)
         pi_logits, p_logits = logits[0], logits[1]
       else:
         pi_logits = self._apply(group_pi, obs, hm, ti, tm, tokens, rng_pi)
@@ -376,7 +374,7 @@ class Learner:
       new_p = optax.apply_updates(state.params_p, upd)
       new_p = _tree_where(train_p, new_p, state.params_p)
       new_opt_p = _tree_where(train_p, new_opt_p, state.opt_p)
-      online_p = _merge_shared(new_pi, new_p) if shared else new_p
+      online_p = merge_shared(new_pi, new_p) if shared else new_p
       new_target = _tree_where(
           train_p, polyak.polyak_update(state.params_target, online_p, cfg.polyak_alpha),
           state.params_target)

@@ -10,6 +10,29 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qsft_vla.learning import targets
+
+NEG_INF = -1e9  # finite: exp underflows to exactly 0, no inf - inf NaNs
+
+
+def allowed_ids(action_valid_mask, vocab_size: int, dummy_id: int, residual: str):
+  """(pi_allowed, p_allowed) bool[D, V]: the ids pi_phi and p_theta may put mass on.
+
+  pi_phi: the valid bins of each dimension. p_theta: those bins plus the dummy
+  id with the "dummy" residual ("uniform" spreads the residual over the bins).
+  Training masks logits with these before every softmax, and so must inference.
+  """
+  pi_allowed = targets.vocab_valid_mask(action_valid_mask, vocab_size)
+  p_allowed = pi_allowed.copy()
+  if residual == "dummy":
+    p_allowed[:, dummy_id] = True
+  return pi_allowed, p_allowed
+
+
+def mask_logits(logits, allowed):
+  """logits [..., D, V] (or [..., V] with allowed [V]) with disallowed ids at NEG_INF."""
+  return jnp.where(jnp.asarray(allowed, bool), logits, NEG_INF)
+
 
 def reweighted_logits(pi_logits, p_logits, beta, valid_mask):
   """log_softmax(pi_phi)(x) + beta * softmax(p_theta)(x) on valid ids, -inf elsewhere.

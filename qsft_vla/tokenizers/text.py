@@ -63,6 +63,19 @@ class TextTokenizer:
     return cls(tok, path)
 
   @classmethod
+  def from_str(cls, text: str, where: str = "text tokenizer") -> "TextTokenizer":
+    """From a tokenizer.json document (as stored in checkpoints)."""
+    try:
+      tok = Tokenizer.from_str(text)
+    except Exception as e:  # the library raises a bare Exception on bad JSON
+      raise TextTokenizerError(f"cannot read {where}: {e}") from e
+    return cls(tok)
+
+  def to_str(self) -> str:
+    """The tokenizer.json document (padding/truncation as last used)."""
+    return self._tok.to_str()
+
+  @classmethod
   def from_package(cls) -> "TextTokenizer":
     return cls.from_file(packaged_tokenizer_path())
 

@@ -1,0 +1,243 @@
+"""Self-describing orbax checkpoints: written by training, read by training and the controller.
+
+Layout: <workdir>/checkpoints/<step>/ (an orbax CheckpointManager; each step
+directory is written under a temporary name and renamed when complete, so a
+killed run never leaves a half checkpoint under a step's name), with items
+
+  params_pi      pi_phi's variables (shared trunk: the trunk and the pi head)
+  params_p       p_theta's variables (shared trunk: the p head only); Q-SFT only
+  params_target  p_theta_bar (Polyak target); Q-SFT only
+  opt            {"opt_pi", "opt_p", "step", "rng"}: what else resuming needs
+  meta           JSON: format, step, the run's config, the model description,
+                 learner config, action tokenizer spec, robot spec, dataset
+                 statistics, image sizes
+  text_tokenizer JSON: the instruction tokenizer's tokenizer.json document
+  data_iterator  training only: the tf.data iterator position
+                 (training/data_iterator.py; needs TensorFlow)
+
+Arrays are orbax/tensorstore, everything else JSON: nothing is unpickled, so
+loading a checkpoint cannot run code. This module is TF-free: the controller
+restores only the params it needs (pi_phi and p_theta), with shapes from the
+model description, so a checkpoint of another model or action space fails
+with a clear error instead of loading garbage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from qsft_vla import robot
+from qsft_vla.learning import learner as learner_lib
+from qsft_vla.models import registry
+from qsft_vla.tokenizers.action import ActionTokenizer
+from qsft_vla.tokenizers.text import TextTokenizer
+
+FORMAT = "qsft_vla.checkpoint"
+VERSION = 1
+SUBDIR = "checkpoints"
+META = "meta"
+TEXT_TOKENIZER = "text_tokenizer"
+PARAM_ITEMS = ("params_pi", "params_p", "params_target")
+OPT = "opt"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, incomplete or does not match what loads it."""
+
+
+def directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(os.fspath(workdir)), SUBDIR)
+
+
+def manager(ckpt_dir: str, keep: Optional[int] = None,
+            item_handlers: Optional[Mapping[str, Any]] = None,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """A synchronous CheckpointManager over `ckpt_dir` keeping the last `keep` steps."""
+  # read_only only stops us creating the directory (orbax's own read_only mode
+  # logs warnings on every open).
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(ckpt_dir, options=options,
+                               item_handlers=dict(item_handlers) if item_handlers else None)
+
+
+def _has_leaves(tree) -> bool:
+  return bool(jax.tree_util.tree_leaves(tree))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state_items: Mapping[str, Any],
+         meta: Mapping[str, Any], text_tokenizer: TextTokenizer,
+         extra: Optional[Mapping[str, Any]] = None) -> None:
+  """Writes one step: state_items (name -> pytree; empty ones are skipped),
+  meta, the text tokenizer and `extra` (name -> orbax CheckpointArgs)."""
+  args = {name: ocp.args.StandardSave(tree) for name, tree in state_items.items()
+          if _has_leaves(tree)}
+  args[META] = ocp.args.JsonSave(dict(meta, step=int(step)))
+  args[TEXT_TOKENIZER] = ocp.args.JsonSave(json.loads(text_tokenizer.to_str()))
+  args.update(extra or {})
+  mngr.save(int(step), args=ocp.args.Composite(**args), force=True)
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_items: Mapping[str, Any],
+            extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+  """Restores the named pytrees to the shapes/dtypes/shardings of abstract_items
+  (empty ones come back empty), plus meta and `extra` (name -> restore args)."""
+  args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()
+          if _has_leaves(tree)}
+  args[META] = ocp.args.JsonRestore()
+  args.update(extra or {})
+  try:
+    out = mngr.restore(int(step), args=ocp.args.Composite(**args))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise CheckpointError(f"{mngr.directory}/{step}: cannot restore {sorted(args)}: {e}") from e
+  result = {name: (out[name] if name in args else tree) for name, tree in abstract_items.items()}
+  result[META] = out[META]
+  for name in (extra or {}):
+    result[name] = out[name]
+  return result
+
+
+# --------------------------------------------------------------------------- #
+# Metadata.
+
+
+def make_meta(config: Mapping[str, Any], model_name: str, model_cfg,
+              learner_cfg: learner_lib.LearnerConfig, action_tokenizer: ActionTokenizer,
+              spec: robot.RobotSpec, image_sizes: Mapping[str, tuple[int, int]],
+              datasets: list[dict[str, Any]]) -> dict[str, Any]:
+  """Everything needed to use a checkpoint without the run's config file or data.
+
+  datasets: per mixture member {"dir", "weight", "statistics"}.
+  """
+  return {"format": FORMAT, "version": VERSION, "config": dict(config),
+          "model": registry.describe(model_name, model_cfg),
+          "learner": learner_cfg.to_dict(),
+          "action_tokenizer": action_tokenizer.to_spec(),
+          "robot": spec.to_dict()["robot"],
+          "image_sizes": {k: list(v) for k, v in image_sizes.items()},
+          "datasets": datasets}
+
+
+def check_meta(meta: Mapping[str, Any], where: str) -> None:
+  if meta.get("format") != FORMAT:
+    raise CheckpointError(f"{where}: not a qsft_vla checkpoint (format {meta.get('format')!r})")
+  if meta.get("version") != VERSION:
+    raise CheckpointError(f"{where}: checkpoint version {meta.get('version')!r}; this code "
+                          f"reads version {VERSION}")
+
+
+def resolve(path: str, step: Optional[int] = None) -> tuple[str, int]:
+  """(checkpoint directory, step) for a workdir, its checkpoints/ directory or
+  one step directory; the latest complete step unless `step` is given."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: no such directory")
+  base = os.path.basename(path)
+  if step is None and base.isdigit() and os.path.isdir(os.path.join(path, META)):
+    return os.path.dirname(path), int(base)
+  ckpt_dir = path if base == SUBDIR else directory(path)
+  if not os.path.isdir(ckpt_dir):
+    raise CheckpointError(f"{path}: no checkpoints (expected {ckpt_dir})")
+  steps = manager(ckpt_dir, read_only=True).all_steps()
+  if not steps:
+    raise CheckpointError(f"{ckpt_dir}: no complete checkpoint")
+  if step is None:
+    return ckpt_dir, max(steps)
+  if step not in steps:
+    raise CheckpointError(f"{ckpt_dir}: no checkpoint at step {step}; have {sorted(steps)}")
+  return ckpt_dir, int(step)
+
+
+def read_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
+  path = os.path.join(ckpt_dir, str(step), META, "metadata")
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{ckpt_dir}/{step}: unreadable metadata {path}: {e}") from e
+  check_meta(meta, f"{ckpt_dir}/{step}")
+  return meta
+
+
+# --------------------------------------------------------------------------- #
+# Inference.
+
+
+@dataclasses.dataclass
+class InferenceCheckpoint:
+  """What the controller needs. params: {"pi", "p"} (separate backbones; no "p"
+  for BC) or {"shared"} (one trunk, head 0 = pi_phi, head 1 = p_theta)."""
+  path: str
+  step: int
+  meta: dict[str, Any]
+  model: Any
+  model_config: Any
+  learner: learner_lib.LearnerConfig
+  params: dict[str, Any]
+  action_tokenizer: ActionTokenizer
+  text_tokenizer: TextTokenizer
+  spec: robot.RobotSpec
+  image_sizes: dict[str, tuple[int, int]]
+
+
+def abstract_variables(model, model_cfg, image_sizes):
+  """ShapeDtypeStructs of the model's variables (no compute, no memory)."""
+  inputs = registry.example_inputs(model_cfg, image_sizes)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs, False))
+
+
+def param_groups(abstract, learner_cfg: learner_lib.LearnerConfig) -> dict[str, Any]:
+  """The abstract params_pi / params_p / params_target of a model's variables."""
+  abstract = jax.tree_util.tree_map(lambda x: x, dict(abstract))
+  if learner_cfg.num_output_heads == 2:
+    pi, p = learner_lib.split_shared(abstract)
+    return {"params_pi": pi, "params_p": p, "params_target": abstract}
+  if learner_cfg.uses_p:
+    return {"params_pi": abstract, "params_p": abstract, "params_target": abstract}
+  return {"params_pi": abstract, "params_p": {}, "params_target": {}}
+
+
+def load_inference(path: str, step: Optional[int] = None) -> InferenceCheckpoint:
+  """Reads pi_phi (and p_theta) with everything needed to act. TF-free."""
+  ckpt_dir, step = resolve(path, step)
+  where = f"{ckpt_dir}/{step}"
+  meta = read_meta(ckpt_dir, step)
+  try:
+    model, model_cfg = registry.from_description(meta["model"])
+    learner_cfg = learner_lib.LearnerConfig.from_dict(meta["learner"])
+    action_tokenizer = ActionTokenizer.from_spec(meta["action_tokenizer"])
+    spec = robot.RobotSpec.from_config(meta["robot"], where=where)
+    image_sizes = {k: tuple(v) for k, v in meta["image_sizes"].items()}
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{where}: bad metadata: {e!r}") from e
+  if action_tokenizer.vocab_size != model_cfg.action_vocab:
+    raise CheckpointError(f"{where}: action tokenizer has {action_tokenizer.vocab_size} ids, "
+                          f"the model {model_cfg.action_vocab}")
+
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  groups = param_groups(abstract_variables(model, model_cfg, image_sizes), learner_cfg)
+  wanted = {"params_pi": groups["params_pi"], "params_p": groups["params_p"]}
+  wanted = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
+  mngr = manager(ckpt_dir, read_only=True)
+  out = restore(mngr, step, wanted, extra={TEXT_TOKENIZER: ocp.args.JsonRestore()})
+  text_tokenizer = TextTokenizer.from_str(json.dumps(out[TEXT_TOKENIZER]),
+                                          where=f"{where}/{TEXT_TOKENIZER}")
+  if learner_cfg.num_output_heads == 2:
+    params = {"shared": learner_lib.merge_shared(out["params_pi"], out["params_p"])}
+  elif learner_cfg.uses_p:
+    params = {"pi": out["params_pi"], "p": out["params_p"]}
+  else:
+    params = {"pi": out["params_pi"]}
+  return InferenceCheckpoint(path=where, step=step, meta=meta, model=model,
+                             model_config=model_cfg, learner=learner_cfg, params=params,
+                             action_tokenizer=action_tokenizer, text_tokenizer=text_tokenizer,
+                             spec=spec, image_sizes=image_sizes)
