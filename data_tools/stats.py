@@ -25,7 +25,8 @@ def format_stats(s: dict[str, Any]) -> str:
   lines.append(f"reward min {r['min']:.4g}, max {r['max']:.4g}, mean {r['mean']:.4g}"
                f"{' (sparse 0/1)' if r['is_sparse_binary'] else ''}")
   e = s["episode_return"]
-  q = ", ".join(f"q{k}={v:.4g}" for k, v in e["quantiles"].items())
+  q = ", ".join(f"q{k}={v:.4g}" for k, v in e["quantiles"].items()
+                if k in ("0.1", "0.25", "0.5", "0.75", "0.9"))
   lines.append(f"episode return min {e['min']:.4g}, max {e['max']:.4g}, mean {e['mean']:.4g}, "
                f"std {e['std']:.4g}; {q}")
   a = s["action"]

@@ -33,7 +33,7 @@ def get_config(variant: str = "qsft"):
   c.data.deterministic = True            # cheap at this size; same seed, same run
 
   # Small enough for a CPU: 56x56 frames -> 7x7 features -> 8 tokens.
-  c.model.conv_channels = (32, 64, 64)
+  c.model.conv_channels = (16, 32, 32)
   c.model.width = 64
   c.model.depth = 2
   c.model.num_heads = 4
@@ -43,7 +43,7 @@ def get_config(variant: str = "qsft"):
   c.learner.lr_pi = 3e-4
   c.learner.lr_p = 3e-4
 
-  c.train.num_steps = 3_000
+  c.train.num_steps = 2_000
   c.train.batch_size = 64
   c.train.checkpoint_every = 500
   c.train.log_every = 50

@@ -248,3 +248,16 @@ print("TF-FREE OK")
 
 def test_evaluation_is_tf_free():
   assert "TF-FREE OK" in run_without_tensorflow(EVAL_RUN, timeout=120)
+
+
+def test_paired_sign_test_known_answers():
+  # 6 discordant pairs all for A: p = 2 * (1/2)^6.
+  r = stats.paired_sign_test([1] * 6 + [1, 0], [0] * 6 + [1, 0])
+  assert (r["pairs"], r["a_only"], r["b_only"]) == (8, 6, 0)
+  assert r["p_value"] == pytest.approx(2 / 64)
+  # 3 vs 1 discordant: p = 2 * (C(4,0) + C(4,1)) / 16 = 0.625.
+  r = stats.paired_sign_test([1, 1, 1, 0, 1], [0, 0, 0, 1, 1])
+  assert r["p_value"] == pytest.approx(0.625)
+  assert stats.paired_sign_test([1, 0], [1, 0])["p_value"] == 1.0
+  with pytest.raises(ValueError, match="equal lengths"):
+    stats.paired_sign_test([1], [1, 0])

@@ -80,6 +80,8 @@ def _cfg(data_dir, **data):
   cfg = qconfig.load_config_file(os.path.join(REPO, "robot_configs", "metaworld.py"))
   cfg.data.dir = data_dir
   cfg.data.shuffle_buffer = 32
+  cfg.data.window = 1           # tests that need a history set it
+  cfg.data.deterministic = False
   for k, v in data.items():
     if k.startswith("augment_"):
       setattr(cfg.data.augment, k[len("augment_"):], v)

@@ -89,8 +89,12 @@ def test_known_answers(dataset, spec):
   assert (r["min"], r["max"], r["mean"]) == (0.0, 2.0, 1.0)
   assert r["std"] == pytest.approx(np.sqrt(0.5))
   # Sorted returns 0, 1, 1, 2 at positions q * 3.
-  assert r["quantiles"] == pytest.approx({"0.1": 0.3, "0.25": 0.75, "0.5": 1.0,
-                                          "0.75": 1.25, "0.9": 1.7})
+  assert len(r["quantiles"]) == 21
+  assert {k: r["quantiles"][k] for k in ("0.1", "0.25", "0.5", "0.75", "0.9")} == pytest.approx(
+      {"0.1": 0.3, "0.25": 0.75, "0.5": 1.0, "0.75": 1.25, "0.9": 1.7})
+  # Off the grid: linear between grid points (here also np.quantile's answer).
+  assert statistics.return_quantile(s, 0.125) == pytest.approx(0.375)
+  assert statistics.return_quantile(s, 0.5) == 1.0
   assert s["episode_length"] == {"min": 1, "max": 4, "mean": 2.5}
   assert s["success_rate"] == 0.5 and s["terminal_rate"] == 0.75
   json.dumps(s, allow_nan=False)  # plain JSON, as stored in checkpoints

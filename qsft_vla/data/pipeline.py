@@ -19,6 +19,7 @@ One training example (a leading batch axis is added by batching):
   action:             float32[D] (raw); action_tokens: int32[D]
   reward:             float32, rescaled (statistics.rescale_reward_params)
   return_to_go:       float32, discounted with learner.gamma over rescaled rewards
+  episode_return:     float32, the episode's undiscounted raw reward sum
   terminal:           bool, last step that reached a terminal state (no bootstrap)
   has_next:           bool, False on every episode's last step (no s')
   episode_index, step_index, dataset_index: int32 (episode = file order in its split)
@@ -247,6 +248,8 @@ def _episode_fn(data_dir: str, dataset_index: int, spec: RobotSpec, *, window: i
         "action_tokens": encode(s["action"]),
         "reward": reward,
         "return_to_go": tr.returns_to_go(reward, gamma),
+        # Undiscounted sum of the raw rewards, as in the statistics (filtered BC).
+        "episode_return": tf.fill([length], tf.reduce_sum(tf.cast(s["reward"], tf.float32))),
         "terminal": terminal,
         "has_next": tr.has_next(length),
         "episode_index": tf.fill([length], episode),

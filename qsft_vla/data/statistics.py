@@ -10,7 +10,7 @@ robot config maps and shapes the keys) and recomputing otherwise. Layout:
    "state": {"mean", "std", "min", "max"},                          # only if state_dim > 0
    "reward": {"min", "max", "mean", "is_sparse_binary"},
    "episode_return": {"min", "max", "mean", "std",
-                      "quantiles": {"0.1", "0.25", "0.5", "0.75", "0.9"}},
+                      "quantiles": {"0.0", "0.05", ..., "1.0"}},     # every 0.05
    "episode_length": {"min", "max", "mean"}, "success_rate": float, "terminal_rate": float}
 
 Definitions: quantiles use np.quantile (linear) over all steps; std is the
@@ -38,9 +38,11 @@ from qsft_vla.data import rlds_reader
 from qsft_vla.data.episode import DataError
 from qsft_vla.robot import RobotSpec
 
-VERSION = 1
+VERSION = 2
 STATS_FILE = "qsft_stats.json"
-RETURN_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+# A 0.05 grid, so filtered BC can keep episodes above any return quantile
+# (return_quantile interpolates between grid points).
+RETURN_QUANTILES = tuple(round(0.05 * i, 2) for i in range(21))
 RESCALE_MODES = ("none", "auto", "minmax")
 
 
@@ -215,6 +217,15 @@ def load_or_compute(data_dir: str, spec: RobotSpec, split: str = "train",
   except OSError as e:  # a read-only dataset still gets its statistics, uncached
     logging.warning("cannot cache statistics at %s: %s", path, e)
   return stats
+
+
+def return_quantile(stats: dict[str, Any], q: float) -> float:
+  """The q-quantile of episode returns: exact on the 0.05 grid, linear between."""
+  if not 0.0 <= q <= 1.0:
+    raise ValueError(f"quantile must be in [0, 1], got {q}")
+  table = stats["episode_return"]["quantiles"]
+  grid = np.asarray(RETURN_QUANTILES)
+  return float(np.interp(q, grid, [table[str(g)] for g in RETURN_QUANTILES]))
 
 
 def rescale_reward_params(stats: dict[str, Any], gamma: float, mode: str) -> tuple[float, float]:

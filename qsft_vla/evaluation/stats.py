@@ -100,3 +100,23 @@ def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
 
   sep = "  ".join("-" * w for w in widths)
   return "\n".join([line(header), sep, *(line(r) for r in body)])
+
+
+def paired_sign_test(success_a: Iterable[bool], success_b: Iterable[bool]) -> dict[str, Any]:
+  """Exact McNemar test for two policies run on the same episodes (paired seeds).
+
+  Only discordant episodes carry information: a_only (A succeeded, B failed)
+  and b_only. Under "no difference" a_only ~ Binomial(a_only + b_only, 1/2);
+  p_value is the exact two-sided tail probability (1.0 without discordant pairs).
+  """
+  a = [bool(x) for x in success_a]
+  b = [bool(x) for x in success_b]
+  if len(a) != len(b):
+    raise ValueError(f"paired results need equal lengths, got {len(a)} and {len(b)}")
+  a_only = sum(x and not y for x, y in zip(a, b))
+  b_only = sum(y and not x for x, y in zip(a, b))
+  n = a_only + b_only
+  k = min(a_only, b_only)
+  tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n if n else 0.5
+  return {"pairs": len(a), "a_only": a_only, "b_only": b_only,
+          "p_value": min(1.0, 2.0 * tail)}

@@ -1,0 +1,300 @@
+"""The training binary: Q-SFT, BC or filtered BC from RLDS datasets.
+
+  python -m qsft_vla.train --config=robot_configs/babyai.py:qsft --workdir=/tmp/run \
+      [--config.learner.beta=4] [--config.train.num_steps=2000] ...
+
+One plain loop (big_vision style): build everything from the config, restore
+the latest checkpoint of the workdir if there is one (params, optimiser
+state, step and data position), then repeat: next batch -> learner step ->
+every log_every steps metrics (metrics.jsonl, TensorBoard, a progress line
+with rate and ETA) -> every checkpoint_every steps and at the end an orbax
+checkpoint -> every eval.every steps (optional) closed-loop evaluation in the
+simulator through the same Controller a robot host uses.
+
+Determinism: the model is initialised from `seed` alone (not from a data
+batch), the data pipeline is seeded and, with data.deterministic, ordered; so
+on CPU the same config and seed give the same losses, and a run killed at any
+moment and restarted from its workdir logs the same losses as one that was
+never interrupted (tests/test_train.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from jax.sharding import Mesh
+from ml_collections import config_flags
+
+from qsft_vla import checkpoints
+from qsft_vla import config as qconfig
+from qsft_vla.data import pipeline, statistics
+from qsft_vla.learning import learner as learner_lib
+from qsft_vla.models import registry
+from qsft_vla.robot import RobotSpec
+from qsft_vla.tokenizers.action import ActionTokenizer
+from qsft_vla.tokenizers.text import TextTokenizer
+from qsft_vla.training import batches as batches_lib
+from qsft_vla.training import data_iterator
+from qsft_vla.training import metrics as metrics_lib
+
+CONFIG_JSON = "config.json"
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run is built from, except the data iterator and the state."""
+  config: Any
+  spec: RobotSpec
+  data_dirs: tuple[str, ...]
+  data_weights: np.ndarray
+  stats: list[dict[str, Any]]
+  action_tokenizer: ActionTokenizer
+  text_tokenizer: TextTokenizer
+  image_sizes: dict[str, tuple[int, int]]
+  model_config: Any
+  model: Any
+  learner_config: learner_lib.LearnerConfig
+  learner: learner_lib.Learner
+
+  def meta(self) -> dict[str, Any]:
+    datasets = [{"dir": d, "weight": float(w), "statistics": s}
+                for d, w, s in zip(self.data_dirs, self.data_weights, self.stats)]
+    return checkpoints.make_meta(qconfig.as_dict(self.config), self.config.model.name,
+                                 self.model_config, self.learner_config,
+                                 self.action_tokenizer, self.spec, self.image_sizes, datasets)
+
+  def init_state(self) -> learner_lib.TrainState:
+    """The initial state from config.seed alone (zero inputs give the shapes)."""
+    obs, hm, ti, tm, tok = registry.example_inputs(self.model_config, self.image_sizes)
+    example = {"observation": obs, "history_mask": hm, "next_observation": obs,
+               "next_history_mask": hm, "text_ids": ti, "text_mask": tm, "action_tokens": tok,
+               "reward": np.zeros(1, np.float32), "terminal": np.zeros(1, bool),
+               "has_next": np.zeros(1, bool)}
+    return self.learner.init(jax.random.PRNGKey(self.config.seed), example)
+
+
+def learner_config(cfg) -> learner_lib.LearnerConfig:
+  fields = {k: v for k, v in cfg.learner.items() if k != "filter_quantile"}
+  # Donation saves a copy of the state on accelerators; the CPU backend cannot donate.
+  fields["donate_state"] = jax.default_backend() != "cpu"
+  try:
+    return learner_lib.LearnerConfig.from_dict(fields)
+  except ValueError as e:
+    raise qconfig.ConfigError(f"learner: {e}") from None
+
+
+def build(cfg, stats: Optional[list[dict[str, Any]]] = None) -> Setup:
+  """Reads statistics, builds tokenizers, model and learner for a validated config.
+
+  stats: the datasets' statistics if already known (benchmarks pass [None]
+  for a robot whose action bounds are all in its config: no data needed).
+  """
+  if cfg.data.dir is None:
+    raise qconfig.ConfigError("data.dir is not set: an RLDS dataset directory (or a list)")
+  spec = RobotSpec.from_config(cfg.robot)
+  dirs = tuple(cfg.data.dir) if isinstance(cfg.data.dir, (list, tuple)) else (cfg.data.dir,)
+  weights = np.asarray(cfg.data.weights if cfg.data.weights is not None else [1.0] * len(dirs),
+                       np.float64)
+  if stats is None:
+    stats = [statistics.load_or_compute(d, spec, cfg.data.split) for d in dirs]
+  # Bounds a continuous dimension takes from data (low/high None) come from the
+  # first mixture member: one action space for the whole run.
+  action_tokenizer = ActionTokenizer.from_robot(spec, stats[0])
+  text_tokenizer = TextTokenizer.from_package()
+  image_sizes = {c.name: (tuple(cfg.data.image_size) if cfg.data.image_size is not None
+                          else (c.height, c.width)) for c in spec.cameras}
+  lcfg = learner_config(cfg)
+  model_cfg = registry.model_config(cfg, spec, action_tokenizer, lcfg.num_output_heads,
+                                    text_vocab=text_tokenizer.vocab_size)
+  model = registry.build(cfg.model.name, model_cfg)
+  devices = np.array(jax.devices())
+  if cfg.train.batch_size % devices.size:
+    raise qconfig.ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by "
+                              f"the {devices.size} devices of the mesh")
+  learner = learner_lib.Learner(model, lcfg, action_tokenizer.valid_mask(),
+                                mesh=Mesh(devices, ("data",)))
+  return Setup(cfg, spec, dirs, weights, stats, action_tokenizer, text_tokenizer, image_sizes,
+               model_cfg, model, lcfg, learner)
+
+
+def _state_items(state: learner_lib.TrainState) -> dict[str, Any]:
+  return {"params_pi": state.params_pi, "params_p": state.params_p,
+          "params_target": state.params_target,
+          checkpoints.OPT: {"opt_pi": state.opt_pi, "opt_p": state.opt_p, "step": state.step,
+                            "rng": state.rng}}
+
+
+def _from_items(items: dict[str, Any]) -> learner_lib.TrainState:
+  opt = items[checkpoints.OPT]
+  return learner_lib.TrainState(step=opt["step"], params_pi=items["params_pi"],
+                                params_p=items["params_p"],
+                                params_target=items["params_target"], opt_pi=opt["opt_pi"],
+                                opt_p=opt["opt_p"], rng=opt["rng"])
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+  """A workdir resumes only the run it holds: same model, learner and action space."""
+  for key in ("model", "learner", "action_tokenizer"):
+    a, b = dict(saved[key]), dict(current[key])
+    if key == "learner":  # how the step is compiled does not change the run
+      a.pop("donate_state", None)
+      b.pop("donate_state", None)
+    if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+      raise checkpoints.CheckpointError(
+          f"{where} holds a checkpoint with a different {key} than this config; use a new "
+          f"--workdir (or the original config) to resume.\n saved:   {a}\n current: {b}")
+
+
+def _filter_thresholds(setup: Setup) -> Optional[list[float]]:
+  cfg = setup.config
+  if cfg.learner.algorithm != "filtered_bc":
+    return None
+  thresholds = [statistics.return_quantile(s, cfg.learner.filter_quantile) for s in setup.stats]
+  for d, t in zip(setup.data_dirs, thresholds):
+    logging.info("filtered BC: %s keeps episodes with return >= %.4g (quantile %.2f)", d, t,
+                 cfg.learner.filter_quantile)
+  return thresholds
+
+
+def evaluate_in_sim(setup: Setup, state, step: int, workdir: str) -> dict[str, float]:
+  """Closed-loop evaluation of the live params through the robot-host Controller."""
+  from qsft_vla.controller import Controller  # pylint: disable=g-import-not-at-top
+  from qsft_vla.evaluation import loop  # pylint: disable=g-import-not-at-top
+  e = setup.config.eval
+  controller = Controller(setup.model, setup.model_config,
+                          jax.device_get(setup.learner.inference_params(state)),
+                          setup.learner_config, setup.action_tokenizer, setup.text_tokenizer,
+                          setup.spec, setup.image_sizes, beta=setup.learner_config.beta,
+                          temperature=0.0, seed=setup.config.seed)
+  video_dir = os.path.join(workdir, "eval_during_training", f"step{step}")
+  summary, _ = loop.evaluate(e.env, controller, e.episodes, e.seed, max_steps=e.max_steps,
+                             video_episodes=e.video_episodes, video_dir=video_dir,
+                             progress=False)
+  logging.info("eval at step %d on %s: success %.3f [%.3f, %.3f] over %d episodes", step,
+               e.env, summary["success_rate"], summary["ci_low"], summary["ci_high"],
+               summary["episodes"])
+  return {f"eval/{k}": summary[k] for k in ("success_rate", "ci_low", "ci_high", "mean_return",
+                                            "mean_length") if k in summary}
+
+
+def train(cfg, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the metrics of the last logged step."""
+  qconfig.validate(cfg, where="config")
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
+    f.write(cfg.to_json(indent=2))
+  setup = build(cfg)
+  tcfg = cfg.train
+  spc = setup.learner_config.steps_per_call
+  for name in ("checkpoint_every", "log_every"):
+    if tcfg[name] % spc:
+      raise qconfig.ConfigError(f"train.{name}={tcfg[name]} must be a multiple of "
+                                f"learner.steps_per_call={spc}")
+  if cfg.eval.every % spc:
+    raise qconfig.ConfigError(f"eval.every={cfg.eval.every} must be a multiple of "
+                              f"learner.steps_per_call={spc}")
+
+  it = pipeline.as_numpy_batches(cfg, setup.spec, setup.action_tokenizer,
+                                 batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
+                                 validate=tcfg.validate_data)
+  prepare = batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len,
+                                      _filter_thresholds(setup))
+  meta = setup.meta()
+  mngr = checkpoints.manager(checkpoints.directory(workdir), keep=tcfg.keep_checkpoints,
+                             item_handlers=None)
+  state = setup.init_state()
+  start = mngr.latest_step()
+  if start is not None:
+    _check_same_run(checkpoints.read_meta(mngr.directory, start), meta, workdir)
+    restored = checkpoints.restore(
+        mngr, start, _state_items(state),
+        extra={data_iterator.ITEM: data_iterator.DataIteratorRestore(it)})
+    state = _from_items(restored)
+    logging.info("resumed %s at step %d (params, optimiser, data position)", workdir, start)
+  step = int(state.step)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=step)
+  progress = metrics_lib.Progress(step, tcfg.num_steps)
+  logging.info("training %s (%s) for %d steps, batch %d, %d device(s); workdir %s",
+               cfg.learner.algorithm, cfg.model.name, tcfg.num_steps, tcfg.batch_size,
+               jax.device_count(), workdir)
+
+  def save(at_step):
+    progress.pause()
+    checkpoints.save(mngr, at_step, _state_items(state), meta, setup.text_tokenizer,
+                     extra={data_iterator.ITEM: data_iterator.DataIteratorSave(it)})
+    progress.resume()
+
+  last = {}
+  data_time = 0.0
+  try:
+    while step < tcfg.num_steps:
+      t0 = time.perf_counter()
+      micro = [prepare(next(it)) for _ in range(spc)]
+      data_time += time.perf_counter() - t0
+      batch = micro[0] if spc == 1 else batches_lib.stack(micro)
+      state, metrics = setup.learner.step(state, batch)
+      step += spc
+      if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+        metrics = jax.device_get(metrics)
+        if spc > 1:  # per-step metrics [S]: report the logged step's own values
+          metrics = {k: np.asarray(v)[-1] for k, v in metrics.items()}
+        timing = progress.tick(step)
+        interval = timing["steps_per_sec"] and tcfg.log_every / timing["steps_per_sec"]
+        last = dict(metrics, steps_per_sec=timing["steps_per_sec"],
+                    examples_per_sec=timing["steps_per_sec"] * tcfg.batch_size,
+                    data_wait_fraction=min(1.0, data_time / max(interval, 1e-9)))
+        data_time = 0.0
+        writer.write(step, last)
+        progress.log(step, timing, metrics)
+      if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps:
+        save(step)
+      if cfg.eval.every and (step % cfg.eval.every == 0 or step == tcfg.num_steps):
+        progress.pause()
+        writer.write(step, evaluate_in_sim(setup, state, step, workdir))
+        progress.resume()
+  finally:
+    writer.close()
+    mngr.close()
+  return {"step": step, **{k: float(np.asarray(v)) for k, v in last.items()}}
+
+
+# --------------------------------------------------------------------------- #
+# Binary.
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "robot config file and variant: robot_configs/<robot>.py:<qsft|bc|"
+    "filtered_bc>; any field can be overridden, e.g. --config.learner.beta=4",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory: checkpoints, metrics.jsonl, "
+                               "TensorBoard; an existing one is resumed")
+
+
+class _QuietOrbax:
+  """Drops orbax's per-file INFO lines (dozens per checkpoint); warnings still show."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > logging.INFO or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  try:
+    summary = train(_CONFIG.value, _WORKDIR.value)
+  except (qconfig.ConfigError, checkpoints.CheckpointError) as e:
+    raise app.UsageError(str(e)) from None
+  logging.info("done: %s", json.dumps(summary))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,65 @@
+"""Pipeline batches (numpy) -> learner batches.
+
+The pipeline yields raw instruction strings; the learner wants token ids. Most
+datasets repeat a few instructions, so ids are cached per distinct string and
+tokenising costs a dict lookup per example. Filtered BC gets a `keep` flag per
+example: its episode's return is at or above its own dataset's threshold (a
+quantile of that member's episode returns), so every mixture member is
+filtered by its own standard.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+LEARNER_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
+                "action_tokens", "reward", "terminal", "has_next")
+_CACHE_LIMIT = 100_000  # distinct instructions kept; beyond that the cache restarts
+
+
+class BatchPreparer:
+  """__call__(pipeline batch) -> learner batch (text_ids/text_mask added, keep for filtered BC)."""
+
+  def __init__(self, text_tokenizer, max_text_len: int,
+               keep_thresholds: Optional[Sequence[float]] = None):
+    self.text_tokenizer = text_tokenizer
+    self.max_text_len = int(max_text_len)
+    self.thresholds = (None if keep_thresholds is None
+                       else np.asarray(keep_thresholds, np.float32))
+    self._cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+  def encode(self, instructions) -> tuple[np.ndarray, np.ndarray]:
+    texts = [bytes(t) if isinstance(t, (bytes, np.bytes_)) else str(t).encode("utf-8")
+             for t in np.asarray(instructions, dtype=object).reshape(-1)]
+    missing = sorted({t for t in texts if t not in self._cache})
+    if missing:
+      if len(self._cache) + len(missing) > _CACHE_LIMIT:
+        self._cache.clear()
+      ids, mask = self.text_tokenizer.encode_batch(missing, self.max_text_len)
+      for t, i, m in zip(missing, ids, mask):
+        self._cache[t] = (i, m)
+    ids = np.stack([self._cache[t][0] for t in texts])
+    mask = np.stack([self._cache[t][1] for t in texts])
+    return ids, mask
+
+  def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: batch[k] for k in LEARNER_KEYS}
+    out["text_ids"], out["text_mask"] = self.encode(batch["instruction"])
+    if self.thresholds is not None:
+      threshold = self.thresholds[np.asarray(batch["dataset_index"])]
+      out["keep"] = np.asarray(batch["episode_return"], np.float32) >= threshold
+    return out
+
+
+def stack(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """[S] batches -> one batch with a leading microbatch axis (learner steps_per_call = S)."""
+  first = batches[0]
+  out = {}
+  for k, v in first.items():
+    if isinstance(v, Mapping):
+      out[k] = stack([b[k] for b in batches])
+    else:
+      out[k] = np.stack([np.asarray(b[k]) for b in batches])
+  return out

@@ -1,0 +1,186 @@
+"""The training binary: checkpoints that describe themselves, resume, variants, bad configs.
+
+A real BabyAI dataset (the bot at noise 0 and 1) and a tiny RT1Small keep each
+run to a few seconds on 2 cores.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from qsft_vla import checkpoints
+from qsft_vla import config as qconfig
+from qsft_vla import train
+from qsft_vla.training import metrics as metrics_lib
+
+from conftest import REPO
+
+BABYAI = os.path.join(REPO, "robot_configs", "babyai.py")
+TINY = {"model.conv_channels": (8, 8, 8), "model.width": 32, "model.depth": 1,
+        "model.num_heads": 2, "model.tokens_per_image": 2, "train.batch_size": 8,
+        "data.shuffle_buffer": 64, "train.log_every": 2, "train.checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  from data_tools import generate
+  out = str(tmp_path_factory.mktemp("data") / "babyai")
+  generate.generate("babyai:BabyAI-GoToLocal-v0", episodes=12, noise_levels=[0.0, 1.0], seed=0,
+                    out=out, max_steps=24, workers=1, progress=False)
+  return out
+
+
+def _config(dataset, variant="qsft", **overrides):
+  cfg = qconfig.load_config_file(f"{BABYAI}:{variant}")
+  cfg.data.dir = dataset
+  for key, value in {**TINY, **overrides}.items():
+    node = cfg
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def _flags(overrides):
+  out = []
+  for key, value in {**TINY, **overrides}.items():
+    out.append(f"--config.{key}={value}")
+  return out
+
+
+def test_checkpoints_describe_themselves(dataset, tmp_path):
+  cfg = _config(dataset, **{"train.num_steps": 4, "train.keep_checkpoints": 1})
+  summary = train.train(cfg, str(tmp_path))
+  assert summary["step"] == 4 and np.isfinite(summary["loss_p"])
+  rows = metrics_lib.read_jsonl(str(tmp_path))
+  assert [r["step"] for r in rows] == [2, 4]
+  for key in ("loss_pi", "loss_p", "weight_mean", "weight_std", "ratio_p_pi", "grad_norm_pi",
+              "grad_norm_p", "lr_pi", "lr_p", "steps_per_sec"):
+    assert key in rows[-1], key
+  assert os.listdir(tmp_path / "tensorboard")
+
+  ckpt_dir, step = checkpoints.resolve(str(tmp_path))
+  assert step == 4 and sorted(os.listdir(ckpt_dir)) == ["4"]  # keep_checkpoints=1
+  items = set(os.listdir(os.path.join(ckpt_dir, "4")))
+  assert {"params_pi", "params_p", "params_target", "opt", "meta", "text_tokenizer",
+          "data_iterator"} <= items
+  meta = checkpoints.read_meta(ckpt_dir, 4)
+  assert meta["config"]["learner"]["algorithm"] == "qsft"
+  assert meta["action_tokenizer"]["dims"][0]["bins"] == 7
+  assert meta["datasets"][0]["statistics"]["num_episodes"] == 12
+  assert meta["model"]["name"] == "rt1_small" and meta["step"] == 4
+  # No pickle anywhere: loading runs no code.
+  for root, _, files in os.walk(tmp_path / "checkpoints"):
+    for name in files:
+      assert not name.endswith((".pkl", ".pickle")), name
+      with open(os.path.join(root, name), "rb") as f:
+        head = f.read(2)
+      assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), \
+          os.path.join(root, name)
+
+  inf = checkpoints.load_inference(str(tmp_path))
+  assert set(inf.params) == {"pi", "p"} and inf.step == 4
+  assert inf.text_tokenizer.encode_batch(["go to the red ball"], 8)[0].shape == (1, 8)
+
+
+def test_resume_continues_exactly(dataset, tmp_path):
+  """4 steps, then a restart to 6, logs what one uninterrupted 6-step run logs."""
+  train.train(_config(dataset, **{"train.num_steps": 4}), str(tmp_path / "a"))
+  train.train(_config(dataset, **{"train.num_steps": 6}), str(tmp_path / "a"))
+  train.train(_config(dataset, **{"train.num_steps": 6}), str(tmp_path / "b"))
+  a = metrics_lib.read_jsonl(str(tmp_path / "a"))
+  b = metrics_lib.read_jsonl(str(tmp_path / "b"))
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6]
+  for ra, rb in zip(a, b):
+    for key in ("loss_pi", "loss_p", "weight_mean", "grad_norm_p"):
+      assert ra[key] == rb[key], (ra["step"], key)
+
+
+@pytest.mark.parametrize("variant,extra", [
+    ("bc", {}),
+    ("filtered_bc", {}),
+    ("qsft", {"learner.architecture": "shared", "learner.schedule": "sequential",
+              "learner.pi_steps": 2}),
+    ("qsft", {"learner.steps_per_call": 2, "learner.residual": "uniform"}),
+])
+def test_variants_train(dataset, tmp_path, variant, extra):
+  summary = train.train(_config(dataset, variant, **{"train.num_steps": 4, **extra}),
+                        str(tmp_path))
+  assert summary["step"] == 4 and np.isfinite(summary["loss_pi"])
+  meta = checkpoints.read_meta(*checkpoints.resolve(str(tmp_path)))
+  assert meta["learner"]["algorithm"] == variant
+  if variant == "bc":
+    assert "loss_p" not in summary and meta["config"]["learner"]["beta"] == 0.0
+  if variant == "filtered_bc":
+    # Half the episodes are the random policy; the median return keeps the successes only.
+    assert 0.0 < summary["kept_fraction"] < 1.0
+  if extra.get("learner.architecture") == "shared":
+    assert set(checkpoints.load_inference(str(tmp_path)).params) == {"shared"}
+
+
+def test_other_config_does_not_resume(dataset, tmp_path):
+  train.train(_config(dataset, **{"train.num_steps": 2}), str(tmp_path))
+  with pytest.raises(checkpoints.CheckpointError, match="different model"):
+    train.train(_config(dataset, **{"train.num_steps": 4, "model.width": 48}), str(tmp_path))
+
+
+def _run_binary(args, **kwargs):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, "-m", "qsft_vla.train", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, **kwargs)
+
+
+def test_binary_rejects_unknown_field(dataset, tmp_path):
+  r = _run_binary([f"--config={BABYAI}:qsft", f"--workdir={tmp_path}",
+                   f"--config.data.dir={dataset}", "--config.learner.betta=4"], timeout=120)
+  assert r.returncode != 0 and "betta" in r.stderr
+
+
+def test_binary_rejects_bad_value(dataset, tmp_path):
+  r = _run_binary([f"--config={BABYAI}:qsft", f"--workdir={tmp_path}",
+                   f"--config.data.dir={dataset}", "--config.learner.residual=spread"],
+                  timeout=120)
+  assert r.returncode != 0 and "residual" in r.stderr
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_logs_the_same_losses(dataset, tmp_path):
+  """kill -9 mid-run (after a checkpoint, during later steps), restart the same
+  command: the losses logged at the final step equal an uninterrupted run's."""
+  overrides = {"train.num_steps": 16, "train.checkpoint_every": 4, "train.log_every": 4}
+  args = [f"--config={BABYAI}:qsft", f"--config.data.dir={dataset}", *_flags(overrides)]
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "qsft_vla.train", *args, f"--workdir={killed}"],
+                          cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  ckpts = killed / "checkpoints"
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.is_dir() and any(n.isdigit() and int(n) >= 8 for n in os.listdir(ckpts)):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "training finished before it could be killed; make it longer"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  steps_at_kill = [r["step"] for r in metrics_lib.read_jsonl(str(killed))]
+  assert max(steps_at_kill) < 16
+
+  r = _run_binary([*args, f"--workdir={killed}"], timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed" in r.stderr
+  r = _run_binary([*args, f"--workdir={tmp_path / 'straight'}"], timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+  a = metrics_lib.read_jsonl(str(killed))
+  b = metrics_lib.read_jsonl(str(tmp_path / "straight"))
+  assert [x["step"] for x in a] == [x["step"] for x in b] == [4, 8, 12, 16]
+  for key in ("loss_pi", "loss_p"):
+    assert a[-1][key] == b[-1][key], key
