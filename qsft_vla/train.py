@@ -171,7 +171,7 @@ def evaluate_in_sim(setup: Setup, state, step: int, workdir: str) -> dict[str, f
   controller = Controller(setup.model, setup.model_config,
                           jax.device_get(setup.learner.inference_params(state)),
                           setup.learner_config, setup.action_tokenizer, setup.text_tokenizer,
-                          setup.spec, setup.image_sizes, beta=setup.learner_config.beta,
+                          setup.spec, setup.image_sizes, beta=None,
                           temperature=0.0, seed=setup.config.seed)
   video_dir = os.path.join(workdir, "eval_during_training", f"step{step}")
   summary, _ = loop.evaluate(e.env, controller, e.episodes, e.seed, max_steps=e.max_steps,

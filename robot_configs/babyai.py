@@ -40,8 +40,8 @@ def get_config(variant: str = "qsft"):
 
   c.learner.gamma = 0.95                 # ALFWorld / 20Q column of the paper
   c.learner.beta = 4.0                   # Wordle column: small discrete action set
-  c.learner.lr_pi = 3e-4
-  c.learner.lr_p = 3e-4
+  c.learner.lr_pi = 1e-3                  # a small model from scratch
+  c.learner.lr_p = 1e-3
 
   c.train.num_steps = 2_000
   c.train.batch_size = 64

@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
 DATA="${DATA:-data/babyai_gotolocal}"     # generated once, reused
 RUNS="${RUNS:-runs/default}"              # one workdir per method; a rerun resumes
-EPISODES="${EPISODES:-500}"               # dataset episodes
+EPISODES="${EPISODES:-1000}"              # dataset episodes
 STEPS="${STEPS:-2000}"                    # training steps per method
 EVAL_EPISODES="${EVAL_EPISODES:-100}"
 EVAL_SEED="${EVAL_SEED:-1000}"

@@ -63,25 +63,26 @@ def make_episode(spec: RobotSpec, length: int, seed: int = 0, terminal: bool = T
 # Modules a robot host (and a new-jax GPU host) does not have.
 TF_MODULES = ("tensorflow", "tensorflow_datasets", "reverb", "rlds")
 
-_BLOCK_TF = textwrap.dedent(f"""
-    import importlib.abc, sys
-    class _BlockTF(importlib.abc.MetaPathFinder):
-      def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {TF_MODULES!r}:
-          raise ImportError(f"{{name}} is blocked: TF-free code must not import it")
-    sys.meta_path.insert(0, _BlockTF())
+# "Not installed" as a robot host sees it: a None entry in sys.modules makes
+# `import` raise ModuleNotFoundError and importlib.util.find_spec return None
+# (orbax, through etils.epath, asks find_spec whether TF is installed).
+_TF_ABSENT = textwrap.dedent(f"""
+    import sys
+    for _name in {TF_MODULES!r}:
+      sys.modules[_name] = None
 """)
 
 _NO_TF_LOADED = textwrap.dedent(f"""
-    _loaded = [m for m in sys.modules if m.split(".")[0] in {TF_MODULES!r}]
+    _loaded = [m for m, mod in sys.modules.items()
+               if mod is not None and m.split(".")[0] in {TF_MODULES!r}]
     assert not _loaded, _loaded
 """)
 
 
 def run_without_tensorflow(code: str, timeout: float = 300) -> str:
-  """Runs `code` in a fresh interpreter where TF, TFDS, Reverb and rlds cannot be
-  imported, then checks none of them got loaded; returns its stdout."""
-  proc = subprocess.run([sys.executable, "-c", _BLOCK_TF + textwrap.dedent(code) + _NO_TF_LOADED],
+  """Runs `code` in a fresh interpreter that sees TF, TFDS, Reverb and rlds as
+  not installed, then checks none of them got loaded; returns its stdout."""
+  proc = subprocess.run([sys.executable, "-c", _TF_ABSENT + textwrap.dedent(code) + _NO_TF_LOADED],
                         cwd=REPO, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout

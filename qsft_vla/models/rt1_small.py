@@ -114,7 +114,8 @@ class ImageEncoder(nn.Module):
   """uint8 images [N, H, W, 3] + condition [N, E] -> tokens [N, num_tokens, width].
 
   Strided convs with GroupNorm and FiLM, then TokenLearner-lite: num_tokens
-  learned spatial softmax maps pool the last feature map into tokens.
+  learned spatial softmax maps pool the last feature map (plus a learned
+  position embedding) into tokens.
   """
   channels: tuple[int, ...]
   num_tokens: int
@@ -130,7 +131,11 @@ class ImageEncoder(nn.Module):
       x = nn.relu(x)
     self.sow("intermediates", "conv_features", x)
     n, h, w, c = x.shape
-    feats = x.reshape(n, h * w, c)
+    # The pooling below is a weighted sum over positions, blind to where a
+    # feature was; a learned position embedding keeps "left of me" and "ahead"
+    # apart (navigation and reaching need it).
+    pos = self.param("feature_pos", nn.initializers.normal(0.02), (h * w, c))
+    feats = x.reshape(n, h * w, c) + pos
     maps = jax.nn.softmax(nn.Dense(self.num_tokens, name="token_maps")(feats), axis=1)
     tokens = jnp.einsum("npt,npc->ntc", maps, feats)
     return nn.Dense(self.width, name="token_proj")(tokens)

@@ -1,0 +1,123 @@
+"""Q-SFT vs BC: time per training step, measured side by side in one process.
+
+  .venv/bin/python benchmarks/train_step_time.py [--config=robot_configs/babyai.py] \
+      [--rounds=15] [--steps_per_round=5] [--out=benchmarks/results/train_step_time.md]
+
+Builds both learners from the same config (the model and batch of the config;
+only learner.algorithm differs), feeds them the same synthetic batch (random
+pixels and tokens: the step's cost does not depend on the values), and
+alternates: one round is `steps_per_round` Q-SFT steps then as many BC steps,
+so both see the same machine load. Reports the median time per step of each,
+the ratio of the medians and the median of the per-round ratios. The input
+pipeline is not included (tests and benchmarks/pipeline_throughput.py cover it).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qsft_vla import config as qconfig  # noqa: E402
+from qsft_vla import train  # noqa: E402
+from qsft_vla.models import registry  # noqa: E402
+
+_CONFIG = flags.DEFINE_string("config", "robot_configs/babyai.py", "robot config file")
+_ROUNDS = flags.DEFINE_integer("rounds", 15, "alternating measurement rounds")
+_STEPS = flags.DEFINE_integer("steps_per_round", 5, "steps of each learner per round")
+_BATCH = flags.DEFINE_integer("batch_size", None, "default: the config's train.batch_size")
+_OUT = flags.DEFINE_string("out", None, "markdown table to write")
+
+
+def synthetic_batch(setup, batch_size: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  obs, hm, ti, tm, tok = registry.example_inputs(setup.model_config, setup.image_sizes,
+                                                 batch_size)
+  obs = {k: (rng.integers(0, 256, v.shape).astype(np.uint8) if v.dtype == np.uint8
+             else rng.standard_normal(v.shape).astype(v.dtype)) for k, v in obs.items()}
+  bins = np.asarray(setup.action_tokenizer.bins_per_dim)
+  tok = (rng.integers(0, 1 << 30, tok.shape) % bins).astype(np.int32)
+  return {"observation": obs, "history_mask": hm, "next_observation": obs,
+          "next_history_mask": hm, "text_ids": ti, "text_mask": tm, "action_tokens": tok,
+          "reward": (rng.random(batch_size) < 0.1).astype(np.float32),
+          "terminal": rng.random(batch_size) < 0.1, "has_next": rng.random(batch_size) < 0.9}
+
+
+def _learner(variant: str, batch_size: int):
+  cfg = qconfig.load_config_file(f"{_CONFIG.value}:{variant}")
+  cfg.train.batch_size = batch_size
+  # Bounds from the config are enough for shapes; no dataset is read.
+  setup = train.build(cfg, stats=[None])
+  state = setup.init_state()
+  batch = synthetic_batch(setup, batch_size)
+  t0 = time.perf_counter()
+  state, metrics = setup.learner.step(state, batch)
+  jax.block_until_ready(metrics)
+  return setup, state, batch, time.perf_counter() - t0
+
+
+def _time(setup, state, batch, n):
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    state, metrics = setup.learner.step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  return state, times
+
+
+def main(argv):
+  del argv
+  cfg = qconfig.load_config_file(_CONFIG.value)
+  batch_size = _BATCH.value or cfg.train.batch_size
+  runs = {v: list(_learner(v, batch_size)) for v in ("qsft", "bc")}
+  times = {v: [] for v in runs}
+  round_ratios = []
+  for _ in range(_ROUNDS.value):
+    per_round = {}
+    for v, r in runs.items():
+      r[1], t = _time(r[0], r[1], r[2], _STEPS.value)
+      times[v].extend(t)
+      per_round[v] = np.median(t)
+    round_ratios.append(per_round["qsft"] / per_round["bc"])
+  med = {v: float(np.median(t)) * 1e3 for v, t in times.items()}
+  q = {v: (float(np.percentile(t, 10)) * 1e3, float(np.percentile(t, 90)) * 1e3)
+       for v, t in times.items()}
+  ratio = med["qsft"] / med["bc"]
+  m = runs["qsft"][0].model_config
+  lines = [
+      f"# Training step time: Q-SFT vs BC ({_CONFIG.value})",
+      "",
+      f"`{' '.join(sys.argv)}`",
+      "",
+      f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, jax {jax.__version__} on "
+      f"{jax.default_backend()} ({jax.device_count()} device(s)). Batch {batch_size}; model "
+      f"{cfg.model.name} width {m.width}, depth {m.depth}, conv {list(m.conv_channels)}, "
+      f"window {m.window}; {_ROUNDS.value} alternating rounds of {_STEPS.value} steps each.",
+      "",
+      "| learner | median ms/step | p10–p90 ms | first call (compile) s |",
+      "|---|---|---|---|",
+  ]
+  for v in ("qsft", "bc"):
+    lines.append(f"| {v} | {med[v]:.1f} | {q[v][0]:.1f}–{q[v][1]:.1f} | {runs[v][3]:.1f} |")
+  lines += ["", f"Q-SFT / BC: {ratio:.2f}x (ratio of medians); median of per-round ratios "
+            f"{float(np.median(round_ratios)):.2f}x.", "",
+            "A Q-SFT step runs pi_phi at s' and the Polyak target at s and s' (three "
+            "forward passes for the Bellman weights) and trains two networks; BC trains one.",
+            ""]
+  text = "\n".join(lines)
+  print(text)
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  app.run(main)

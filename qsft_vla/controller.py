@@ -1,0 +1,456 @@
+"""Robot-host controller: camera images + an instruction -> bounded robot actions.
+
+  ctrl = Controller.load("/path/to/workdir")          # latest checkpoint, beta from its learner
+  ctrl.reset("pick up the red ball")
+  action = ctrl.act({"image": uint8[H, W, 3], "state": float32[S]})   # float32[D]
+
+Q-SFT inference (QSFT.md, "Inference"): per action token,
+pi_hat(b|x) ~ pi_phi(b|x) * exp(beta * p_theta(b|x)) over the valid bins of that
+dimension, decoded autoregressively (each chosen token is fed back to both
+networks). The logits are masked exactly as the learner masked them in
+training (learning.policy.allowed_ids) before the reweighting. beta = 0 is pure
+pi_phi (behaviour cloning); BC / filtered-BC checkpoints have no p_theta and
+only run at beta = 0.
+
+One jit-compiled function per act(): resize (if needed), encode the observation
+prefix once per network, decode the D tokens with the KV cache, select.
+beta, temperature and the rng are traced arguments, so changing them never
+recompiles; construction compiles once on zeros (warm-up) so the first real
+act() is not a compile. Controllers of the same network and action space share
+the compiled function (the training loop builds one per periodic evaluation).
+
+Observation history follows the training pipeline (data/transforms.py): the
+window holds frames t-W+1..t; at the start of an episode it is padded by
+repeating the first frame, with history_mask False on the padding.
+
+Images must have the robot config's camera size. When the model was trained at
+another size (config data.image_size), the controller resizes them as the
+pipeline did: bilinear with antialiasing (jax.image.resize, the same
+scale-and-translate kernel as tf.image.resize; equal up to float rounding, i.e.
+at most one grey level on rare pixels), then rounded to uint8.
+
+Bad input is refused with ObservationError (a ValueError) naming the key and
+what was expected: a missing camera, a key the robot does not have (refused
+rather than ignored, so a misspelt camera name cannot go unnoticed), a wrong
+image shape or a non-uint8 image, a missing, wrongly sized, non-float or
+non-finite state. Every returned action is checked against the tokenizer's
+bounds (continuous: [low, high]; discrete: one of the values) and is never
+NaN; a violation (impossible by construction) raises instead of moving the robot.
+
+TF-free: nothing here imports TensorFlow, TFDS, Reverb or rlds.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qsft_vla import checkpoints
+from qsft_vla.learning import policy
+
+# Latency statistics cover at most this many recent act() calls (a robot host
+# may run for days at tens of Hz).
+LATENCY_WINDOW = 100_000
+
+
+class ObservationError(ValueError):
+  """An observation given to Controller.act is malformed; the message names the key."""
+
+
+class ControllerError(RuntimeError):
+  """The controller was used out of order or produced an action it must not return."""
+
+
+def resize_images(images, size):
+  """uint8[..., H, W, 3] -> uint8[..., h, w, 3]: bilinear, antialiased, as the
+  training pipeline's transforms.resize_images. Identity at the same size."""
+  h, w = int(size[0]), int(size[1])
+  if images.shape[-3:-1] == (h, w):
+    return images
+  out = jax.image.resize(jnp.asarray(images, jnp.float32), images.shape[:-3] + (h, w, 3),
+                         method="linear", antialias=True)
+  return jnp.clip(jnp.round(out), 0.0, 255.0).astype(jnp.uint8)
+
+
+class Controller:
+  """Turns observations into actions with a Q-SFT (or BC) checkpoint's networks.
+
+  Build with `Controller.load(path)` from a checkpoint, or directly from
+  in-memory parameters (the training loop's periodic evaluation):
+
+    model, model_config: the flax module and its config (RT1Small).
+    params: {"pi", "p"} (separate backbones), {"pi"} (BC, filtered BC) or
+      {"shared"} (one trunk; head 0 = pi_phi, head 1 = p_theta), as
+      checkpoints.InferenceCheckpoint.params / Learner.inference_params; numpy
+      arrays are put on the default device, device arrays are used as they are
+      (not copied): keep them alive while the controller is used (do not
+      donate them to a training step meanwhile).
+    learner_config: learning.learner.LearnerConfig of the run.
+    action_tokenizer, text_tokenizer, spec: the run's tokenizers and RobotSpec.
+    image_sizes: {camera: (h, w)} the model was trained at.
+    beta: None = learner_config.beta (0 without p_theta).
+    temperature: 0 = argmax (the control default), > 0 = sampling.
+    seed: seeds the sampling rng (act() number n samples from fold_in(key(seed), n)).
+    warmup: compile now, on zeros, so the first act() runs at full speed.
+    step, path: what checkpoint this is (reporting only).
+  """
+
+  def __init__(self, model, model_config, params: Mapping[str, Any], learner_config,
+               action_tokenizer, text_tokenizer, spec, image_sizes: Mapping[str, Any],
+               beta: Optional[float] = None, temperature: float = 0.0, seed: int = 0,
+               warmup: bool = True, step: Optional[int] = None, path: Optional[str] = None):
+    self._model = model
+    self._model_config = model_config
+    self._learner = learner_config
+    self._action_tokenizer = action_tokenizer
+    self._text_tokenizer = text_tokenizer
+    self._spec = spec
+    self._step = step
+    self._path = path
+    # On the device once (numpy params, e.g. jax.device_get'ed from training,
+    # would otherwise be copied to the device on every act()).
+    self._params = jax.device_put(dict(params))
+    self._check_params()
+    self._has_p = "p" in self._params or "shared" in self._params
+    self._check_model(image_sizes)
+    self._image_sizes = {cam: tuple(int(x) for x in image_sizes[cam])
+                         for cam in model_config.cameras}
+    self._cameras = {c.name: (c.height, c.width) for c in spec.cameras}
+    self._keys = set(self._cameras) | ({"state"} if spec.state_dim else set())
+
+    if beta is None:
+      beta = learner_config.beta if self._has_p else 0.0
+    self.beta = beta
+    self.temperature = temperature
+    # Host-side key and call counter: numpy arguments keep every act() on the
+    # one compiled executable (a device-resident key fed back from the previous
+    # call would have a different sharding signature and recompile once).
+    self._key = np.asarray(jax.random.PRNGKey(int(seed)))
+    self._draws = 0
+
+    self._low, self._high = action_tokenizer.bounds
+    self._discrete = [(i, np.asarray(d.values, np.float32))
+                      for i, d in enumerate(action_tokenizer.dims) if d.kind == "discrete"]
+    self._act_fn = _compiled_act_fn(
+        model, tuple(action_tokenizer.bins_per_dim), learner_config.residual,
+        bool(learner_config.mask_invalid_logits), tuple(sorted(self._image_sizes.items())),
+        tuple(sorted(self._params)))
+
+    self._instruction: Optional[str] = None
+    self._text = None
+    self._frames: list[dict[str, np.ndarray]] = []
+    self._valid = 0
+    self._latencies_ms: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
+    self._calls = 0
+    if warmup:
+      self._warmup()
+
+  @classmethod
+  def load(cls, workdir_or_checkpoint: str, beta: Optional[float] = None,
+           temperature: float = 0.0, seed: int = 0, step: Optional[int] = None,
+           warmup: bool = True) -> "Controller":
+    """From a workdir, its checkpoints/ directory or one step directory (the
+    latest step unless `step`). beta None: the run's learner.beta (0 for BC)."""
+    return cls.from_checkpoint(checkpoints.load_inference(workdir_or_checkpoint, step),
+                               beta=beta, temperature=temperature, seed=seed, warmup=warmup)
+
+  @classmethod
+  def from_checkpoint(cls, ck: checkpoints.InferenceCheckpoint, beta: Optional[float] = None,
+                      temperature: float = 0.0, seed: int = 0,
+                      warmup: bool = True) -> "Controller":
+    """From an already loaded checkpoints.InferenceCheckpoint."""
+    return cls(ck.model, ck.model_config, ck.params, ck.learner, ck.action_tokenizer,
+               ck.text_tokenizer, ck.spec, ck.image_sizes, beta=beta, temperature=temperature,
+               seed=seed, warmup=warmup, step=ck.step, path=ck.path)
+
+  # ------------------------------------------------------------------ checks
+
+  def _check_params(self):
+    keys = set(self._params)
+    heads = self._model_config.num_output_heads
+    expected = ({"shared"} if heads == 2 else
+                {"pi", "p"} if self._learner.uses_p else {"pi"})
+    if keys != expected:
+      raise ValueError(f"params: algorithm={self._learner.algorithm!r}, "
+                       f"architecture={self._learner.architecture!r} needs keys "
+                       f"{sorted(expected)}, got {sorted(keys)}")
+
+  def _check_model(self, image_sizes):
+    mc, spec, tok = self._model_config, self._spec, self._action_tokenizer
+    if getattr(self._model, "config", mc) != mc:
+      raise ValueError("model_config differs from the model's own config")
+    if tuple(mc.cameras) != spec.camera_names:
+      raise ValueError(f"the model reads cameras {list(mc.cameras)}, the robot "
+                       f"{spec.name!r} has {list(spec.camera_names)}")
+    if mc.state_dim != spec.state_dim:
+      raise ValueError(f"the model reads state_dim={mc.state_dim}, the robot {spec.name!r} "
+                       f"has {spec.state_dim}")
+    if mc.num_action_dims != tok.num_dims or mc.action_vocab != tok.vocab_size:
+      raise ValueError(f"the model decodes {mc.num_action_dims} tokens over {mc.action_vocab} "
+                       f"ids, the action tokenizer has {tok.num_dims} dims and "
+                       f"{tok.vocab_size} ids")
+    missing = [c for c in mc.cameras if c not in image_sizes]
+    if missing:
+      raise ValueError(f"image_sizes has no size for camera(s) {missing}")
+
+  # ------------------------------------------------------------- properties
+
+  @property
+  def spec(self):
+    return self._spec
+
+  @property
+  def action_tokenizer(self):
+    return self._action_tokenizer
+
+  @property
+  def learner_config(self):
+    return self._learner
+
+  @property
+  def step(self) -> Optional[int]:
+    return self._step
+
+  @property
+  def path(self) -> Optional[str]:
+    return self._path
+
+  @property
+  def instruction(self) -> Optional[str]:
+    return self._instruction
+
+  @property
+  def has_p(self) -> bool:
+    """Whether the checkpoint has p_theta (Q-SFT), i.e. whether beta may be > 0."""
+    return self._has_p
+
+  @property
+  def beta(self) -> float:
+    """Settable between act() calls; no recompilation (beta is traced)."""
+    return self._beta
+
+  @beta.setter
+  def beta(self, value: float) -> None:
+    b = _finite_float(value, "beta")
+    if b < 0:
+      raise ValueError(f"beta must be >= 0, got {b}")
+    if b != 0 and not self._has_p:
+      raise ValueError(f"beta={b} needs p_theta, but this checkpoint "
+                       f"(algorithm={self._learner.algorithm!r}) has only pi_phi: "
+                       "use beta=0 (pure pi_phi)")
+    self._beta = b
+
+  @property
+  def temperature(self) -> float:
+    """Settable between act() calls; no recompilation (it is traced)."""
+    return self._temperature
+
+  @temperature.setter
+  def temperature(self, value: float) -> None:
+    t = _finite_float(value, "temperature")
+    if t < 0:
+      raise ValueError(f"temperature must be >= 0 (0 = argmax), got {t}")
+    self._temperature = t
+
+  # ---------------------------------------------------------------- episode
+
+  def reset(self, instruction: Optional[str] = None) -> None:
+    """Starts an episode: tokenises the instruction and clears the history.
+
+    A robot whose config fixes the instruction (instruction.source "fixed")
+    may pass None to use that text, as the training data did. A refused
+    instruction ends the previous episode too: act() then fails until a reset
+    succeeds, rather than acting on the old instruction.
+    """
+    self._text = self._instruction = None
+    if instruction is None and self._spec.instruction_source == "fixed":
+      instruction = self._spec.instruction_text
+    if not isinstance(instruction, str):
+      raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
+    if not instruction.strip():
+      raise ValueError(f"instruction must be non-empty text, got {instruction!r}")
+    ids, mask = self._text_tokenizer.encode_batch([instruction], self._model_config.max_text_len)
+    self._text = (ids, mask)
+    self._instruction = instruction
+    self._frames = []
+    self._valid = 0  # real (not padding) frames in the window
+
+  def act(self, observation: Mapping[str, Any]) -> np.ndarray:
+    """The action float32[D] for this observation (appended to the history)."""
+    start = time.perf_counter()
+    if self._text is None:
+      raise ControllerError("act() before reset(instruction): start an episode first")
+    frame = self._checked(observation)
+    if not self._frames:
+      self._frames = [frame] * self._model_config.window  # start padding: frame 0 repeated
+    else:
+      self._frames = self._frames[1:] + [frame]
+    self._valid = min(self._valid + 1, self._model_config.window)
+    obs, history_mask = self._window()
+    tokens = self._act_fn(self._params, obs, history_mask, *self._text,
+                          np.float32(self._beta), np.float32(self._temperature), self._key,
+                          np.uint32(self._draws))
+    self._draws += 1
+    action = self._guard(self._action_tokenizer.decode(np.asarray(tokens)))
+    self._latencies_ms.append((time.perf_counter() - start) * 1e3)
+    self._calls += 1
+    return action
+
+  def _window(self):
+    """The model inputs of the current history: ({camera: uint8[1, window, h, w, 3],
+    "state": float32[1, window, S]}, history_mask bool[1, window])."""
+    w = self._model_config.window
+    obs = {k: np.stack([f[k] for f in self._frames])[None] for k in self._frames[0]}
+    mask = (np.arange(w) >= w - self._valid)[None]
+    return obs, mask
+
+  def _checked(self, observation) -> dict[str, np.ndarray]:
+    """A validated copy (camera drivers reuse their buffers) of one observation."""
+    if not isinstance(observation, Mapping):
+      raise ObservationError(f"observation must be a dict keyed by {sorted(self._keys)}, "
+                             f"got {type(observation).__name__}")
+    unknown = sorted(set(observation) - self._keys, key=str)
+    if unknown:
+      raise ObservationError(f"observation: unknown key(s) {unknown}; the robot "
+                             f"{self._spec.name!r} has keys {sorted(self._keys)}")
+    out = {}
+    for cam, (h, w) in self._cameras.items():
+      if cam not in observation:
+        raise ObservationError(f"observation: missing camera {cam!r} (expected uint8[{h}, {w}, 3])")
+      img = np.asarray(observation[cam])
+      if img.dtype != np.uint8:
+        raise ObservationError(f"observation[{cam!r}]: expected dtype uint8 (RGB 0..255), "
+                               f"got {img.dtype}")
+      if img.shape != (h, w, 3):
+        raise ObservationError(f"observation[{cam!r}]: expected shape ({h}, {w}, 3) (the "
+                               f"robot config's camera size), got {img.shape}")
+      out[cam] = img.copy()
+    s = self._spec.state_dim
+    if s:
+      if "state" not in observation:
+        raise ObservationError(f"observation: missing 'state' (expected float32[{s}])")
+      state = np.asarray(observation["state"])
+      if state.dtype.kind != "f":
+        raise ObservationError(f"observation['state']: expected a float array (float32[{s}]), "
+                               f"got dtype {state.dtype}")
+      if state.shape != (s,):
+        raise ObservationError(f"observation['state']: expected shape ({s},), got {state.shape}")
+      with np.errstate(over="ignore"):  # too large for float32 -> inf, refused below
+        state = state.astype(np.float32)
+      bad = np.flatnonzero(~np.isfinite(state))
+      if bad.size:
+        raise ObservationError(f"observation['state']: non-finite value {state[bad[0]]} at "
+                               f"index {bad[0]} (after conversion to float32)")
+      out["state"] = state
+    return out
+
+  def _guard(self, action: np.ndarray) -> np.ndarray:
+    action = np.asarray(action, np.float32)
+    ok = np.isfinite(action).all() and (action >= self._low).all() and (action <= self._high).all()
+    ok = ok and all(np.isin(action[i], values) for i, values in self._discrete)
+    if not ok:
+      raise ControllerError(f"refusing action {action.tolist()}: outside the bounds "
+                            f"[{self._low.tolist()}, {self._high.tolist()}] or not an "
+                            "allowed discrete value")
+    return action
+
+  # ---------------------------------------------------------------- compute
+
+  def _warmup(self):
+    """Compiles act_fn on zeros; touches neither the episode nor the statistics."""
+    w = self._model_config.window
+    obs = {cam: np.zeros((1, w, h, wd, 3), np.uint8) for cam, (h, wd) in self._cameras.items()}
+    if self._spec.state_dim:
+      obs["state"] = np.zeros((1, w, self._spec.state_dim), np.float32)
+    text_ids, text_mask = self._text_tokenizer.encode_batch(["warm up"],
+                                                            self._model_config.max_text_len)
+    tokens = self._act_fn(self._params, obs, np.ones((1, w), bool), text_ids, text_mask,
+                          np.float32(0.0), np.float32(0.0), self._key, np.uint32(0))
+    jax.block_until_ready(tokens)
+
+  # ---------------------------------------------------------------- latency
+
+  def latency_stats(self) -> dict[str, float]:
+    """Wall time of act() calls since the last reset_latency_stats (warm-up
+    excluded; percentiles over the last LATENCY_WINDOW calls), in milliseconds."""
+    lat = np.asarray(self._latencies_ms, np.float64)
+    if not lat.size:
+      nan = float("nan")
+      return {"calls": self._calls, "p50_ms": nan, "p99_ms": nan, "mean_ms": nan, "max_ms": nan}
+    return {"calls": self._calls, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "mean_ms": float(lat.mean()),
+            "max_ms": float(lat.max())}
+
+  def reset_latency_stats(self) -> None:
+    self._latencies_ms.clear()
+    self._calls = 0
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_act_fn(model, bins_per_dim: tuple[int, ...], residual: str, masked: bool,
+                     image_sizes: tuple[tuple[str, tuple[int, int]], ...],
+                     nets: tuple[str, ...]):
+  """The jit-compiled act function of one network and action space, shared by
+  every Controller built for them (the training loop builds one per periodic
+  evaluation; it must not recompile each time).
+
+  nets: ("pi", "p"), ("pi",) (no p_theta: beta must be 0) or ("shared",).
+  act_fn(params, obs, history_mask, text_ids, text_mask, beta, temperature,
+  key, draw) -> int32[D] tokens.
+  """
+  mc = model.config
+  valid = np.arange(mc.action_vocab)[None, :] < np.asarray(bins_per_dim)[:, None]
+  pi_allowed, p_allowed = policy.allowed_ids(valid, mc.output_size, mc.dummy_id, residual)
+  sizes = dict(image_sizes)
+
+  def encode(variables, obs, history_mask, text_ids, text_mask):
+    return model.apply(variables, obs, history_mask, text_ids, text_mask,
+                       method=model.encode_prefix)
+
+  def decode(variables, cache, prev, j):
+    return model.apply(variables, cache, prev, j, method=model.decode_step)
+
+  def act_fn(params, obs, history_mask, text_ids, text_mask, beta, temperature, key, draw):
+    obs = {k: (resize_images(v, sizes[k]) if k in sizes else v) for k, v in obs.items()}
+    caches = {n: encode(params[n], obs, history_mask, text_ids, text_mask) for n in nets}
+    call_key = jax.random.fold_in(key, draw)  # a fresh stream per act()
+
+    def token(carry, j):
+      prev, caches = carry
+      caches, out = dict(caches), {}
+      for n in nets:
+        out[n], caches[n] = decode(params[n], caches[n], prev, j)
+      if "shared" in out:
+        pi_logits, p_logits = out["shared"][0], out["shared"][1]
+      else:
+        pi_logits = out["pi"]
+        p_logits = out["p"] if "p" in out else jnp.zeros_like(pi_logits)  # beta is 0 then
+      pi_ok, p_ok = jnp.asarray(pi_allowed)[j], jnp.asarray(p_allowed)[j]
+      if masked:  # as in training, before every softmax
+        pi_logits = policy.mask_logits(pi_logits, pi_ok)
+        p_logits = policy.mask_logits(p_logits, p_ok)
+      logits = policy.reweighted_logits(pi_logits, p_logits, beta, pi_ok)
+      tok = policy.select(logits, temperature, jax.random.fold_in(call_key, j))
+      return (tok, caches), tok[0]
+
+    prev = jnp.zeros((1,), jnp.int32)
+    _, tokens = jax.lax.scan(token, (prev, caches), jnp.arange(mc.num_action_dims))
+    return tokens
+
+  return jax.jit(act_fn)
+
+
+def _finite_float(value, name: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise TypeError(f"{name} must be a number, got {value!r}")
+  v = float(value)
+  if not math.isfinite(v):
+    raise ValueError(f"{name} must be finite, got {v}")
+  return v

@@ -1,0 +1,203 @@
+"""Closed-loop evaluation of a checkpoint in simulation: success rate with a 95% interval, videos.
+
+  python -m qsft_vla.evaluate --workdir=DIR [--env=babyai:BabyAI-GoToLocal-v0] \\
+      [--episodes=50] [--seed=1000] [--beta=4.0] [--temperature=0] [--checkpoint_step=K] \\
+      [--video_episodes=3] [--max_steps=64]
+
+The policy is the robot-host Controller (the same code a robot runs), driven
+by evaluation.loop: episode i is reset from (seed, i) only, so every checkpoint,
+algorithm and beta evaluated with one seed sees the same initial states
+(paired comparisons). Unset flags take the run's own `eval` config section
+stored in the checkpoint (env, episodes, seed, max_steps, video_episodes);
+beta defaults to the run's learner.beta (0 for BC / filtered BC).
+
+Writes DIR/eval/<task>-seed<S>.json (<task>: the name part of the env id, e.g.
+BabyAI-GoToLocal-v0). With an explicit --beta the stem is
+<task>-seed<S>-beta<B>, so a beta sweep keeps every result. GIFs of the first
+episodes go to DIR/eval/videos/<stem>/ (a rerun replaces them). DIR is the
+run's workdir even when --workdir names its checkpoints/ or a step directory.
+`run()` does the same without absl. TF-free.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from qsft_vla import checkpoints, envs
+from qsft_vla.controller import Controller
+from qsft_vla.evaluation import loop, stats
+
+# Used when a checkpoint's config lacks an eval field (config.eval_defaults).
+_EVAL_FALLBACKS = {"episodes": 20, "seed": 1000, "max_steps": None, "video_episodes": 3}
+
+
+def output_stem(env: str, seed: int, beta: Optional[float] = None) -> str:
+  """<task>-seed<S>[-beta<B>]: the file name (without .json) of one evaluation."""
+  _, task = envs.parse_env_id(env)
+  stem = f"{task}-seed{int(seed)}"
+  return stem if beta is None else f"{stem}-beta{float(beta)!r}"
+
+
+def label(algorithm: str, beta: float, temperature: float) -> str:
+  """The table row name: "qsft (beta=4.0)", "bc", ..."""
+  parts = [f"beta={beta!r}"] if algorithm == "qsft" else []
+  if temperature > 0:
+    parts.append(f"T={temperature!r}")
+  return f"{algorithm} ({', '.join(parts)})" if parts else algorithm
+
+
+def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
+        seed: Optional[int] = None, beta: Optional[float] = None, temperature: float = 0.0,
+        checkpoint_step: Optional[int] = None, video_episodes: Optional[int] = None,
+        max_steps: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
+  """Evaluates a checkpoint of `workdir`; writes and returns the result dict.
+
+  None means: from the checkpoint's eval config (env, episodes, seed,
+  max_steps, video_episodes), the run's learner.beta (beta), the latest step
+  (checkpoint_step). Returns stats.summarize's fields (success_rate, ci_low,
+  ci_high, episodes, successes, mean/std return and length) plus what was
+  evaluated, per_episode results, controller latency, timings and the paths
+  written ("json", "video_dir").
+  """
+  start = time.time()
+  ck = checkpoints.load_inference(workdir, checkpoint_step)
+  eval_cfg = {**_EVAL_FALLBACKS, **(ck.meta.get("config", {}).get("eval") or {})}
+  env = env or eval_cfg.get("env")
+  if not env:
+    raise ValueError(f"{ck.path}: no --env given and the checkpoint's config has no eval.env")
+  episodes = eval_cfg["episodes"] if episodes is None else episodes
+  seed = eval_cfg["seed"] if seed is None else seed
+  max_steps = eval_cfg["max_steps"] if max_steps is None else max_steps
+  video_episodes = eval_cfg["video_episodes"] if video_episodes is None else video_episodes
+  if isinstance(episodes, bool) or int(episodes) != episodes or episodes < 1:
+    raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
+  _check_robot(ck, env)
+
+  controller = Controller.from_checkpoint(ck, beta=beta, temperature=temperature, seed=int(seed))
+  load_seconds = time.time() - start
+  root = os.path.dirname(os.path.dirname(ck.path))  # <workdir>/checkpoints/<step>
+  stem = output_stem(env, seed, beta)
+  out_dir = os.path.join(root, "eval")
+  video_dir = os.path.join(out_dir, "videos", stem)
+  for old in glob.glob(os.path.join(video_dir, "episode_*.gif")):
+    os.remove(old)
+  summary, per_episode = loop.evaluate(env, controller, int(episodes), int(seed),
+                                       max_steps=max_steps, video_episodes=int(video_episodes),
+                                       video_dir=video_dir, progress=progress)
+  algorithm = ck.learner.algorithm
+  result = {
+      **summary,
+      "label": label(algorithm, controller.beta, controller.temperature),
+      "env": env, "algorithm": algorithm, "architecture": ck.learner.architecture,
+      "beta": controller.beta, "temperature": controller.temperature,
+      "checkpoint_step": ck.step, "checkpoint": ck.path, "workdir": root,
+      "video_episodes": int(video_episodes),
+      "latency_ms": controller.latency_stats(),
+      "load_seconds": load_seconds, "total_seconds": time.time() - start,
+      "json": os.path.join(out_dir, stem + ".json"),
+      "video_dir": video_dir if video_episodes else None,
+      "per_episode": per_episode,
+  }
+  _write_json(result["json"], result)
+  return result
+
+
+def _check_robot(ck: checkpoints.InferenceCheckpoint, env: str) -> None:
+  """The env's robot must be the one the checkpoint was trained for."""
+  env_spec = envs.robot_spec_for(env)
+
+  def shape(spec):
+    return {"cameras": {c.name: (c.height, c.width) for c in spec.cameras},
+            "state_dim": spec.state_dim,
+            "action": [(d.name, d.kind, d.bins) for d in spec.action_dims]}
+
+  if shape(ck.spec) != shape(env_spec):
+    raise ValueError(f"{ck.path}: the checkpoint is for robot {ck.spec.name!r} "
+                     f"{shape(ck.spec)}, but {env} is robot {env_spec.name!r} {shape(env_spec)}")
+
+
+def _finite_or_none(x):
+  """JSON has no NaN/Inf: they become null (strict parsers reject NaN)."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _finite_or_none(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite_or_none(v) for v in x]
+  return x
+
+
+def _write_json(path: str, obj) -> None:
+  """Written under a temporary name and renamed: never a half-written result."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(_finite_or_none(obj), f, indent=2, allow_nan=False)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def format_result(result: dict[str, Any]) -> str:
+  lat = result["latency_ms"]
+  return "\n".join([
+      f"{result['env']}: checkpoint step {result['checkpoint_step']} of {result['workdir']}, "
+      f"seed {result['seed']}",
+      stats.format_table({result["label"]: result}),
+      f"controller latency per act(): p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms "
+      f"over {lat['calls']} calls",
+      f"wrote {result['json']}" + (f" and videos in {result['video_dir']}"
+                                   if result["video_dir"] else ""),
+  ])
+
+
+# --------------------------------------------------------------------------- #
+# Binary.
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "Training workdir (or its checkpoints/ or a step "
+                      "directory).", required=True)
+  flags.DEFINE_string("env", None, "Environment id, e.g. babyai:BabyAI-GoToLocal-v0 or "
+                      "metaworld:pick-place-v3 (default: the run's eval.env).")
+  flags.DEFINE_integer("episodes", None, "Episodes (default: the run's eval.episodes).")
+  flags.DEFINE_integer("seed", None, "Episode i is reset from (seed, i) (default: eval.seed).")
+  flags.DEFINE_float("beta", None, "Q-SFT beta (default: the run's learner.beta; 0 for BC). "
+                     "Given explicitly, it is part of the output file name.")
+  flags.DEFINE_float("temperature", 0.0, "0: argmax; > 0: sample.")
+  flags.DEFINE_integer("checkpoint_step", None, "Step to evaluate (default: the latest).")
+  flags.DEFINE_integer("video_episodes", None, "GIFs of the first N episodes "
+                       "(default: eval.video_episodes).")
+  flags.DEFINE_integer("max_steps", None, "Time limit below the env's (default: eval.max_steps).")
+  flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"evaluate: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 1
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if not f["verbosity"].present:  # orbax logs every file it restores at INFO
+    logging.set_verbosity(logging.WARNING)
+  try:
+    result = run(f.workdir, env=f.env, episodes=f.episodes, seed=f.seed, beta=f.beta,
+                 temperature=f.temperature, checkpoint_step=f.checkpoint_step,
+                 video_episodes=f.video_episodes, max_steps=f.max_steps, progress=f.progress)
+  except (ValueError, OSError) as e:  # bad flags, checkpoint or env: one line, no traceback
+    print(f"evaluate: error: {e}", file=sys.stderr)
+    return 1
+  print(format_result(result))
+  return 0
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,370 @@
+"""The robot-host Controller: known answers against teacher forcing, bounds, bad input, history."""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from checkpoint_fixture import write_checkpoint
+from conftest import run_without_tensorflow
+from qsft_vla import checkpoints
+from qsft_vla.controller import Controller, ControllerError, ObservationError, resize_images
+
+INSTRUCTION = "go to the red ball"
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+  """Checkpoint directories by (robot, algorithm, architecture), written on first use."""
+  cache = {}
+
+  def get(robot="babyai", algorithm="qsft", architecture="separate", image_size=None):
+    key = (robot, algorithm, architecture, image_size)
+    if key not in cache:
+      d = tmp_path_factory.mktemp("_".join(map(str, key)))
+      cache[key] = write_checkpoint(d, robot, algorithm, architecture, image_size=image_size)
+    return cache[key]
+
+  return get
+
+
+_CONTROLLERS = {}
+
+
+def controller(path, **kwargs):
+  """A Controller.load(path, **kwargs), compiled once per module and handed
+  out with the defaults restored (beta, temperature, latency statistics)."""
+  key = (path, tuple(sorted(kwargs.items())))
+  if key not in _CONTROLLERS:
+    _CONTROLLERS[key] = Controller.load(path, **kwargs)
+  ctrl = _CONTROLLERS[key]
+  ctrl.beta = kwargs.get("beta", ctrl.learner_config.beta if ctrl.has_p else 0.0)
+  ctrl.temperature = kwargs.get("temperature", 0.0)
+  ctrl.reset_latency_stats()
+  return ctrl
+
+
+def random_observation(spec, rng):
+  obs = {c.name: rng.randint(0, 256, (c.height, c.width, 3)).astype(np.uint8)
+         for c in spec.cameras}
+  if spec.state_dim:
+    obs["state"] = rng.randn(spec.state_dim).astype(np.float32)
+  return obs
+
+
+def pipeline_windows(frames, window):
+  """The training pipeline's windows (data/transforms.py), one per step:
+  frames t-W+1..t clamped at 0, mask False where clamped."""
+  out = []
+  for t in range(len(frames)):
+    idx = [max(t + o, 0) for o in range(-window + 1, 1)]
+    obs = {k: np.stack([frames[i][k] for i in idx])[None] for k in frames[0]}
+    out.append((obs, np.array([[t + o >= 0 for o in range(-window + 1, 1)]])))
+  return out
+
+
+def _log_softmax(x):
+  x = x - x.max()
+  return x - np.log(np.exp(x).sum())
+
+
+_LOADED = {}
+
+
+def load_reference(path):
+  """(InferenceCheckpoint, jitted model.apply) of a checkpoint, loaded once."""
+  if path not in _LOADED:
+    ck = checkpoints.load_inference(path)
+    _LOADED[path] = ck, jax.jit(ck.model.apply)
+  return _LOADED[path]
+
+
+def reference_tokens(path, obs, history_mask, beta):
+  """Greedy decoding by teacher forcing (model __call__), masks and reweighting
+  written out in numpy: position j takes the argmax given the tokens before it."""
+  ck, apply = load_reference(path)
+  mc, tok = ck.model_config, ck.action_tokenizer
+  text_ids, text_mask = ck.text_tokenizer.encode_batch([INSTRUCTION], mc.max_text_len)
+  obs = {k: (resize_images(v, ck.image_sizes[k]) if k in ck.image_sizes else v)
+         for k, v in obs.items()}
+  tokens = np.zeros((1, mc.num_action_dims), np.int32)
+  for j, bins in enumerate(tok.bins_per_dim):
+    def logits(name):
+      return np.asarray(apply(ck.params[name], obs, history_mask, text_ids, text_mask, tokens),
+                        np.float64)
+    if "shared" in ck.params:
+      out = logits("shared")
+      pi, p = out[0, 0, j], out[1, 0, j]
+    else:
+      pi = logits("pi")[0, j]
+      p = logits("p")[0, j] if "p" in ck.params else np.zeros_like(pi)
+    pi_ok = np.arange(mc.output_size) < bins
+    p_ok = pi_ok | (np.arange(mc.output_size) == mc.dummy_id)
+    pi, p = np.where(pi_ok, pi, -1e9), np.where(p_ok, p, -1e9)
+    score = _log_softmax(pi) + beta * np.exp(_log_softmax(p))
+    tokens[0, j] = int(np.argmax(np.where(pi_ok, score, -np.inf)))
+  return tokens[0]
+
+
+@pytest.mark.parametrize("robot,architecture", [("babyai", "separate"), ("babyai", "shared"),
+                                                ("metaworld", "shared")])
+def test_tokens_equal_teacher_forced_argmax(ckpt_dir, robot, architecture):
+  path = ckpt_dir(robot, "qsft", architecture)
+  ck, _ = load_reference(path)
+  ctrl = controller(path)
+  assert ctrl.beta == ck.learner.beta  # beta None -> the run's learner.beta
+  rng = np.random.RandomState(0)
+  frames = [random_observation(ctrl.spec, rng) for _ in range(3)]
+  windows = pipeline_windows(frames, ck.model_config.window)
+  reweighting_changed_a_token = False
+  compiled = ctrl._act_fn._cache_size()
+  for beta in (0.0, 4.0, 200.0):
+    ctrl.beta = beta
+    ctrl.reset(INSTRUCTION)
+    for frame, (obs, mask) in zip(frames, windows):
+      got = ctrl.action_tokenizer.encode(ctrl.act(frame))
+      want = reference_tokens(path, obs, mask, beta)
+      np.testing.assert_array_equal(got, want, err_msg=f"beta={beta}")
+      if beta and not np.array_equal(want, reference_tokens(path, obs, mask, 0.0)):
+        reweighting_changed_a_token = True
+  assert reweighting_changed_a_token  # p_theta takes part, not just pi_phi
+  assert ctrl._act_fn._cache_size() == compiled  # beta is traced: no recompilation
+
+
+def test_bc_checkpoint_is_pure_pi_and_refuses_beta(ckpt_dir):
+  path = ckpt_dir("babyai", "bc", image_size=(32, 32))
+  ctrl = controller(path)
+  assert ctrl.beta == 0.0 and not ctrl.has_p
+  rng = np.random.RandomState(1)
+  ctrl.reset(INSTRUCTION)
+  for frame in [random_observation(ctrl.spec, rng) for _ in range(3)]:
+    obs, mask = pipeline_windows([frame], 1)[0]
+    np.testing.assert_array_equal(ctrl.action_tokenizer.encode(ctrl.act(frame)),
+                                  reference_tokens(path, obs, mask, 0.0))
+  with pytest.raises(ValueError, match="p_theta"):
+    Controller.load(path, beta=1.0, warmup=False)
+  with pytest.raises(ValueError, match="p_theta"):
+    ctrl.beta = 0.5
+
+
+def test_resizes_camera_images_to_the_model_size(ckpt_dir):
+  path = ckpt_dir("babyai", "bc", image_size=(32, 32))
+  ck, _ = load_reference(path)
+  assert ck.image_sizes["image"] == (32, 32)
+  ctrl = controller(path)
+  rng = np.random.RandomState(2)
+  ctrl.reset(INSTRUCTION)
+  for _ in range(2):
+    frame = random_observation(ctrl.spec, rng)  # 56x56, the camera's size
+    obs, mask = pipeline_windows([frame], 1)[0]
+    np.testing.assert_array_equal(ctrl.action_tokenizer.encode(ctrl.act(frame)),
+                                  reference_tokens(path, obs, mask, ctrl.beta))
+  with pytest.raises(ObservationError, match=r"'image'.*\(56, 56, 3\)"):
+    ctrl.act({"image": np.zeros((32, 32, 3), np.uint8)})  # the camera size, not the model's
+
+
+def test_resize_matches_the_training_pipeline():
+  tf = pytest.importorskip("tensorflow")
+  from qsft_vla.data import transforms
+  images = np.random.RandomState(3).randint(0, 256, (2, 56, 56, 3)).astype(np.uint8)
+  for size in [(32, 32), (84, 70)]:
+    want = transforms.resize_images(tf.constant(images), size).numpy().astype(int)
+    got = np.asarray(resize_images(images, size)).astype(int)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1  # the same kernel; float rounding only
+    assert (got != want).mean() < 0.01
+  assert resize_images(images, (56, 56)) is images
+
+
+@pytest.mark.parametrize("robot,architecture", [("babyai", "separate"), ("metaworld", "shared")])
+def test_actions_always_within_bounds(ckpt_dir, robot, architecture):
+  ctrl = controller(ckpt_dir(robot, "qsft", architecture))
+  ctrl.temperature = 5.0  # sampling reaches many bins
+  low, high = ctrl.action_tokenizer.bounds
+  rng = np.random.RandomState(4)
+  seen = set()
+  for episode in range(3):
+    ctrl.reset(f"episode {episode}")
+    ctrl.beta = float(rng.choice([0.0, 1.0, 50.0]))
+    for _ in range(15):
+      obs = random_observation(ctrl.spec, rng)
+      if "state" in obs:
+        obs["state"] *= 10.0 ** rng.randint(-3, 4)
+      a = ctrl.act(obs)
+      assert a.dtype == np.float32 and a.shape == (ctrl.spec.action_dim,)
+      assert np.isfinite(a).all() and (a >= low).all() and (a <= high).all()
+      for i, d in enumerate(ctrl.action_tokenizer.dims):
+        if d.kind == "discrete":
+          assert float(a[i]) in d.values
+      seen.add(tuple(a.tolist()))
+  assert len(seen) > 5
+
+
+def test_sampling_is_seeded(ckpt_dir):
+  path = ckpt_dir("babyai")
+
+  def actions(ctrl):
+    ctrl.reset(INSTRUCTION)
+    rng = np.random.RandomState(5)
+    return np.stack([ctrl.act(random_observation(ctrl.spec, rng)) for _ in range(10)])
+
+  first = actions(Controller.load(path, temperature=1.0, seed=11))
+  np.testing.assert_array_equal(first, actions(Controller.load(path, temperature=1.0, seed=11)))
+  assert not np.array_equal(first, actions(controller(path, temperature=1.0, seed=12)))
+
+
+@pytest.fixture
+def metaworld_ctrl(ckpt_dir):
+  return controller(ckpt_dir("metaworld", "qsft", "shared"))
+
+
+def _good(ctrl):
+  return random_observation(ctrl.spec, np.random.RandomState(6))
+
+
+@pytest.mark.parametrize("change,key,expected", [
+    (lambda o: o.pop("image"), "image", "missing camera"),
+    (lambda o: o.update(wrist=o["image"]), "wrist", "unknown key"),
+    (lambda o: o.update(image=o["image"][:32]), "image", r"expected shape \(64, 64, 3\)"),
+    (lambda o: o.update(image=o["image"][..., :1]), "image", "expected shape"),
+    (lambda o: o.update(image=o["image"].astype(np.float32)), "image", "uint8"),
+    (lambda o: o.pop("state"), "state", "missing"),
+    (lambda o: o.update(state=o["state"][:38]), "state", r"expected shape \(39,\)"),
+    (lambda o: o.update(state=np.zeros((1, 39), np.float32)), "state", "expected shape"),
+    (lambda o: o.update(state=np.arange(39)), "state", "float"),
+    (lambda o: o["state"].__setitem__(5, np.nan), "state", "non-finite value nan at index 5"),
+    (lambda o: o["state"].__setitem__(0, np.inf), "state", "non-finite value inf"),
+    (lambda o: o.update(state=np.full(39, 1e300)), "state", "non-finite"),
+])
+def test_malformed_observations_are_refused(metaworld_ctrl, change, key, expected):
+  ctrl = metaworld_ctrl
+  ctrl.reset(INSTRUCTION)
+  ctrl.act(_good(ctrl))
+  before = ctrl._window()
+  obs = _good(ctrl)
+  change(obs)
+  with pytest.raises(ObservationError, match=expected) as e:
+    ctrl.act(obs)
+  assert repr(key) in str(e.value) or f"[{key!r}]" in str(e.value)
+  after = ctrl._window()  # a refused observation leaves the history alone
+  np.testing.assert_array_equal(before[1], after[1])
+  np.testing.assert_array_equal(before[0]["image"], after[0]["image"])
+
+
+def test_observation_must_be_a_dict(metaworld_ctrl):
+  metaworld_ctrl.reset(INSTRUCTION)
+  with pytest.raises(ObservationError, match="dict"):
+    metaworld_ctrl.act(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_instruction_and_order_checks(ckpt_dir):
+  ck, _ = load_reference(ckpt_dir("babyai"))
+  ctrl = Controller.from_checkpoint(ck, warmup=False)
+  obs = random_observation(ctrl.spec, np.random.RandomState(7))
+  with pytest.raises(ControllerError, match="before reset"):
+    ctrl.act(obs)
+  for bad in ("", "   \n"):
+    with pytest.raises(ValueError, match="non-empty"):
+      ctrl.reset(bad)
+  for bad in (None, 3, b"bytes"):
+    with pytest.raises(TypeError, match="str"):
+      ctrl.reset(bad)
+  with pytest.raises(ControllerError, match="before reset"):
+    ctrl.act(obs)  # failed resets start nothing
+  ctrl.reset(INSTRUCTION)
+  assert ctrl.instruction == INSTRUCTION
+  ctrl.act(obs)
+  with pytest.raises(ValueError):
+    ctrl.reset(" ")
+  with pytest.raises(ControllerError, match="before reset"):
+    ctrl.act(obs)  # ... and end the previous episode
+  assert ctrl.instruction is None
+  fixed = dataclasses.replace(ck.spec, instruction_source="fixed", instruction_text="tidy up")
+  fixed_ctrl = Controller.from_checkpoint(dataclasses.replace(ck, spec=fixed), warmup=False)
+  fixed_ctrl.reset()  # a robot with a fixed instruction (as its training data had)
+  assert fixed_ctrl.instruction == "tidy up"
+  for name, bad in (("beta", -1.0), ("beta", math.nan), ("temperature", -0.5),
+                    ("temperature", math.inf)):
+    with pytest.raises(ValueError, match=name):
+      setattr(ctrl, name, bad)
+    with pytest.raises(ValueError, match=name):
+      Controller.from_checkpoint(ck, warmup=False, **{name: bad})
+
+
+def test_history_window_pads_with_the_first_frame(metaworld_ctrl):
+  ctrl = metaworld_ctrl
+  rng = np.random.RandomState(8)
+  frames = [_good(ctrl) for _ in range(4)]
+  for f in frames:
+    f["image"] = rng.randint(0, 256, f["image"].shape).astype(np.uint8)
+  ctrl.reset(INSTRUCTION)
+
+  def check(want_frames, want_mask):
+    obs, mask = ctrl._window()
+    np.testing.assert_array_equal(mask, [want_mask])
+    for k in ("image", "state"):
+      np.testing.assert_array_equal(obs[k][0], np.stack([f[k] for f in want_frames]))
+
+  buffer = frames[0]["image"]
+  ctrl.act(frames[0])
+  kept = buffer.copy()
+  buffer[:] = 0  # a camera driver reusing its buffer must not change the history
+  check([{**frames[0], "image": kept}] * 2, [False, True])
+  frames[0]["image"] = kept
+  ctrl.act(frames[1])
+  check(frames[:2], [True, True])
+  ctrl.act(frames[2])
+  check(frames[1:3], [True, True])
+  ctrl.reset(INSTRUCTION)  # a new episode starts a new window
+  ctrl.act(frames[3])
+  check([frames[3]] * 2, [False, True])
+
+
+def test_latency_stats(ckpt_dir):
+  ctrl = controller(ckpt_dir("babyai"))
+  assert ctrl.latency_stats()["calls"] == 0  # the warm-up does not count
+  assert math.isnan(ctrl.latency_stats()["p50_ms"])
+  ctrl.reset(INSTRUCTION)
+  rng = np.random.RandomState(9)
+  for _ in range(30):
+    ctrl.act(random_observation(ctrl.spec, rng))
+  s = ctrl.latency_stats()
+  assert s["calls"] == 30
+  assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
+  assert s["p50_ms"] < 1000  # compiled once at construction, not in act()
+  ctrl.reset_latency_stats()
+  assert ctrl.latency_stats()["calls"] == 0
+
+
+def test_in_memory_params_give_the_same_actions(ckpt_dir):
+  path = ckpt_dir("metaworld", "qsft", "shared")
+  ck = checkpoints.load_inference(path)
+  loaded = controller(path)
+  live = Controller(ck.model, ck.model_config, jax.device_get(ck.params), ck.learner,
+                    ck.action_tokenizer, ck.text_tokenizer, ck.spec, ck.image_sizes,
+                    beta=None, temperature=0.0, seed=0, warmup=False)
+  assert live.step is None and loaded.step == ck.step
+  rng = np.random.RandomState(10)
+  loaded.reset(INSTRUCTION)
+  live.reset(INSTRUCTION)
+  for _ in range(3):
+    obs = random_observation(ck.spec, rng)
+    np.testing.assert_array_equal(loaded.act(obs), live.act(obs))
+  with pytest.raises(ValueError, match="needs keys"):
+    Controller(ck.model, ck.model_config, {"pi": ck.params["shared"]}, ck.learner,
+               ck.action_tokenizer, ck.text_tokenizer, ck.spec, ck.image_sizes, warmup=False)
+
+
+def test_controller_is_tensorflow_free(ckpt_dir):
+  path = ckpt_dir("metaworld", "qsft", "shared")
+  out = run_without_tensorflow(f"""
+      import numpy as np
+      from qsft_vla.controller import Controller
+      ctrl = Controller.load({path!r})
+      ctrl.reset("pick up the puck")
+      obs = {{"image": np.zeros((64, 64, 3), np.uint8), "state": np.zeros(39, np.float32)}}
+      print(ctrl.act(obs).shape, ctrl.latency_stats()["calls"])
+  """)
+  assert out.strip() == "(4,) 1"

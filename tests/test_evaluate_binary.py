@@ -1,0 +1,96 @@
+"""The evaluation binary: closed-loop BabyAI episodes through the Controller, JSON results, GIFs."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from checkpoint_fixture import REPO, write_checkpoint
+from conftest import run_without_tensorflow
+from qsft_vla import evaluate
+
+TASK = "BabyAI-GoToLocal-v0"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return write_checkpoint(tmp_path_factory.mktemp("eval_qsft"), "babyai", "qsft", step=7)
+
+
+def test_binary_writes_results_and_videos_without_tensorflow(workdir):
+  out = run_without_tensorflow(f"""
+      import sys
+      from absl import app
+      from qsft_vla import evaluate
+      sys.argv = ["evaluate", "--workdir={workdir}", "--episodes=2", "--video_episodes=1",
+                  "--max_steps=8", "--seed=3", "--progress=false"]
+      evaluate._define_flags()
+      try:
+        app.run(evaluate.main)
+      except SystemExit as e:
+        assert e.code in (0, None), e.code
+  """)
+  assert "qsft (beta=4.0)" in out and f"{TASK}-seed3.json" in out  # the table, the path
+
+  with open(os.path.join(workdir, "eval", f"{TASK}-seed3.json")) as f:
+    result = json.load(f)
+  assert result["episodes"] == 2 and result["seed"] == 3
+  assert 0.0 <= result["ci_low"] <= result["success_rate"] <= result["ci_high"] <= 1.0
+  assert result["env"] == f"babyai:{TASK}" and result["algorithm"] == "qsft"
+  assert result["beta"] == 4.0 and result["temperature"] == 0.0  # the run's learner.beta
+  assert result["checkpoint_step"] == 7 and result["max_steps"] == 8
+  episodes = result["per_episode"]
+  assert len(episodes) == 2 and all(1 <= e["length"] <= 8 for e in episodes)
+  assert result["mean_length"] == sum(e["length"] for e in episodes) / 2
+  assert "mean_return" in result and result["wall_seconds"] > 0
+  latency = result["latency_ms"]
+  assert latency["calls"] == sum(e["length"] for e in episodes)
+  assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+
+  videos = glob.glob(os.path.join(workdir, "eval", "videos", f"{TASK}-seed3", "*.gif"))
+  assert videos == [episodes[0]["video"]] and episodes[1]["video"] is None
+
+
+def test_explicit_beta_names_the_output(workdir):
+  proc = subprocess.run(
+      [sys.executable, "-m", "qsft_vla.evaluate", f"--workdir={workdir}/checkpoints", "--beta=0.5",
+       "--episodes=1", "--video_episodes=1", "--max_steps=3", "--seed=4", "--progress=false"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "qsft (beta=0.5)" in proc.stdout
+  stem = f"{TASK}-seed4-beta0.5"
+  with open(os.path.join(workdir, "eval", f"{stem}.json")) as f:  # the workdir's eval/
+    result = json.load(f)
+  assert result["beta"] == 0.5 and result["label"] == "qsft (beta=0.5)"
+  assert len(glob.glob(os.path.join(workdir, "eval", "videos", stem, "*.gif"))) == 1
+  assert not os.path.exists(os.path.join(workdir, "eval", f"{TASK}-seed4.json"))
+
+
+def test_defaults_come_from_the_checkpoint_config(workdir):
+  result = evaluate.run(workdir, episodes=1, video_episodes=0, progress=False)
+  assert result["env"] == f"babyai:{TASK}"  # robot_configs/babyai.py eval section
+  assert result["seed"] == 1000 and result["max_steps"] == 64
+  assert result["video_dir"] is None and result["per_episode"][0]["video"] is None
+  assert result["json"] == os.path.join(workdir, "eval", f"{TASK}-seed1000.json")
+  assert os.path.isfile(result["json"])
+
+
+def test_bad_requests_fail_clearly(workdir, tmp_path):
+  with pytest.raises(ValueError, match="robot 'babyai'.*metaworld"):
+    evaluate.run(workdir, env="metaworld:pick-place-v3", episodes=1)
+  with pytest.raises(ValueError, match="episodes"):
+    evaluate.run(workdir, episodes=0)
+  bc = write_checkpoint(tmp_path / "bc", "babyai", "bc", **{"eval.env": ""})
+  with pytest.raises(ValueError, match="p_theta"):
+    evaluate.run(bc, env=f"babyai:{TASK}", episodes=1, beta=1.0)
+  with pytest.raises(ValueError, match="eval.env"):
+    evaluate.run(bc, episodes=1)
+  proc = subprocess.run([sys.executable, "-m", "qsft_vla.evaluate",
+                         f"--workdir={tmp_path / 'nothing'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().startswith("evaluate: error:") and "nothing" in proc.stderr
+  assert "Traceback" not in proc.stderr
