@@ -67,7 +67,7 @@ def dataset(tmp_path_factory, spec):
 
 def test_known_answers(dataset, spec):
   s = statistics.compute(str(dataset), spec)
-  assert s["version"] == 1 and len(s["fingerprint"]) == 64
+  assert s["version"] == statistics.VERSION and len(s["fingerprint"]) == 64
   assert s["num_episodes"] == 4 and s["num_steps"] == 10
   a = s["action"]
   assert a["names"] == ["dx", "dy", "dz", "gripper"]
