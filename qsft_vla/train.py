@@ -269,12 +269,16 @@ def train(cfg, workdir: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- #
 # Binary.
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "robot config file and variant: robot_configs/<robot>.py:<qsft|bc|"
-    "filtered_bc>; any field can be overridden, e.g. --config.learner.beta=4",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory: checkpoints, metrics.jsonl, "
-                               "TensorBoard; an existing one is resumed")
+def _define_flags():
+  """Flags exist only when this module runs as the binary, so importing it as a
+  library (benchmarks, tests) defines nothing global."""
+  config_flags.DEFINE_config_file(
+      "config", None, "robot config file and variant: robot_configs/<robot>.py:<qsft|bc|"
+      "filtered_bc>; any field can be overridden, e.g. --config.learner.beta=4",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "output directory: checkpoints, metrics.jsonl, "
+                      "TensorBoard; an existing one is resumed")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietOrbax:
@@ -289,12 +293,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
-    summary = train(_CONFIG.value, _WORKDIR.value)
+    summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
   except (qconfig.ConfigError, checkpoints.CheckpointError) as e:
     raise app.UsageError(str(e)) from None
   logging.info("done: %s", json.dumps(summary))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  _define_flags()
   app.run(main)
