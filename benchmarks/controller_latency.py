@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import report  # noqa: E402  (benchmarks/report.py, beside this script)
 from qsft_vla import config as qconfig  # noqa: E402
 from qsft_vla import train  # noqa: E402
 from qsft_vla.controller import Controller  # noqa: E402
@@ -81,11 +82,7 @@ def main(argv):
                  f"{s['p99_ms']:.2f} | {s['mean_ms']:.2f} |")
     print(lines[-1], flush=True)
   text = "\n".join(lines) + "\n"
-  print(text)
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      f.write(text)
+  report.emit(text, _OUT.value)
 
 
 if __name__ == "__main__":
