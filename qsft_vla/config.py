@@ -109,6 +109,9 @@ def model_defaults() -> ml_collections.ConfigDict:
   m.num_heads = 4
   m.mlp_ratio = 4
   m.dropout = 0.0
+  m.image_encoder = "conv"      # "conv" | "efficientnet_lite0" (pretrained, FiLM; RT-1)
+  m.text_encoder = "learned"    # "learned" | "minilm" (pretrained sentence embedding)
+  m.train_text_encoder = False  # minilm: fine-tune it (default frozen, as RT-1's USE)
   return m
 
 
@@ -188,6 +191,43 @@ def apply_algorithm_variant(c: ml_collections.ConfigDict, variant: str, where: s
   c.learner.algorithm = variant
   if variant != "qsft":
     c.learner.beta = 0.0
+
+
+def _rt1_pretrained(c: ml_collections.ConfigDict) -> None:
+  """RT-1 style: pretrained FiLM-EfficientNet-Lite0 conditioned on the MiniLM
+  instruction embedding, TokenLearner to 8 tokens per frame; the robot's
+  transformer sizes and image size are kept (56x56 / 64x64 give a 2x2x1280
+  feature map). Fine-tuning pretrained weights: lr at most 3e-4 (untuned)."""
+  c.model.image_encoder = "efficientnet_lite0"
+  c.model.text_encoder = "minilm"
+  c.model.tokens_per_image = 8
+  c.learner.lr_pi = min(c.learner.lr_pi, 3e-4)
+  c.learner.lr_p = min(c.learner.lr_p, 3e-4)
+
+
+BACKBONE_VARIANTS = {"rt1_pretrained": _rt1_pretrained}
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:
+  """A config-file variant "<algorithm>", "<backbone>" or "<algorithm>+<backbone>"
+  (e.g. "bc+rt1_pretrained"); the algorithm defaults to qsft, the backbone to
+  the robot's own model section."""
+  algorithms, backbones = [], []
+  for part in variant.split("+"):
+    if part in ALGORITHM_VARIANTS:
+      algorithms.append(part)
+    elif part in BACKBONE_VARIANTS:
+      backbones.append(part)
+    else:
+      inside = f" (in {variant!r})" if part != variant else ""
+      raise ConfigError(f"{where}: unknown variant {part!r}{inside}; known: "
+                        f"algorithms {', '.join(ALGORITHM_VARIANTS)}; backbones "
+                        f"{', '.join(BACKBONE_VARIANTS)}")
+  if len(algorithms) > 1 or len(backbones) > 1:
+    raise ConfigError(f"{where}: variant {variant!r} names more than one algorithm or backbone")
+  for b in backbones:
+    BACKBONE_VARIANTS[b](c)
+  apply_algorithm_variant(c, algorithms[0] if algorithms else "qsft", where)
 
 
 # --------------------------------------------------------------------------- #

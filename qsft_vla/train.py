@@ -77,7 +77,16 @@ class Setup:
                "next_history_mask": hm, "text_ids": ti, "text_mask": tm, "action_tokens": tok,
                "reward": np.zeros(1, np.float32), "terminal": np.zeros(1, bool),
                "has_next": np.zeros(1, bool)}
-    return self.learner.init(jax.random.PRNGKey(self.config.seed), example)
+    rng = jax.random.PRNGKey(self.config.seed)
+    name = self.config.model.name
+    if not registry.uses_pretrained(name, self.model_config):
+      return self.learner.init(rng, example)
+    # Same init as Learner.init would do (its rng split), then the pretrained
+    # encoders on top, so pi_phi, p_theta and the target all start from them.
+    init_rng, _ = jax.random.split(rng)
+    variables = jax.jit(self.model.init, static_argnums=6)(init_rng, obs, hm, ti, tm, tok, False)
+    variables = registry.pretrained_variables(name, self.model_config, variables)
+    return self.learner.init(rng, example, variables)
 
 
 def learner_config(cfg) -> learner_lib.LearnerConfig:

@@ -3,7 +3,9 @@
 One discrete action per step (the 7 minigrid actions), a 56x56 RGB egocentric
 partial view (7x7 cells, 8 px each), the mission string as the instruction.
 Variants (the learner): qsft (default), bc, filtered_bc; the same data, model
-and schedule, so their results compare directly.
+and schedule, so their results compare directly. "rt1_pretrained" (Q-SFT) or
+"<algorithm>+rt1_pretrained" swaps in the pretrained RT-1 style backbone
+(FiLM-EfficientNet-Lite0 + MiniLM, config.apply_variant).
 Usage: --config=robot_configs/babyai.py[:variant]
 """
 
@@ -51,5 +53,5 @@ def get_config(variant: str = "qsft"):
   c.eval.env = "babyai:BabyAI-GoToLocal-v0"
   c.eval.episodes = 100
   c.eval.max_steps = 64
-  qconfig.apply_algorithm_variant(c, variant, where="robot_configs/babyai.py")
+  qconfig.apply_variant(c, variant, where="robot_configs/babyai.py")
   return c

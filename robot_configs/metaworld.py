@@ -2,7 +2,8 @@
 
 Actions are 4 continuous dimensions in [-1, 1] (the environment clips to this
 box), 256 bins each. Observation: one 64x64 RGB camera and the 39-dim state.
-Variants (the learner): qsft (default), bc, filtered_bc.
+Variants (the learner): qsft (default), bc, filtered_bc; "rt1_pretrained" or
+"<algorithm>+rt1_pretrained" for the pretrained RT-1 style backbone.
 Usage: --config=robot_configs/metaworld.py[:variant]
 """
 
@@ -36,5 +37,5 @@ def get_config(variant: str = "qsft"):
   c.eval.env = "metaworld:pick-place-v3"
   c.eval.episodes = 50
   c.eval.max_steps = 200
-  qconfig.apply_algorithm_variant(c, variant, where="robot_configs/metaworld.py")
+  qconfig.apply_variant(c, variant, where="robot_configs/metaworld.py")
   return c

@@ -65,6 +65,52 @@ def from_description(d: Mapping[str, Any]):
   return build(name, model_cfg), model_cfg
 
 
+def uses_pretrained(name: str, model_cfg) -> bool:
+  """Whether `pretrained_variables` changes anything for this model."""
+  _classes(name)
+  return (getattr(model_cfg, "image_encoder", "conv") != "conv"
+          or getattr(model_cfg, "text_encoder", "learned") != "learned")
+
+
+def pretrained_variables(name: str, model_cfg, variables):
+  """`variables` (a fresh init) with the image/text encoder params replaced by
+  the packaged pretrained weights: EfficientNet-Lite0 (ImageNet, batch norms
+  folded) for image_encoder "efficientnet_lite0", all-MiniLM-L6-v2 for
+  text_encoder "minilm". FiLM, TokenLearner and the transformer keep their
+  init (FiLM is the identity there, so the pretrained features pass through).
+  Shapes are checked, so a mismatch fails here and not in the first step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not uses_pretrained(name, model_cfg):
+    return variables
+  params = dict(variables["params"])
+
+  def overwrite(scope, loaded):
+    fresh = params[scope]
+    merged = dict(fresh)
+    for k, v in loaded.items():
+      if k not in fresh:
+        raise ValueError(f"pretrained {scope}: no {k!r} in the model")
+      want = jax.tree_util.tree_structure(fresh[k])
+      if jax.tree_util.tree_structure(v) != want:
+        raise ValueError(f"pretrained {scope}/{k}: structure differs from the model")
+      for a, b in zip(jax.tree_util.tree_leaves(fresh[k]), jax.tree_util.tree_leaves(v)):
+        if np.shape(a) != np.shape(b):
+          raise ValueError(f"pretrained {scope}/{k}: shape {np.shape(b)} != {np.shape(a)}")
+      merged[k] = jax.tree_util.tree_map(lambda x, y: np.asarray(x, np.asarray(y).dtype), v,
+                                         fresh[k])
+    params[scope] = merged
+
+  if model_cfg.image_encoder == "efficientnet_lite0":
+    from qsft_vla.models import film_efficientnet  # pylint: disable=g-import-not-at-top
+    overwrite("image_encoder", film_efficientnet.pretrained_params())
+  if model_cfg.text_encoder == "minilm":
+    from qsft_vla.models import minilm  # pylint: disable=g-import-not-at-top
+    _, loaded, _ = minilm.load_minilm()
+    overwrite("text_encoder", loaded["params"])
+  return {**variables, "params": params}
+
+
 def example_inputs(model_cfg, image_sizes: Mapping[str, tuple[int, int]], batch: int = 1):
   """Zero inputs of the right shapes and dtypes (for init and shape inference):
   (observation, history_mask, text_ids, text_mask, action_tokens)."""

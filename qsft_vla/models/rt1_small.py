@@ -16,6 +16,11 @@ adds one position per step (`decode_step`) with static shapes.
 The instruction (token ids from tokenizers.text) -> learned embeddings ->
 masked mean -> FiLM on every conv block of the image encoder, initialised to
 the identity as in RT-1, so at init the instruction does not change anything.
+With image_encoder "efficientnet_lite0" and text_encoder "minilm" (variant
+rt1_pretrained) these are RT-1's pieces instead: the ImageNet EfficientNet-Lite0
+with FiLM after every MBConv block + TokenLearner (film_efficientnet.py), and
+the MiniLM sentence embedding of the instruction; registry.pretrained_variables
+loads their weights over a fresh init.
 One output head gives logits over V = K + 1 ids: the K action bins and the
 Q-SFT dummy id K. With `num_output_heads` H > 1 (Q-SFT "shared trunk, separate
 output heads") the trunk is shared and H Dense heads ("head", "head_1", ...,
@@ -35,7 +40,11 @@ import jax
 import jax.numpy as jnp
 
 from qsft_vla.config import check_dataclass_fields
+from qsft_vla.models import film_efficientnet, minilm
 from qsft_vla.models.layers import FiLM, TransformerBlock
+
+IMAGE_ENCODERS = ("conv", "efficientnet_lite0")
+TEXT_ENCODERS = ("learned", "minilm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +66,14 @@ class RT1SmallConfig:
   mlp_ratio: int = 4
   dropout: float = 0.0
   num_output_heads: int = 1
+  # "conv": the small FiLM conv net above; "efficientnet_lite0": RT-1's
+  # FiLM-EfficientNet (film_efficientnet.py; registry.pretrained_variables
+  # loads ImageNet weights). "learned": masked mean of text_dim embeddings;
+  # "minilm": the 384-d all-MiniLM-L6-v2 sentence embedding (text ids are its
+  # WordPiece ids), frozen unless train_text_encoder.
+  image_encoder: str = "conv"
+  text_encoder: str = "learned"
+  train_text_encoder: bool = False
 
   def __post_init__(self):
     for name in ("num_action_dims", "action_vocab", "window", "text_vocab", "max_text_len",
@@ -68,6 +85,18 @@ class RT1SmallConfig:
       raise ValueError("RT1SmallConfig.cameras must name at least one camera")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    if self.image_encoder not in IMAGE_ENCODERS:
+      raise ValueError(f"RT1SmallConfig.image_encoder must be one of {IMAGE_ENCODERS}, "
+                       f"got {self.image_encoder!r}")
+    if self.text_encoder not in TEXT_ENCODERS:
+      raise ValueError(f"RT1SmallConfig.text_encoder must be one of {TEXT_ENCODERS}, "
+                       f"got {self.text_encoder!r}")
+    if self.text_encoder == "minilm":
+      if self.text_vocab != minilm.BertConfig().vocab_size:
+        raise ValueError(f"text_encoder 'minilm' needs MiniLM's WordPiece ids (text_vocab "
+                         f"{minilm.BertConfig().vocab_size}), got text_vocab {self.text_vocab}")
+      if self.max_text_len > minilm.BertConfig().max_position_embeddings:
+        raise ValueError(f"max_text_len {self.max_text_len} exceeds MiniLM's positions")
 
   @property
   def dummy_id(self) -> int:
@@ -148,8 +177,15 @@ class RT1Small(nn.Module):
   def setup(self):
     cfg = self.config
     embed_init = nn.initializers.normal(0.02)
-    self.text_embed = nn.Embed(cfg.text_vocab, cfg.text_dim, embedding_init=embed_init)
-    self.image_encoder = ImageEncoder(cfg.conv_channels, cfg.tokens_per_image, cfg.width)
+    if cfg.text_encoder == "minilm":
+      self.text_encoder = minilm.SentenceEmbedder(minilm.BertConfig())
+    else:
+      self.text_embed = nn.Embed(cfg.text_vocab, cfg.text_dim, embedding_init=embed_init)
+    if cfg.image_encoder == "efficientnet_lite0":
+      self.image_encoder = film_efficientnet.FiLMEfficientNetLite0(cfg.tokens_per_image,
+                                                                   cfg.width)
+    else:
+      self.image_encoder = ImageEncoder(cfg.conv_channels, cfg.tokens_per_image, cfg.width)
     if cfg.state_dim:
       self.state_proj = nn.Dense(cfg.width)
     self.obs_pos = self.param("obs_pos", embed_init, (cfg.window, cfg.tokens_per_frame, cfg.width))
@@ -186,7 +222,12 @@ class RT1Small(nn.Module):
         raise ValueError(f"{name}: expected [{batch}, {cfg.max_text_len}], got {a.shape}")
 
   def _instruction(self, text_ids, text_mask):
-    """Masked mean of the learned token embeddings: [B, text_dim]."""
+    """Masked mean of the learned token embeddings [B, text_dim], or the
+    MiniLM sentence embedding [B, 384] (stop-gradient when frozen: Adam then
+    leaves its params exactly unchanged and backprop skips BERT)."""
+    if self.config.text_encoder == "minilm":
+      emb = self.text_encoder(jnp.asarray(text_ids, jnp.int32), text_mask)
+      return emb if self.config.train_text_encoder else jax.lax.stop_gradient(emb)
     emb = self.text_embed(text_ids)
     m = text_mask.astype(emb.dtype)[..., None]
     return (emb * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
