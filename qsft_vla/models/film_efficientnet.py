@@ -22,12 +22,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qsft_vla.models import efficientnet as eff
-from qsft_vla.models.layers import FiLM
+from qsft_vla.models.layers import FiLM, TokenLearner
 
 
 class Affine(nn.Module):
@@ -64,22 +62,6 @@ class MBConv(nn.Module):
     if self.stride == 1 and self.cin == self.cout:
       h = h + x
     return h
-
-
-class TokenLearner(nn.Module):
-  """Feature map [N, h, w, C] -> [N, num_tokens, width]: learned spatial softmax
-  maps (plus a position embedding, so pooling keeps where a feature was)."""
-  num_tokens: int
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    n, h, w, c = x.shape
-    pos = self.param("feature_pos", nn.initializers.normal(0.02), (h * w, c))
-    feats = x.reshape(n, h * w, c) + pos
-    maps = jax.nn.softmax(nn.Dense(self.num_tokens, name="token_maps")(feats), axis=1)
-    tokens = jnp.einsum("npt,npc->ntc", maps, feats)
-    return nn.Dense(self.width, name="token_proj")(tokens)
 
 
 class FiLMEfficientNetLite0(nn.Module):

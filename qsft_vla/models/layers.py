@@ -1,4 +1,5 @@
-"""Shared layers: FiLM conditioning and a pre-norm transformer block with a key/value cache.
+"""Shared layers: FiLM conditioning, TokenLearner pooling, the policy-input
+checks every backbone runs, and a pre-norm transformer block with a key/value cache.
 
 Plain linen + jnp only (no TensorFlow), so the same code runs on old and new jax.
 Attention masks are boolean [B, 1 or heads, Tq, Tk] (True = may attend).
@@ -22,6 +23,47 @@ class FiLM(nn.Module):
     # Broadcast [N, C] over the spatial axes of [N, ..., C].
     shape = (cond.shape[0],) + (1,) * (x.ndim - 2) + (channels,)
     return x * (1.0 + dgamma.reshape(shape)) + beta.reshape(shape)
+
+
+class TokenLearner(nn.Module):
+  """Feature map [N, h, w, C] -> [N, num_tokens, width]: learned spatial softmax
+  maps pool the positions into tokens. The pooling is a weighted sum, blind to
+  where a feature was; a learned position embedding keeps "left of me" and
+  "ahead" apart (navigation and reaching need it)."""
+  num_tokens: int
+  width: int
+
+  @nn.compact
+  def __call__(self, x):
+    n, h, w, c = x.shape
+    pos = self.param("feature_pos", nn.initializers.normal(0.02), (h * w, c))
+    feats = x.reshape(n, h * w, c) + pos
+    maps = jax.nn.softmax(nn.Dense(self.num_tokens, name="token_maps")(feats), axis=1)
+    tokens = jnp.einsum("npt,npc->ntc", maps, feats)
+    return nn.Dense(self.width, name="token_proj")(tokens)
+
+
+def check_policy_inputs(cfg, observation, history_mask, text_ids, text_mask) -> None:
+  """The shapes every backbone takes (cfg: window, cameras, state_dim,
+  max_text_len); ValueError naming the input and the expected shape."""
+  batch = history_mask.shape[0]
+  if history_mask.shape != (batch, cfg.window):
+    raise ValueError(f"history_mask: expected shape [B, {cfg.window}], got {history_mask.shape}")
+  for cam in cfg.cameras:
+    if cam not in observation:
+      raise ValueError(f"observation: missing camera {cam!r}; got keys {sorted(observation)}")
+    img = observation[cam]
+    if img.ndim != 5 or img.shape[:2] != (batch, cfg.window) or img.shape[-1] != 3:
+      raise ValueError(f"observation[{cam!r}]: expected [{batch}, {cfg.window}, H, W, 3], "
+                       f"got {img.shape}")
+  if cfg.state_dim:
+    st = observation.get("state")
+    if st is None or st.shape != (batch, cfg.window, cfg.state_dim):
+      raise ValueError(f"observation['state']: expected [{batch}, {cfg.window}, "
+                       f"{cfg.state_dim}], got {None if st is None else st.shape}")
+  for name, a in (("text_ids", text_ids), ("text_mask", text_mask)):
+    if a.shape != (batch, cfg.max_text_len):
+      raise ValueError(f"{name}: expected [{batch}, {cfg.max_text_len}], got {a.shape}")
 
 
 def _attend(q, k, v, mask):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from qsft_vla.config import check_dataclass_fields
 from qsft_vla.models import film_efficientnet, minilm
-from qsft_vla.models.layers import FiLM, TransformerBlock
+from qsft_vla.models.layers import FiLM, TokenLearner, TransformerBlock, check_policy_inputs
 
 IMAGE_ENCODERS = ("conv", "efficientnet_lite0")
 TEXT_ENCODERS = ("learned", "minilm")
@@ -159,15 +159,7 @@ class ImageEncoder(nn.Module):
       x = FiLM(name=f"film{i}")(x, cond)
       x = nn.relu(x)
     self.sow("intermediates", "conv_features", x)
-    n, h, w, c = x.shape
-    # The pooling below is a weighted sum over positions, blind to where a
-    # feature was; a learned position embedding keeps "left of me" and "ahead"
-    # apart (navigation and reaching need it).
-    pos = self.param("feature_pos", nn.initializers.normal(0.02), (h * w, c))
-    feats = x.reshape(n, h * w, c) + pos
-    maps = jax.nn.softmax(nn.Dense(self.num_tokens, name="token_maps")(feats), axis=1)
-    tokens = jnp.einsum("npt,npc->ntc", maps, feats)
-    return nn.Dense(self.width, name="token_proj")(tokens)
+    return TokenLearner(self.num_tokens, self.width, name="token_learner")(x)
 
 
 class RT1Small(nn.Module):
@@ -200,27 +192,6 @@ class RT1Small(nn.Module):
                         for i in range(1, cfg.num_output_heads)]
 
   # ------------------------------------------------------------------ inputs
-  def _check(self, observation, history_mask, text_ids, text_mask):
-    cfg = self.config
-    batch = history_mask.shape[0]
-    if history_mask.shape != (batch, cfg.window):
-      raise ValueError(f"history_mask: expected shape [B, {cfg.window}], got {history_mask.shape}")
-    for cam in cfg.cameras:
-      if cam not in observation:
-        raise ValueError(f"observation: missing camera {cam!r}; got keys {sorted(observation)}")
-      img = observation[cam]
-      if img.ndim != 5 or img.shape[:2] != (batch, cfg.window) or img.shape[-1] != 3:
-        raise ValueError(f"observation[{cam!r}]: expected [{batch}, {cfg.window}, H, W, 3], "
-                         f"got {img.shape}")
-    if cfg.state_dim:
-      st = observation.get("state")
-      if st is None or st.shape != (batch, cfg.window, cfg.state_dim):
-        raise ValueError(f"observation['state']: expected [{batch}, {cfg.window}, "
-                         f"{cfg.state_dim}], got {None if st is None else st.shape}")
-    for name, a in (("text_ids", text_ids), ("text_mask", text_mask)):
-      if a.shape != (batch, cfg.max_text_len):
-        raise ValueError(f"{name}: expected [{batch}, {cfg.max_text_len}], got {a.shape}")
-
   def _instruction(self, text_ids, text_mask):
     """Masked mean of the learned token embeddings [B, text_dim], or the
     MiniLM sentence embedding [B, 384] (stop-gradient when frozen: Adam then
@@ -235,7 +206,7 @@ class RT1Small(nn.Module):
   def _prefix(self, observation, history_mask, text_ids, text_mask):
     """Observation tokens [B, P, C] and which of them may be attended to: bool[B, P]."""
     cfg = self.config
-    self._check(observation, history_mask, text_ids, text_mask)
+    check_policy_inputs(self.config, observation, history_mask, text_ids, text_mask)
     b, w = history_mask.shape
     cond = jnp.repeat(self._instruction(text_ids, text_mask), w, axis=0)  # [B*W, E]
     per_frame = []

@@ -79,6 +79,7 @@ import numpy as np
 
 from qsft_vla.config import check_dataclass_fields
 from qsft_vla.models import efficientnet
+from qsft_vla.models.layers import check_policy_inputs
 from qsft_vla.models.llama import Llama, LlamaConfig, params_from_hf
 
 MAX_ACTION_VOCAB = 256      # action bins live in 256 reserved vocabulary ids
@@ -260,31 +261,10 @@ class VLM(nn.Module):
                                (cfg.output_size, width)) for i in range(cfg.num_output_heads)]
 
   # ------------------------------------------------------------------ inputs
-  def _check(self, observation, history_mask, text_ids, text_mask):
-    cfg = self.config
-    batch = history_mask.shape[0]
-    if history_mask.shape != (batch, cfg.window):
-      raise ValueError(f"history_mask: expected shape [B, {cfg.window}], got {history_mask.shape}")
-    for cam in cfg.cameras:
-      if cam not in observation:
-        raise ValueError(f"observation: missing camera {cam!r}; got keys {sorted(observation)}")
-      img = observation[cam]
-      if img.ndim != 5 or img.shape[:2] != (batch, cfg.window) or img.shape[-1] != 3:
-        raise ValueError(f"observation[{cam!r}]: expected [{batch}, {cfg.window}, H, W, 3], "
-                         f"got {img.shape}")
-    if cfg.state_dim:
-      st = observation.get("state")
-      if st is None or st.shape != (batch, cfg.window, cfg.state_dim):
-        raise ValueError(f"observation['state']: expected [{batch}, {cfg.window}, "
-                         f"{cfg.state_dim}], got {None if st is None else st.shape}")
-    for name, a in (("text_ids", text_ids), ("text_mask", text_mask)):
-      if a.shape != (batch, cfg.max_text_len):
-        raise ValueError(f"{name}: expected [{batch}, {cfg.max_text_len}], got {a.shape}")
-
   def _prefix(self, observation, history_mask, text_ids, text_mask, train):
     """Prefix embeddings [B, prefix_len, C] and which of them are real: bool[B, prefix_len]."""
     cfg = self.config
-    self._check(observation, history_mask, text_ids, text_mask)
+    check_policy_inputs(self.config, observation, history_mask, text_ids, text_mask)
     b, w = history_mask.shape
     rows, cols = pool_grid(cfg.image_tokens_per_frame)
     per_frame = []
