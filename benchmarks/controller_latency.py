@@ -1,21 +1,25 @@
 """Controller latency per act() (what a robot host pays per control step).
 
   .venv/bin/python benchmarks/controller_latency.py [--calls=500] \
+      [--configs=robot_configs/babyai.py:qsft,...] [--architectures=separate,shared] \
+      [--override=model.vlm.compute_dtype=bfloat16 ...] [--nopretrained] \
       [--out=benchmarks/results/controller_latency.md]
 
-For each robot config (default model sizes of the config) and architecture,
-builds the learner's initial params (latency does not depend on the values),
-wraps them in the robot-host Controller exactly as Controller.load would, and
-times `calls` act() calls on random observations after the warm-up, with a
-reset every 50 calls (a new episode: the history restarts). Reported: p50 and
-p99 per call, end to end (input checks, host->device copy, prefix encoding,
-D decoding steps for pi_phi and p_theta, decode to float actions, bounds guard).
+For each config (default: both robot configs' default models, Q-SFT and BC)
+and each architecture (Q-SFT only; BC has one network), builds the learner's
+initial params, wraps them in the robot-host Controller exactly as
+Controller.load would, and times `calls` act() calls on random observations
+after the warm-up, with a reset every 50 calls (a new episode: the history
+restarts). Reported: p50 and p99 per call, end to end (input checks,
+host->device copy, prefix encoding, D decoding steps for pi_phi and p_theta,
+decode to float actions, bounds guard). Latency does not depend on the
+weights' values, so --nopretrained (random init) measures the same thing
+where the packaged weights are not installed.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import sys
 
 import jax
@@ -24,31 +28,34 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402  (benchmarks/report.py, beside this script)
-from qsft_vla import config as qconfig  # noqa: E402
 from qsft_vla import train  # noqa: E402
 from qsft_vla.controller import Controller  # noqa: E402
 
 _CALLS = flags.DEFINE_integer("calls", 500, "act() calls per controller (after warm-up)")
+_CONFIGS = flags.DEFINE_list("configs", ["robot_configs/babyai.py:qsft",
+                                         "robot_configs/babyai.py:bc",
+                                         "robot_configs/metaworld.py:qsft",
+                                         "robot_configs/metaworld.py:bc"],
+                             "config specs (file[:variant]) to measure")
+_ARCHS = flags.DEFINE_list("architectures", ["separate", "shared"],
+                           "Q-SFT learner architectures to measure")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "config field=value for every config")
+_PRETRAINED = flags.DEFINE_bool("pretrained", True, "load pretrained weights where the config "
+                                "does (off: random init)")
 _OUT = flags.DEFINE_string("out", None, "markdown table to write")
 
-CASES = (("robot_configs/babyai.py", "qsft", "separate"),
-         ("robot_configs/babyai.py", "qsft", "shared"),
-         ("robot_configs/babyai.py", "bc", "separate"),
-         ("robot_configs/metaworld.py", "qsft", "separate"),
-         ("robot_configs/metaworld.py", "qsft", "shared"),
-         ("robot_configs/metaworld.py", "bc", "separate"))
 
-
-def controller_for(path: str, variant: str, architecture: str):
-  """(Controller, model config) for a config's default model."""
-  cfg = qconfig.load_config_file(f"{path}:{variant}")
+def controller_for(spec: str, architecture: str):
+  """(Controller, config, model config) for a config spec."""
+  cfg = report.load_config(spec, _OVERRIDE.value)
   cfg.learner.architecture = architecture
+  cfg.data.dir = cfg.data.dir or "unused"
   setup = train.build(cfg, stats=[None])
-  state = setup.init_state()
+  state = setup.init_state(pretrained=_PRETRAINED.value)
   ctrl = Controller(setup.model, setup.model_config,
                     jax.device_get(setup.learner.inference_params(state)), setup.learner_config,
                     setup.action_tokenizer, setup.text_tokenizer, setup.spec, setup.image_sizes)
-  return ctrl, setup.model_config
+  return ctrl, cfg, setup.model_config
 
 
 def measure(ctrl: Controller, calls: int, seed: int = 0) -> dict[str, float]:
@@ -70,17 +77,18 @@ def main(argv):
   del argv
   lines = ["# Controller latency per act() on this machine", "",
            f"`{' '.join(sys.argv)}`", "",
-           f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, jax {jax.__version__} "
-           f"on {jax.default_backend()}. {_CALLS.value} calls each after warm-up, batch 1.", "",
-           "| robot config | learner | architecture | model | p50 ms | p99 ms | mean ms |",
+           f"Machine: {report.machine()}. {_CALLS.value} calls each after warm-up, batch 1.", "",
+           "| config | learner | architecture | model | p50 ms | p99 ms | mean ms |",
            "|---|---|---|---|---|---|---|"]
-  for path, variant, arch in CASES:
-    ctrl, m = controller_for(path, variant, arch)
-    s = measure(ctrl, _CALLS.value)
-    size = f"width {m.width}, depth {m.depth}, window {m.window}, {m.num_action_dims} dims"
-    lines.append(f"| {path} | {variant} | {arch} | {size} | {s['p50_ms']:.2f} | "
-                 f"{s['p99_ms']:.2f} | {s['mean_ms']:.2f} |")
-    print(lines[-1], flush=True)
+  for spec in _CONFIGS.value:
+    algorithm = report.load_config(spec, _OVERRIDE.value).learner.algorithm
+    for arch in (_ARCHS.value if algorithm == "qsft" else ["separate"]):
+      ctrl, cfg, m = controller_for(spec, arch)
+      s = measure(ctrl, _CALLS.value)
+      lines.append(f"| {spec} | {algorithm} | {arch} | {report.model_summary(cfg.model.name, m)} "
+                   f"| {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['mean_ms']:.2f} |")
+      print(lines[-1], flush=True)
+      del ctrl
   text = "\n".join(lines) + "\n"
   report.emit(text, _OUT.value)
 

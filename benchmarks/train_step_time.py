@@ -1,10 +1,12 @@
 """Q-SFT vs BC: time per training step, measured side by side in one process.
 
-  .venv/bin/python benchmarks/train_step_time.py [--config=robot_configs/babyai.py] \
+  .venv/bin/python benchmarks/train_step_time.py [--config=robot_configs/babyai.py[:variant]] \
+      [--override=model.vlm.compute_dtype=bfloat16 ...] [--batch_size=N] [--nopretrained] \
       [--rounds=15] [--steps_per_round=5] [--out=benchmarks/results/train_step_time.md]
 
-Builds both learners from the same config (the model and batch of the config;
-only learner.algorithm differs), feeds them the same synthetic batch (random
+Builds both learners from the same config (the model and batch of the config,
+e.g. the backbone variant vlm_smollm2; only learner.algorithm differs: qsft
+and bc), feeds them the same synthetic batch (random
 pixels and tokens: the step's cost does not depend on the values), and
 alternates: one round is `steps_per_round` Q-SFT steps then as many BC steps,
 so both see the same machine load. Reports the median time per step of each,
@@ -15,7 +17,6 @@ pipeline is not included (tests and benchmarks/pipeline_throughput.py cover it).
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 
@@ -29,10 +30,17 @@ from qsft_vla import config as qconfig  # noqa: E402
 from qsft_vla import train  # noqa: E402
 from qsft_vla.models import registry  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", "robot_configs/babyai.py", "robot config file")
+_CONFIG = flags.DEFINE_string("config", "robot_configs/babyai.py",
+                              "robot config file[:variant]; the algorithm part is replaced")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "config field=value, e.g. "
+                                      "model.vlm.compute_dtype=bfloat16")
+_PRETRAINED = flags.DEFINE_bool("pretrained", True, "load pretrained weights where the config "
+                                "does (off: random init; the step time does not depend on it)")
 _ROUNDS = flags.DEFINE_integer("rounds", 15, "alternating measurement rounds")
 _STEPS = flags.DEFINE_integer("steps_per_round", 5, "steps of each learner per round")
 _BATCH = flags.DEFINE_integer("batch_size", None, "default: the config's train.batch_size")
+_ALGORITHMS = flags.DEFINE_list("algorithms", ["qsft", "bc"], "learners to time (the ratio "
+                                "needs both)")
 _OUT = flags.DEFINE_string("out", None, "markdown table to write")
 
 
@@ -50,16 +58,27 @@ def synthetic_batch(setup, batch_size: int, seed: int = 0):
           "terminal": rng.random(batch_size) < 0.1, "has_next": rng.random(batch_size) < 0.9}
 
 
-def _learner(variant: str, batch_size: int):
-  cfg = qconfig.load_config_file(f"{_CONFIG.value}:{variant}")
+def _config(algorithm: str):
+  cfg = report.load_config(_CONFIG.value, _OVERRIDE.value)
+  qconfig.apply_algorithm_variant(cfg, algorithm, where=_CONFIG.value)
+  return cfg
+
+
+def _learner(algorithm: str, batch_size: int):
+  cfg = _config(algorithm)
   cfg.train.batch_size = batch_size
+  cfg.data.dir = cfg.data.dir or "unused"
   # Bounds from the config are enough for shapes; no dataset is read.
   setup = train.build(cfg, stats=[None])
-  state = setup.init_state()
+  t0 = time.perf_counter()
+  state = setup.init_state(pretrained=_PRETRAINED.value)
+  jax.block_until_ready(state)
+  print(f"{algorithm}: initial state in {time.perf_counter() - t0:.1f} s", flush=True)
   batch = synthetic_batch(setup, batch_size)
   t0 = time.perf_counter()
   state, metrics = setup.learner.step(state, batch)
   jax.block_until_ready(metrics)
+  print(f"{algorithm}: first step (compile) in {time.perf_counter() - t0:.1f} s", flush=True)
   return setup, state, batch, time.perf_counter() - t0
 
 
@@ -75,9 +94,9 @@ def _time(setup, state, batch, n):
 
 def main(argv):
   del argv
-  cfg = qconfig.load_config_file(_CONFIG.value)
+  cfg = _config("qsft")
   batch_size = _BATCH.value or cfg.train.batch_size
-  runs = {v: list(_learner(v, batch_size)) for v in ("qsft", "bc")}
+  runs = {v: list(_learner(v, batch_size)) for v in _ALGORITHMS.value}
   times = {v: [] for v in runs}
   round_ratios = []
   for _ in range(_ROUNDS.value):
@@ -86,30 +105,32 @@ def main(argv):
       r[1], t = _time(r[0], r[1], r[2], _STEPS.value)
       times[v].extend(t)
       per_round[v] = np.median(t)
-    round_ratios.append(per_round["qsft"] / per_round["bc"])
+    if {"qsft", "bc"} <= set(runs):
+      round_ratios.append(per_round["qsft"] / per_round["bc"])
   med = {v: float(np.median(t)) * 1e3 for v, t in times.items()}
   q = {v: (float(np.percentile(t, 10)) * 1e3, float(np.percentile(t, 90)) * 1e3)
        for v, t in times.items()}
-  ratio = med["qsft"] / med["bc"]
-  m = runs["qsft"][0].model_config
+  m = next(iter(runs.values()))[0].model_config
   lines = [
       f"# Training step time: Q-SFT vs BC ({_CONFIG.value})",
       "",
       f"`{' '.join(sys.argv)}`",
       "",
-      f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, jax {jax.__version__} on "
-      f"{jax.default_backend()} ({jax.device_count()} device(s)). Batch {batch_size}; model "
-      f"{cfg.model.name} width {m.width}, depth {m.depth}, conv {list(m.conv_channels)}, "
-      f"window {m.window}; {_ROUNDS.value} alternating rounds of {_STEPS.value} steps each.",
+      f"Machine: {report.machine()}. Batch {batch_size}; model "
+      f"{report.model_summary(cfg.model.name, m)}; learner architecture "
+      f"{cfg.learner.architecture}; {_ROUNDS.value} alternating rounds of {_STEPS.value} steps "
+      f"each.",
       "",
       "| learner | median ms/step | p10–p90 ms | first call (compile) s |",
       "|---|---|---|---|",
   ]
-  for v in ("qsft", "bc"):
+  for v in runs:
     lines.append(f"| {v} | {med[v]:.1f} | {q[v][0]:.1f}–{q[v][1]:.1f} | {runs[v][3]:.1f} |")
-  lines += ["", f"Q-SFT / BC: {ratio:.2f}x (ratio of medians); median of per-round ratios "
-            f"{float(np.median(round_ratios)):.2f}x.", "",
-            "A Q-SFT step runs pi_phi at s' and the Polyak target at s and s' (three "
+  lines.append("")
+  if round_ratios:
+    lines += [f"Q-SFT / BC: {med['qsft'] / med['bc']:.2f}x (ratio of medians); median of "
+              f"per-round ratios {float(np.median(round_ratios)):.2f}x.", ""]
+  lines += ["A Q-SFT step runs pi_phi at s' and the Polyak target at s and s' (three "
             "forward passes for the Bellman weights) and trains two networks; BC trains one.",
             ""]
   text = "\n".join(lines)

@@ -97,10 +97,21 @@ def data_defaults() -> ml_collections.ConfigDict:
 
 
 def model_defaults() -> ml_collections.ConfigDict:
-  """The backbone (models.build_model). Sizes of the small RT-1 style network."""
+  """The backbone: `name` picks one, and the section of that name holds its
+  sizes (models/registry.py maps names to modules). The other sections are
+  ignored, so switching backbones is one flag: --config.model.name=vlm."""
   m = ml_collections.ConfigDict()
-  m.name = "rt1_small"
-  m.max_text_len = 16           # instruction tokens (WordPiece), padded/truncated
+  m.name = "rt1_small"          # "rt1_small" | "vlm"
+  m.rt1_small = rt1_small_defaults()
+  m.vlm = vlm_defaults()
+  return m
+
+
+def rt1_small_defaults() -> ml_collections.ConfigDict:
+  """models.rt1_small.RT1SmallConfig: a small RT-1 style network (from scratch,
+  or RT-1's pretrained encoders with the variant rt1_pretrained)."""
+  m = ml_collections.ConfigDict()
+  m.max_text_len = 16           # instruction tokens (MiniLM WordPiece), padded/truncated
   m.text_dim = 64
   m.conv_channels = (32, 64, 128)
   m.tokens_per_image = 8
@@ -112,6 +123,26 @@ def model_defaults() -> ml_collections.ConfigDict:
   m.image_encoder = "conv"      # "conv" | "efficientnet_lite0" (pretrained, FiLM; RT-1)
   m.text_encoder = "learned"    # "learned" | "minilm" (pretrained sentence embedding)
   m.train_text_encoder = False  # minilm: fine-tune it (default frozen, as RT-1's USE)
+  return m
+
+
+def vlm_defaults() -> ml_collections.ConfigDict:
+  """models.vlm.VLMConfig: EfficientNet-Lite0 -> projector -> prefix of a
+  pretrained Llama (SmolLM2-135M) whose own vocabulary holds the action bins."""
+  m = ml_collections.ConfigDict()
+  m.max_text_len = 16           # instruction tokens (the LM's own tokenizer)
+  # A Hugging Face Llama folder (config.json, safetensors, tokenizer.json);
+  # None: the packaged SmolLM2-135M-Instruct, converted from GGUF on first use.
+  m.lm_folder = ml_collections.FieldReference(None, field_type=str)
+  m.image_tokens_per_frame = 4  # per camera: EfficientNet features pooled to this many
+  m.projector_hidden = 1024
+  m.freeze_vision = False
+  m.dropout = 0.0               # on the projected image/state tokens
+  m.compute_dtype = "float32"   # "bfloat16" on accelerators; params stay float32
+  # Vocabulary ids (models/vlm.py says why): None = the last 256 ids.
+  m.action_id_offset = ml_collections.FieldReference(None, field_type=int)
+  m.dummy_vocab_id = 16         # SmolLM2 "<empty_output>"
+  m.start_vocab_id = 1          # SmolLM2 "<|im_start|>"
   return m
 
 
@@ -198,14 +229,25 @@ def _rt1_pretrained(c: ml_collections.ConfigDict) -> None:
   instruction embedding, TokenLearner to 8 tokens per frame; the robot's
   transformer sizes and image size are kept (56x56 / 64x64 give a 2x2x1280
   feature map). Fine-tuning pretrained weights: lr at most 3e-4 (untuned)."""
-  c.model.image_encoder = "efficientnet_lite0"
-  c.model.text_encoder = "minilm"
-  c.model.tokens_per_image = 8
+  c.model.name = "rt1_small"
+  c.model.rt1_small.image_encoder = "efficientnet_lite0"
+  c.model.rt1_small.text_encoder = "minilm"
+  c.model.rt1_small.tokens_per_image = 8
   c.learner.lr_pi = min(c.learner.lr_pi, 3e-4)
   c.learner.lr_p = min(c.learner.lr_p, 3e-4)
 
 
-BACKBONE_VARIANTS = {"rt1_pretrained": _rt1_pretrained}
+def _vlm_smollm2(c: ml_collections.ConfigDict) -> None:
+  """LLaVA style: SmolLM2-135M with the action bins as its last 256 vocabulary
+  ids; pi_phi and p_theta are the LM's own next-token distributions. The
+  robot's image size is kept. Fine-tuning a pretrained LM: lr at most 1e-4
+  (the paper's Table 4 value; untuned here)."""
+  c.model.name = "vlm"
+  c.learner.lr_pi = min(c.learner.lr_pi, 1e-4)
+  c.learner.lr_p = min(c.learner.lr_p, 1e-4)
+
+
+BACKBONE_VARIANTS = {"rt1_pretrained": _rt1_pretrained, "vlm_smollm2": _vlm_smollm2}
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:

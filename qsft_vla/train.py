@@ -34,7 +34,6 @@ from ml_collections import config_flags
 
 from qsft_vla import checkpoints
 from qsft_vla import config as qconfig
-from qsft_vla.data import pipeline, statistics
 from qsft_vla.learning import learner as learner_lib
 from qsft_vla.models import registry
 from qsft_vla.robot import RobotSpec
@@ -70,9 +69,12 @@ class Setup:
                                  self.model_config, self.learner_config,
                                  self.action_tokenizer, self.spec, self.image_sizes, datasets)
 
-  def init_state(self) -> learner_lib.TrainState:
-    """The initial state from config.seed alone (zero inputs give the shapes)."""
-    obs, hm, ti, tm, tok = registry.example_inputs(self.model_config, self.image_sizes)
+  def init_state(self, pretrained: bool = True) -> learner_lib.TrainState:
+    """The initial state from config.seed alone (zero inputs give the shapes).
+    pretrained=False keeps a random init even where the config loads weights
+    (benchmarks: timing needs the architecture, not the values)."""
+    inputs = registry.example_inputs(self.model_config, self.image_sizes)
+    obs, hm, ti, tm, tok = inputs
     example = {"observation": obs, "history_mask": hm, "next_observation": obs,
                "next_history_mask": hm, "text_ids": ti, "text_mask": tm, "action_tokens": tok,
                "reward": np.zeros(1, np.float32), "terminal": np.zeros(1, bool),
@@ -81,11 +83,10 @@ class Setup:
     name = self.config.model.name
     if not registry.uses_pretrained(name, self.model_config):
       return self.learner.init(rng, example)
-    # Same init as Learner.init would do (its rng split), then the pretrained
-    # encoders on top, so pi_phi, p_theta and the target all start from them.
+    # The rng split Learner.init does, then the model's own (pretrained)
+    # init, so pi_phi, p_theta and the target all start from the weights.
     init_rng, _ = jax.random.split(rng)
-    variables = jax.jit(self.model.init, static_argnums=6)(init_rng, obs, hm, ti, tm, tok, False)
-    variables = registry.pretrained_variables(name, self.model_config, variables)
+    variables = registry.init_variables(name, self.model, init_rng, inputs, pretrained)
     return self.learner.init(rng, example, variables)
 
 
@@ -112,11 +113,14 @@ def build(cfg, stats: Optional[list[dict[str, Any]]] = None) -> Setup:
   weights = np.asarray(cfg.data.weights if cfg.data.weights is not None else [1.0] * len(dirs),
                        np.float64)
   if stats is None:
+    # Imported here (TensorFlow): building a run for known statistics, as the
+    # benchmarks do on machines without TensorFlow, needs no dataset code.
+    from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
     stats = [statistics.load_or_compute(d, spec, cfg.data.split) for d in dirs]
   # Bounds a continuous dimension takes from data (low/high None) come from the
   # first mixture member: one action space for the whole run.
   action_tokenizer = ActionTokenizer.from_robot(spec, stats[0])
-  text_tokenizer = TextTokenizer.from_package()
+  text_tokenizer = registry.text_tokenizer(cfg)
   image_sizes = {c.name: (tuple(cfg.data.image_size) if cfg.data.image_size is not None
                           else (c.height, c.width)) for c in spec.cameras}
   lcfg = learner_config(cfg)
@@ -165,6 +169,7 @@ def _filter_thresholds(setup: Setup) -> Optional[list[float]]:
   cfg = setup.config
   if cfg.learner.algorithm != "filtered_bc":
     return None
+  from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
   thresholds = [statistics.return_quantile(s, cfg.learner.filter_quantile) for s in setup.stats]
   for d, t in zip(setup.data_dirs, thresholds):
     logging.info("filtered BC: %s keeps episodes with return >= %.4g (quantile %.2f)", d, t,
@@ -211,6 +216,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     raise qconfig.ConfigError(f"eval.every={cfg.eval.every} must be a multiple of "
                               f"learner.steps_per_call={spc}")
 
+  from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
   it = pipeline.as_numpy_batches(cfg, setup.spec, setup.action_tokenizer,
                                  batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
                                  validate=tcfg.validate_data)
@@ -282,8 +288,10 @@ def _define_flags():
   """Flags exist only when this module runs as the binary, so importing it as a
   library (benchmarks, tests) defines nothing global."""
   config_flags.DEFINE_config_file(
-      "config", None, "robot config file and variant: robot_configs/<robot>.py:<qsft|bc|"
-      "filtered_bc>; any field can be overridden, e.g. --config.learner.beta=4",
+      "config", None, "robot config file and variant: robot_configs/<robot>.py:<variant>, "
+      "the variant <algorithm> (qsft, bc, filtered_bc), <backbone> (rt1_pretrained, "
+      "vlm_smollm2) or <algorithm>+<backbone>; any field can be overridden, e.g. "
+      "--config.learner.beta=4",
       lock_config=True)
   flags.DEFINE_string("workdir", None, "output directory: checkpoints, metrics.jsonl, "
                       "TensorBoard; an existing one is resumed")

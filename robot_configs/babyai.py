@@ -35,10 +35,10 @@ def get_config(variant: str = "qsft"):
   c.data.deterministic = True            # cheap at this size; same seed, same run
 
   # Small enough for a CPU: 56x56 frames -> 7x7 features -> 8 tokens.
-  c.model.conv_channels = (16, 32, 32)
-  c.model.width = 64
-  c.model.depth = 2
-  c.model.num_heads = 4
+  c.model.rt1_small.conv_channels = (16, 32, 32)
+  c.model.rt1_small.width = 64
+  c.model.rt1_small.depth = 2
+  c.model.rt1_small.num_heads = 4
 
   c.learner.gamma = 0.95                 # ALFWorld / 20Q column of the paper
   c.learner.beta = 4.0                   # Wordle column: small discrete action set

@@ -16,7 +16,6 @@ from qsft_vla import checkpoints, config as qconfig, robot
 from qsft_vla.learning import learner as learner_lib
 from qsft_vla.models import registry
 from qsft_vla.tokenizers.action import ActionTokenizer
-from qsft_vla.tokenizers.text import TextTokenizer
 from conftest import REPO
 
 
@@ -47,7 +46,7 @@ def write_checkpoint(workdir, robot_name="babyai", algorithm="qsft", architectur
   cfg.learner.architecture = architecture
   if tiny:
     for k, v in TINY_MODEL.items():
-      cfg.model[k] = v
+      cfg.model.rt1_small[k] = v
   if image_size is not None:
     cfg.data.image_size = tuple(image_size)
   for name, value in config_overrides.items():
@@ -56,7 +55,7 @@ def write_checkpoint(workdir, robot_name="babyai", algorithm="qsft", architectur
 
   spec = robot.RobotSpec.from_config(cfg.robot)
   tokenizer = ActionTokenizer.from_robot(spec)
-  text = TextTokenizer.from_package()
+  text = registry.text_tokenizer(cfg)
   fields = {f.name for f in dataclasses.fields(learner_lib.LearnerConfig)}
   learner_cfg = learner_lib.LearnerConfig(
       **{k: v for k, v in qconfig.as_dict(cfg)["learner"].items() if k in fields})

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import REPO
 
-TINY_MODEL = ("--config.model.conv_channels=(8,8,8) --config.model.width=32 "
-              "--config.model.depth=1 --config.model.num_heads=2 --config.model.tokens_per_image=2 "
+TINY_MODEL = ("--config.model.rt1_small.conv_channels=(8,8,8) --config.model.rt1_small.width=32 "
+              "--config.model.rt1_small.depth=1 --config.model.rt1_small.num_heads=2 "
+              "--config.model.rt1_small.tokens_per_image=2 "
               "--config.train.batch_size=8 --config.data.shuffle_buffer=32 "
               "--config.train.log_every=1 --config.train.checkpoint_every=2")
 

@@ -13,7 +13,7 @@ import pytest
 
 from qsft_vla import config as qconfig
 from qsft_vla import train
-from qsft_vla.models import efficientnet, minilm, registry
+from qsft_vla.models import efficientnet, minilm, registry, rt1_small
 from qsft_vla.models.rt1_small import RT1Small, RT1SmallConfig
 
 from conftest import REPO
@@ -49,7 +49,7 @@ def model_and_vars():
   tokens = np.zeros((2, cfg.num_action_dims), np.int32)
   variables = jax.jit(model.init, static_argnums=6)(jax.random.PRNGKey(0), obs, hm, ti, tm,
                                                     tokens, False)
-  return cfg, model, registry.pretrained_variables("rt1_small", cfg, variables)
+  return cfg, model, rt1_small.pretrained_variables(cfg, variables)
 
 
 def test_features_equal_pretrained_efficientnet_with_film_at_identity(model_and_vars):
@@ -99,11 +99,11 @@ def test_config_round_trips_and_rejects_bad_encoders():
 def test_variant_parsing():
   c = qconfig.load_config_file(f"{BABYAI}:bc+rt1_pretrained")
   assert c.learner.algorithm == "bc" and c.learner.beta == 0.0
-  assert c.model.image_encoder == "efficientnet_lite0" and c.model.text_encoder == "minilm"
+  assert c.model.rt1_small.image_encoder == "efficientnet_lite0" and c.model.rt1_small.text_encoder == "minilm"
   q = qconfig.load_config_file(f"{BABYAI}:rt1_pretrained")
   assert q.learner.algorithm == "qsft" and q.learner.beta == 4.0
   plain = qconfig.load_config_file(f"{BABYAI}:bc")
-  assert plain.model.image_encoder == "conv" and plain.learner.lr_pi == 1e-3
+  assert plain.model.rt1_small.image_encoder == "conv" and plain.learner.lr_pi == 1e-3
   with pytest.raises(qconfig.ConfigError, match="unknown variant 'nope'.*rt1_pretrained"):
     qconfig.load_config_file(f"{BABYAI}:bc+nope")
   with pytest.raises(qconfig.ConfigError, match="more than one"):
@@ -125,7 +125,7 @@ def test_train_two_steps_then_controller_acts(dataset, tmp_path):
   cfg = qconfig.load_config_file(f"{BABYAI}:rt1_pretrained")
   cfg.data.dir = dataset
   cfg.data.shuffle_buffer = 64
-  cfg.model.width, cfg.model.depth, cfg.model.num_heads = 32, 1, 2
+  cfg.model.rt1_small.update(width=32, depth=1, num_heads=2)
   cfg.train.batch_size, cfg.train.num_steps = 4, 2
   cfg.train.log_every = cfg.train.checkpoint_every = 2
   summary = train.train(cfg, str(tmp_path))

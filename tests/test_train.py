@@ -19,11 +19,12 @@ from qsft_vla import config as qconfig
 from qsft_vla import train
 from qsft_vla.training import metrics as metrics_lib
 
-from conftest import REPO
+from conftest import REPO, run_without_tensorflow
 
 BABYAI = os.path.join(REPO, "robot_configs", "babyai.py")
-TINY = {"model.conv_channels": (8, 8, 8), "model.width": 32, "model.depth": 1,
-        "model.num_heads": 2, "model.tokens_per_image": 2, "train.batch_size": 8,
+TINY = {"model.rt1_small.conv_channels": (8, 8, 8), "model.rt1_small.width": 32,
+        "model.rt1_small.depth": 1, "model.rt1_small.num_heads": 2,
+        "model.rt1_small.tokens_per_image": 2, "train.batch_size": 8,
         "data.shuffle_buffer": 64, "train.log_every": 2, "train.checkpoint_every": 2}
 
 
@@ -128,7 +129,7 @@ def test_variants_train(dataset, tmp_path, variant, extra):
 def test_other_config_does_not_resume(dataset, tmp_path):
   train.train(_config(dataset, **{"train.num_steps": 2}), str(tmp_path))
   with pytest.raises(checkpoints.CheckpointError, match="different model"):
-    train.train(_config(dataset, **{"train.num_steps": 4, "model.width": 48}), str(tmp_path))
+    train.train(_config(dataset, **{"train.num_steps": 4, "model.rt1_small.width": 48}), str(tmp_path))
 
 
 def _run_binary(args, **kwargs):
@@ -184,3 +185,15 @@ def test_kill_9_and_resume_logs_the_same_losses(dataset, tmp_path):
   assert [x["step"] for x in a] == [x["step"] for x in b] == [4, 8, 12, 16]
   for key in ("loss_pi", "loss_p"):
     assert a[-1][key] == b[-1][key], key
+
+
+def test_build_for_known_statistics_needs_no_tensorflow():
+  """Benchmarks build a run on machines without TensorFlow (GPU hosts)."""
+  out = run_without_tensorflow("""
+      from qsft_vla import config, train
+      cfg = config.load_config_file("robot_configs/babyai.py")
+      cfg.data.dir = "unused"
+      setup = train.build(cfg, stats=[None])
+      print("BUILT", type(setup.model).__name__)
+  """)
+  assert "BUILT RT1Small" in out

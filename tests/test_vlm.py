@@ -81,7 +81,7 @@ def fast_variables(model, cfg, inputs, seed=0):
   rand = jax.tree_util.tree_map(
       lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.5 / np.sqrt(max(s.shape[0], 1)),
                             s.dtype), shapes)
-  return pretrained_variables(model, cfg, rand)
+  return pretrained_variables(cfg, rand)
 
 
 _CACHE = {}
@@ -238,15 +238,20 @@ def test_pretrained_variables_fill_lm_and_vision(tiny_folder):
   np.testing.assert_array_equal(np.asarray(p["lm"]["embed_tokens"]["embedding"]), emb)
   np.testing.assert_array_equal(np.asarray(p["head"]), emb[cfg.output_vocab_ids()])
   np.testing.assert_array_equal(np.asarray(p["head_1"]), np.asarray(p["head"]))
-  _, eff = efficientnet.load_efficientnet_lite0(num_classes=None)
+  # Batch norms are folded: nothing outside "params" for the learner to train.
+  assert set(variables) == {"params"}
+  eff_model, eff = efficientnet.load_efficientnet_lite0(num_classes=None)
   np.testing.assert_array_equal(np.asarray(p["vision"]["conv_stem"]["kernel"]),
                                 eff["params"]["conv_stem"]["kernel"])
-  np.testing.assert_array_equal(np.asarray(variables["batch_stats"]["vision"]["bn_head"]["var"]),
-                                eff["batch_stats"]["bn_head"]["var"])
+  # The VLM's vision features are EfficientNet-Lite0's (with running-stat batch norms).
+  images = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), np.uint8)
+  want = eff_model.apply(eff, efficientnet.normalize(images), method=eff_model.features)
+  got = VLM(cfg).apply(variables, images, method=lambda m, x: m.vision.features(x))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
   bad = dict(tiny_llama_tensors())
   bad["model.norm.weight"] = bad["model.norm.weight"][:10]
   with pytest.raises(ValueError, match="model.norm.weight"):
-    pretrained_variables(VLM(cfg), cfg, variables, lm_tensors=bad)
+    pretrained_variables(cfg, variables, lm_tensors=bad)
 
 
 def test_freeze_vision_stops_gradients(tiny_folder):

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
 from qsft_vla.models import efficientnet as eff
@@ -30,13 +31,14 @@ from qsft_vla.models.layers import FiLM, TokenLearner
 
 class Affine(nn.Module):
   """x * scale + bias per channel (a folded inference-mode batch norm)."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
-    return x * scale + bias
+    return x * scale.astype(self.dtype) + bias.astype(self.dtype)
 
 
 class MBConv(nn.Module):
@@ -46,19 +48,21 @@ class MBConv(nn.Module):
   kernel: int
   stride: int
   expand: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     mid = self.cin * self.expand
     h = x
     if self.expand != 1:
-      h = nn.Conv(mid, (1, 1), use_bias=False, name="expand_conv")(h)
-      h = nn.relu6(Affine(name="bn0")(h))
+      h = nn.Conv(mid, (1, 1), use_bias=False, dtype=self.dtype, name="expand_conv")(h)
+      h = nn.relu6(Affine(self.dtype, name="bn0")(h))
     h = nn.Conv(mid, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME",
-                feature_group_count=mid, use_bias=False, name="depthwise_conv")(h)
-    h = nn.relu6(Affine(name="bn1")(h))
-    h = nn.Conv(self.cout, (1, 1), use_bias=False, name="project_conv")(h)
-    h = Affine(name="bn2")(h)
+                feature_group_count=mid, use_bias=False, dtype=self.dtype,
+                name="depthwise_conv")(h)
+    h = nn.relu6(Affine(self.dtype, name="bn1")(h))
+    h = nn.Conv(self.cout, (1, 1), use_bias=False, dtype=self.dtype, name="project_conv")(h)
+    h = Affine(self.dtype, name="bn2")(h)
     if self.stride == 1 and self.cin == self.cout:
       h = h + x
     return h
@@ -68,25 +72,39 @@ class FiLMEfficientNetLite0(nn.Module):
   """uint8 images [N, H, W, 3] + condition [N, E] -> tokens [N, num_tokens, width].
 
   Features are H/32 x W/32 x 1280 (2x2 for 56x56 or 64x64 frames).
+  film=False leaves out the FiLM layers (the plain folded EfficientNet-Lite0,
+  as the VLM uses it); num_tokens=0 leaves out the TokenLearner (call
+  `features`). Parameters stay float32; `dtype` is the compute dtype.
   """
-  num_tokens: int
-  width: int
+  num_tokens: int = 0
+  width: int = 0
+  film: bool = True
+  dtype: Any = jnp.float32
 
   def setup(self):
-    self.conv_stem = nn.Conv(eff.STEM_CHANNELS, (3, 3), (2, 2), padding="SAME", use_bias=False)
-    self.bn_stem = Affine()
+    self.conv_stem = nn.Conv(eff.STEM_CHANNELS, (3, 3), (2, 2), padding="SAME", use_bias=False,
+                             dtype=self.dtype)
+    self.bn_stem = Affine(self.dtype)
     specs = eff.block_specs()
-    self.blocks = [MBConv(*spec, name=f"block_{i}") for i, spec in enumerate(specs)]
-    self.films = [FiLM(name=f"film_{i}") for i in range(len(specs))]
-    self.conv_head = nn.Conv(eff.HEAD_CHANNELS, (1, 1), use_bias=False)
-    self.bn_head = Affine()
-    self.token_learner = TokenLearner(self.num_tokens, self.width)
+    self.blocks = [MBConv(*spec, dtype=self.dtype, name=f"block_{i}")
+                   for i, spec in enumerate(specs)]
+    if self.film:
+      self.films = [FiLM(name=f"film_{i}") for i in range(len(specs))]
+    self.conv_head = nn.Conv(eff.HEAD_CHANNELS, (1, 1), use_bias=False, dtype=self.dtype)
+    self.bn_head = Affine(self.dtype)
+    if self.num_tokens:
+      self.token_learner = TokenLearner(self.num_tokens, self.width)
 
-  def features(self, images, cond):
-    """The FiLM-conditioned EfficientNet feature map [N, H/32, W/32, 1280]."""
-    x = nn.relu6(self.bn_stem(self.conv_stem(eff.normalize(images))))
-    for block, film in zip(self.blocks, self.films):
-      x = film(block(x), cond)
+  def features(self, images, cond=None):
+    """The (FiLM-conditioned) EfficientNet feature map [N, H/32, W/32, 1280]."""
+    if self.film and cond is None:
+      raise ValueError("FiLMEfficientNetLite0 with film=True needs a condition")
+    x = eff.normalize(images).astype(self.dtype)
+    x = nn.relu6(self.bn_stem(self.conv_stem(x)))
+    for i, block in enumerate(self.blocks):
+      x = block(x)
+      if self.film:
+        x = self.films[i](x, cond).astype(self.dtype)
     return nn.relu6(self.bn_head(self.conv_head(x)))
 
   def __call__(self, images, cond):

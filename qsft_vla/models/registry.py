@@ -1,55 +1,95 @@
 """Backbones by name: the config's `model` section -> a flax module, and back from a checkpoint.
 
-A checkpoint stores {"name": ..., "config": <the model's full config dict>}, so
-the controller rebuilds the exact network without the robot config or dataset.
+`cfg.model.name` picks a backbone and `cfg.model.<name>` holds its sizes.
+Each backbone brings its own instruction tokenizer (the one its pretrained
+text weights were trained with) and its own initialisation (random, or the
+packaged pretrained weights). A checkpoint stores {"name": ..., "config":
+<the model's full config dict>}, so the controller rebuilds the exact network
+without the robot config or dataset.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Callable, Mapping
 
 from qsft_vla.config import ConfigError
-from qsft_vla.models import rt1_small
+from qsft_vla.models import rt1_small, vlm
+from qsft_vla.tokenizers.text import TextTokenizer
 
-# name -> (module class, config class)
-_MODELS = {"rt1_small": (rt1_small.RT1Small, rt1_small.RT1SmallConfig)}
 
-# Config-file fields that are not model sizes (the rest of cfg.model is passed as is).
-_NOT_SIZES = ("name",)
+@dataclasses.dataclass(frozen=True)
+class _Backbone:
+  module: type
+  config: type
+  # The config section -> the instruction tokenizer.
+  text_tokenizer: Callable[[Mapping[str, Any]], TextTokenizer]
+  # (module, rng, *example_inputs, pretrained=bool) -> variables.
+  init_variables: Callable[..., Any]
+
+
+_MODELS = {
+    # MiniLM's WordPiece: its sentence encoder needs it, and the learned
+    # embeddings of the from-scratch model are as good on it as on any.
+    "rt1_small": _Backbone(rt1_small.RT1Small, rt1_small.RT1SmallConfig,
+                           lambda section: TextTokenizer.from_package(),
+                           rt1_small.init_variables),
+    "vlm": _Backbone(vlm.VLM, vlm.VLMConfig,
+                     lambda section: TextTokenizer.from_file(
+                         vlm.tokenizer_path(section.get("lm_folder"))),
+                     vlm.init_variables),
+}
 
 
 def known() -> tuple[str, ...]:
   return tuple(_MODELS)
 
 
-def _classes(name: str):
+def _entry(name: str) -> _Backbone:
   if name not in _MODELS:
     raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(_MODELS)}")
   return _MODELS[name]
 
 
+def _section(cfg) -> dict[str, Any]:
+  """The sizes of the chosen backbone: cfg.model.<name> as a plain dict."""
+  name = cfg.model.name
+  _entry(name)
+  if name not in cfg.model:
+    raise ConfigError(f"model.{name}: the config has no section for model {name!r}")
+  section = cfg.model[name]
+  return dict(section.to_dict() if hasattr(section, "to_dict") else section)
+
+
+def text_tokenizer(cfg) -> TextTokenizer:
+  """The instruction tokenizer of the config's backbone."""
+  try:
+    return _entry(cfg.model.name).text_tokenizer(_section(cfg))
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"model.{cfg.model.name}: instruction tokenizer: {e}") from None
+
+
 def model_config(cfg, spec, action_tokenizer, num_output_heads: int = 1,
                  text_vocab: int | None = None):
   """The model config for a run: robot and tokenizers fix the inputs/outputs,
-  cfg.model the sizes, the learner the number of output heads."""
-  _, config_cls = _classes(cfg.model.name)
-  sizes = {k: v for k, v in cfg.model.items() if k not in _NOT_SIZES}
+  cfg.model.<name> the sizes, the learner the number of output heads."""
+  config_cls = _entry(cfg.model.name).config
+  sizes = _section(cfg)
+  for k, v in sizes.items():
+    if isinstance(v, list):
+      sizes[k] = tuple(v)
   if text_vocab is not None:
     sizes["text_vocab"] = int(text_vocab)
-  for k in ("conv_channels",):
-    if k in sizes:
-      sizes[k] = tuple(sizes[k])
   try:
     return config_cls.for_robot(spec, action_tokenizer, window=cfg.data.window,
                                 num_output_heads=num_output_heads, **sizes)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"model ({cfg.model.name}): {e}") from None
+  except (TypeError, ValueError, OSError) as e:
+    raise ConfigError(f"model.{cfg.model.name}: {e}") from None
 
 
 def build(name: str, model_cfg):
   """The flax module for `name` with a config object of that model."""
-  module_cls, _ = _classes(name)
-  return module_cls(model_cfg)
+  return _entry(name).module(model_cfg)
 
 
 def describe(name: str, model_cfg) -> dict[str, Any]:
@@ -60,55 +100,21 @@ def describe(name: str, model_cfg) -> dict[str, Any]:
 def from_description(d: Mapping[str, Any]):
   """(module, model config) from `describe`'s output."""
   name = d.get("name")
-  _, config_cls = _classes(name)
-  model_cfg = config_cls.from_dict(d["config"])
+  model_cfg = _entry(name).config.from_dict(d["config"])
   return build(name, model_cfg), model_cfg
 
 
 def uses_pretrained(name: str, model_cfg) -> bool:
-  """Whether `pretrained_variables` changes anything for this model."""
-  _classes(name)
-  return (getattr(model_cfg, "image_encoder", "conv") != "conv"
-          or getattr(model_cfg, "text_encoder", "learned") != "learned")
+  """Whether `init_variables` loads pretrained weights for this model config."""
+  _entry(name)
+  return bool(model_cfg.uses_pretrained)
 
 
-def pretrained_variables(name: str, model_cfg, variables):
-  """`variables` (a fresh init) with the image/text encoder params replaced by
-  the packaged pretrained weights: EfficientNet-Lite0 (ImageNet, batch norms
-  folded) for image_encoder "efficientnet_lite0", all-MiniLM-L6-v2 for
-  text_encoder "minilm". FiLM, TokenLearner and the transformer keep their
-  init (FiLM is the identity there, so the pretrained features pass through).
-  Shapes are checked, so a mismatch fails here and not in the first step."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  if not uses_pretrained(name, model_cfg):
-    return variables
-  params = dict(variables["params"])
-
-  def overwrite(scope, loaded):
-    fresh = params[scope]
-    merged = dict(fresh)
-    for k, v in loaded.items():
-      if k not in fresh:
-        raise ValueError(f"pretrained {scope}: no {k!r} in the model")
-      want = jax.tree_util.tree_structure(fresh[k])
-      if jax.tree_util.tree_structure(v) != want:
-        raise ValueError(f"pretrained {scope}/{k}: structure differs from the model")
-      for a, b in zip(jax.tree_util.tree_leaves(fresh[k]), jax.tree_util.tree_leaves(v)):
-        if np.shape(a) != np.shape(b):
-          raise ValueError(f"pretrained {scope}/{k}: shape {np.shape(b)} != {np.shape(a)}")
-      merged[k] = jax.tree_util.tree_map(lambda x, y: np.asarray(x, np.asarray(y).dtype), v,
-                                         fresh[k])
-    params[scope] = merged
-
-  if model_cfg.image_encoder == "efficientnet_lite0":
-    from qsft_vla.models import film_efficientnet  # pylint: disable=g-import-not-at-top
-    overwrite("image_encoder", film_efficientnet.pretrained_params())
-  if model_cfg.text_encoder == "minilm":
-    from qsft_vla.models import minilm  # pylint: disable=g-import-not-at-top
-    _, loaded, _ = minilm.load_minilm()
-    overwrite("text_encoder", loaded["params"])
-  return {**variables, "params": params}
+def init_variables(name: str, model, rng, example_inputs, pretrained: bool = True):
+  """The model's initial variables: a random init with the packaged pretrained
+  weights loaded on top where the config uses them (pretrained=False: random
+  only, e.g. to time the architecture where the weights are not installed)."""
+  return _entry(name).init_variables(model, rng, *example_inputs, pretrained=pretrained)
 
 
 def example_inputs(model_cfg, image_sizes: Mapping[str, tuple[int, int]], batch: int = 1):

@@ -19,7 +19,7 @@ the identity as in RT-1, so at init the instruction does not change anything.
 With image_encoder "efficientnet_lite0" and text_encoder "minilm" (variant
 rt1_pretrained) these are RT-1's pieces instead: the ImageNet EfficientNet-Lite0
 with FiLM after every MBConv block + TokenLearner (film_efficientnet.py), and
-the MiniLM sentence embedding of the instruction; registry.pretrained_variables
+the MiniLM sentence embedding of the instruction; `pretrained_variables`
 loads their weights over a fresh init.
 One output head gives logits over V = K + 1 ids: the K action bins and the
 Q-SFT dummy id K. With `num_output_heads` H > 1 (Q-SFT "shared trunk, separate
@@ -67,7 +67,7 @@ class RT1SmallConfig:
   dropout: float = 0.0
   num_output_heads: int = 1
   # "conv": the small FiLM conv net above; "efficientnet_lite0": RT-1's
-  # FiLM-EfficientNet (film_efficientnet.py; registry.pretrained_variables
+  # FiLM-EfficientNet (film_efficientnet.py; `pretrained_variables`
   # loads ImageNet weights). "learned": masked mean of text_dim embeddings;
   # "minilm": the 384-d all-MiniLM-L6-v2 sentence embedding (text ids are its
   # WordPiece ids), frozen unless train_text_encoder.
@@ -97,6 +97,11 @@ class RT1SmallConfig:
                          f"{minilm.BertConfig().vocab_size}), got text_vocab {self.text_vocab}")
       if self.max_text_len > minilm.BertConfig().max_position_embeddings:
         raise ValueError(f"max_text_len {self.max_text_len} exceeds MiniLM's positions")
+
+  @property
+  def uses_pretrained(self) -> bool:
+    """Whether `pretrained_variables` changes anything."""
+    return self.image_encoder != "conv" or self.text_encoder != "learned"
 
   @property
   def dummy_id(self) -> int:
@@ -304,3 +309,48 @@ class RT1Small(nn.Module):
       vs.append(v)
     new_cache = {"k": ks, "v": vs, "key_valid": cache["key_valid"]}
     return self._logits(x[:, 0]), new_cache
+
+
+# ---- pretrained weights
+
+
+def pretrained_variables(model_cfg: RT1SmallConfig, variables):
+  """`variables` (a fresh init) with the image/text encoder params replaced by
+  the packaged pretrained weights: EfficientNet-Lite0 (ImageNet, batch norms
+  folded) for image_encoder "efficientnet_lite0", all-MiniLM-L6-v2 for
+  text_encoder "minilm". FiLM, TokenLearner and the transformer keep their
+  init (FiLM is the identity there, so the pretrained features pass through).
+  Shapes are checked, so a mismatch fails here and not in the first step."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not model_cfg.uses_pretrained:
+    return variables
+  params = dict(variables["params"])
+
+  def overwrite(scope, loaded):
+    fresh = params[scope]
+    merged = dict(fresh)
+    for k, v in loaded.items():
+      if k not in fresh:
+        raise ValueError(f"pretrained {scope}: no {k!r} in the model")
+      want = jax.tree_util.tree_structure(fresh[k])
+      if jax.tree_util.tree_structure(v) != want:
+        raise ValueError(f"pretrained {scope}/{k}: structure differs from the model")
+      for a, b in zip(jax.tree_util.tree_leaves(fresh[k]), jax.tree_util.tree_leaves(v)):
+        if np.shape(a) != np.shape(b):
+          raise ValueError(f"pretrained {scope}/{k}: shape {np.shape(b)} != {np.shape(a)}")
+      merged[k] = jax.tree_util.tree_map(lambda x, y: np.asarray(x, np.asarray(y).dtype), v,
+                                         fresh[k])
+    params[scope] = merged
+
+  if model_cfg.image_encoder == "efficientnet_lite0":
+    overwrite("image_encoder", film_efficientnet.pretrained_params())
+  if model_cfg.text_encoder == "minilm":
+    _, loaded, _ = minilm.load_minilm()
+    overwrite("text_encoder", loaded["params"])
+  return {**variables, "params": params}
+
+
+def init_variables(model: RT1Small, rng, *example_inputs, pretrained: bool = True):
+  """model.init (jitted), then the pretrained encoders when the config uses them."""
+  variables = jax.jit(model.init, static_argnums=6)(rng, *example_inputs, False)
+  return pretrained_variables(model.config, variables) if pretrained else variables

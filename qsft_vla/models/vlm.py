@@ -43,7 +43,9 @@ Vision: EfficientNet-Lite0 (ImageNet weights) -> last feature map, average
 pooled to `image_tokens_per_frame` tokens on a grid -> 2-layer MLP projector
 (new) -> LM width. `freeze_vision` stops gradients into EfficientNet (its
 params stay in the tree; Adam leaves a zero-gradient param unchanged).
-Batch norm always uses the stored running statistics ("batch_stats").
+Batch norms are folded into per-channel affines (film_efficientnet.py says
+why: the learner trains and Polyak-averages whole variable trees, so there is
+no "batch_stats" collection to corrupt).
 
 KV cache: `encode_prefix` prefills a Llama cache sized prefix + D;
 `decode_step(cache, prev_token, j)` writes action position j at slot
@@ -55,7 +57,8 @@ packaged SmolLM2-135M-Instruct, converted from GGUF on first use), read once
 per folder and cached. Weights: `pretrained_variables` fills an initialised
 variables tree with the LM and EfficientNet weights; `init_variables` builds
 the same without a full model.init (which spends ~90 s on CPU drawing random
-LM weights that are then overwritten).
+LM weights that are then overwritten). The instruction tokenizer is the
+folder's own tokenizer.json (`tokenizer_path`).
 
   model = VLM(VLMConfig.for_robot(spec, action_tokenizer, window=2))
   variables = init_variables(model, rng, *example_inputs)   # pretrained start
@@ -78,7 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsft_vla.config import check_dataclass_fields
-from qsft_vla.models import efficientnet
+from qsft_vla.models import film_efficientnet
 from qsft_vla.models.layers import check_policy_inputs
 from qsft_vla.models.llama import Llama, LlamaConfig, params_from_hf
 
@@ -93,6 +96,15 @@ def resolve_lm_folder(lm_folder: Optional[str]) -> str:
     return os.path.abspath(lm_folder)
   from qsft_vla.weights import gguf_convert  # pylint: disable=g-import-not-at-top
   return gguf_convert.smollm2_folder()
+
+
+def tokenizer_path(lm_folder: Optional[str]) -> str:
+  """The LM's own tokenizer.json: instructions are tokenized as it was trained."""
+  path = os.path.join(resolve_lm_folder(lm_folder), "tokenizer.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: the LM folder has no tokenizer.json (the VLM "
+                            "tokenizes instructions with the LM's own tokenizer)")
+  return path
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,6 +156,8 @@ class VLMConfig:
       raise ValueError(f"VLMConfig.dropout must be in [0, 1), got {self.dropout}")
 
   # ---- the Q-SFT interface (as RT1SmallConfig)
+  uses_pretrained = True  # init_variables loads the LM and EfficientNet weights
+
   @property
   def dummy_id(self) -> int:
     return self.action_vocab
@@ -200,12 +214,20 @@ class VLMConfig:
     return cls(**d)
 
   @classmethod
-  def for_robot(cls, spec, action_tokenizer, window: int, **overrides) -> "VLMConfig":
-    """Config for a RobotSpec and its ActionTokenizer; overrides set the other fields."""
-    return cls(num_action_dims=action_tokenizer.num_dims,
-               action_vocab=action_tokenizer.vocab_size, window=window,
-               cameras=tuple(c.name for c in spec.cameras), state_dim=spec.state_dim,
-               **overrides)
+  def for_robot(cls, spec, action_tokenizer, window: int, text_vocab: Optional[int] = None,
+                **overrides) -> "VLMConfig":
+    """Config for a RobotSpec and its ActionTokenizer; overrides set the other
+    fields. text_vocab: the instruction tokenizer's size, checked against the LM's."""
+    cfg = cls(num_action_dims=action_tokenizer.num_dims,
+              action_vocab=action_tokenizer.vocab_size, window=window,
+              cameras=tuple(c.name for c in spec.cameras), state_dim=spec.state_dim,
+              **overrides)
+    vocab = cfg.lm().vocab_size
+    if text_vocab is not None and text_vocab > vocab:
+      raise ValueError(f"the instruction tokenizer has {text_vocab} ids but the LM's "
+                       f"vocabulary only {vocab}: use the tokenizer.json of the LM's folder")
+    cfg.output_vocab_ids()  # fails here, naming the ids, rather than at the first step
+    return cfg
 
 
 def pool_grid(n: int) -> tuple[int, int]:
@@ -250,7 +272,7 @@ class VLM(nn.Module):
     dtype = _DTYPES[cfg.compute_dtype]
     width = self.lm_cfg.hidden_size
     self.lm = Llama(self.lm_cfg, dtype=dtype)
-    self.vision = efficientnet.EfficientNetLite0(num_classes=None, dtype=dtype)
+    self.vision = film_efficientnet.FiLMEfficientNetLite0(film=False, dtype=dtype)
     self.image_proj = Projector(cfg.projector_hidden, width, dtype=dtype)
     if cfg.state_dim:
       self.state_proj = Projector(cfg.projector_hidden, width, dtype=dtype)
@@ -270,8 +292,7 @@ class VLM(nn.Module):
     per_frame = []
     for cam in cfg.cameras:
       img = observation[cam]
-      x = efficientnet.normalize(img.reshape((b * w,) + img.shape[2:]))
-      feats = self.vision.features(x.astype(self.lm.dtype))
+      feats = self.vision.features(img.reshape((b * w,) + img.shape[2:]))
       if cfg.freeze_vision:
         feats = jax.lax.stop_gradient(feats)
       tokens = self.image_proj(adaptive_avg_pool(feats, rows, cols))
@@ -354,29 +375,33 @@ class VLM(nn.Module):
 PRETRAINED = ("lm", "vision")  # top-level params subtrees filled from checkpoints
 
 
-def init_variables(model: VLM, rng, *example_inputs, lm_tensors=None, vision_variables=None):
+def init_variables(model: VLM, rng, *example_inputs, pretrained: bool = True, lm_tensors=None,
+                   vision_params=None):
   """Pretrained variables without a full model.init: only the new layers
   (projectors, output heads) are initialised (jitted; XLA drops the unused
   random init of the 135M LM, which takes ~90 s on CPU), the rest is
-  `pretrained_variables`. example_inputs: as for __call__ (batch 1 is enough)."""
+  `pretrained_variables`. example_inputs: as for __call__ (batch 1 is enough).
+  pretrained=False: a plain random init (timing the architecture only)."""
+  if not pretrained:
+    return jax.jit(model.init)(rng, *example_inputs)
+
   def new_layers(rng):
     params = model.init(rng, *example_inputs)["params"]
     return {k: v for k, v in params.items() if k not in PRETRAINED}
 
   shapes = flax.core.unfreeze(jax.eval_shape(model.init, rng, *example_inputs))
   shapes["params"] = {**shapes["params"], **jax.jit(new_layers)(rng)}
-  return pretrained_variables(model, model.config, shapes, lm_tensors, vision_variables)
+  return pretrained_variables(model.config, shapes, lm_tensors, vision_params)
 
 
-def pretrained_variables(model: VLM, model_cfg: VLMConfig, variables, lm_tensors=None,
-                         vision_variables=None):
+def pretrained_variables(model_cfg: VLMConfig, variables, lm_tensors=None, vision_params=None):
   """`variables` (from model.init) with the LM params from the config's HF folder
-  and EfficientNet-Lite0 from the packaged ImageNet weights; projectors keep
-  their init. With two output heads, both are set to the LM-head rows of the
-  output ids (so each head starts as the LM's own logits). `lm_tensors` (HF
-  names) / `vision_variables` ({"params", "batch_stats"}) override the sources.
+  and EfficientNet-Lite0 from the packaged ImageNet weights (batch norms
+  folded); projectors keep their init. With two output heads, both are set to
+  the LM-head rows of the output ids (so each head starts as the LM's own
+  logits). `lm_tensors` (HF names) / `vision_params` (folded, as
+  film_efficientnet.pretrained_params) override the sources.
   Raises ValueError when a shape does not match the initialised tree."""
-  del model  # the tree layout is fixed by the config
   from qsft_vla.weights import hf  # pylint: disable=g-import-not-at-top
   variables = flax.core.unfreeze(variables)
   params = dict(variables["params"])
@@ -384,9 +409,8 @@ def pretrained_variables(model: VLM, model_cfg: VLMConfig, variables, lm_tensors
   if lm_tensors is None:
     lm_tensors = hf.load_folder(resolve_lm_folder(model_cfg.lm_folder), dtype=np.float32).tensors
   new = {"lm": params_from_hf(lm_tensors, c)}
-  if vision_variables is None:
-    _, vision_variables = efficientnet.load_efficientnet_lite0(num_classes=None)
-  new["vision"] = vision_variables["params"]
+  new["vision"] = (film_efficientnet.pretrained_params() if vision_params is None
+                   else vision_params)
   if model_cfg.num_output_heads > 1:
     ids = model_cfg.output_vocab_ids()
     table = (new["lm"]["embed_tokens"]["embedding"] if c.tie_word_embeddings
@@ -395,16 +419,10 @@ def pretrained_variables(model: VLM, model_cfg: VLMConfig, variables, lm_tensors
     new["head"] = rows
     for i in range(1, model_cfg.num_output_heads):
       new[f"head_{i}"] = rows.copy()
-  stats = dict(variables.get("batch_stats", {}))
-  stats["vision"] = vision_variables["batch_stats"]
   _check_like(params, new, "params")
-  _check_like(variables.get("batch_stats", {}), {"vision": stats["vision"]}, "batch_stats")
   params.update(new)
-  out = dict(variables)
-  out["params"] = params
-  out["batch_stats"] = stats
-  return jax.tree_util.tree_map(lambda ref, x: jnp.asarray(x, ref.dtype),
-                                flax.core.unfreeze(variables), out)
+  out = {**variables, "params": params}
+  return jax.tree_util.tree_map(lambda ref, x: jnp.asarray(x, ref.dtype), variables, out)
 
 
 def _check_like(ref, new, where):
