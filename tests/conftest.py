@@ -1,4 +1,5 @@
-"""Shared fixtures: robot specs from the real config files, tiny hand-built episodes."""
+"""Shared fixtures: robot specs from the real config files, tiny hand-built episodes,
+small real BabyAI datasets."""
 
 import os
 import subprocess
@@ -16,6 +17,16 @@ from qsft_vla import config as qconfig  # noqa: E402
 from qsft_vla.robot import RobotSpec  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BABYAI_CONFIG = os.path.join(REPO, "robot_configs", "babyai.py")
+
+
+def babyai_dataset(tmp_path_factory, episodes: int, max_steps: int) -> str:
+  """A real BabyAI GoToLocal RLDS dataset (the bot at noise 0 and 1, seed 0)."""
+  from data_tools import generate  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path_factory.mktemp("data") / "babyai")
+  generate.generate("babyai:BabyAI-GoToLocal-v0", episodes=episodes, noise_levels=[0.0, 1.0],
+                    seed=0, out=out, max_steps=max_steps, workers=1, progress=False)
+  return out
 
 
 def robot_spec(name: str) -> RobotSpec:

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from qsft_vla import config as qconfig
-from qsft_vla import train
-from qsft_vla.models import efficientnet, minilm, registry, rt1_small
+from qsft_vla.models import efficientnet, minilm, rt1_small
 from qsft_vla.models.rt1_small import RT1Small, RT1SmallConfig
 
 from conftest import REPO
@@ -108,31 +107,3 @@ def test_variant_parsing():
     qconfig.load_config_file(f"{BABYAI}:bc+nope")
   with pytest.raises(qconfig.ConfigError, match="more than one"):
     qconfig.load_config_file(f"{BABYAI}:bc+qsft")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  from data_tools import generate
-  out = str(tmp_path_factory.mktemp("data") / "babyai")
-  generate.generate("babyai:BabyAI-GoToLocal-v0", episodes=6, noise_levels=[0.0, 1.0], seed=0,
-                    out=out, max_steps=16, workers=1, progress=False)
-  return out
-
-
-@pytest.mark.slow
-def test_train_two_steps_then_controller_acts(dataset, tmp_path):
-  from qsft_vla.controller import Controller
-  cfg = qconfig.load_config_file(f"{BABYAI}:rt1_pretrained")
-  cfg.data.dir = dataset
-  cfg.data.shuffle_buffer = 64
-  cfg.model.rt1_small.update(width=32, depth=1, num_heads=2)
-  cfg.train.batch_size, cfg.train.num_steps = 4, 2
-  cfg.train.log_every = cfg.train.checkpoint_every = 2
-  summary = train.train(cfg, str(tmp_path))
-  assert summary["step"] == 2 and np.isfinite(summary["loss_p"])
-  ctrl = Controller.load(str(tmp_path))
-  ctrl.reset("go to the red ball")
-  img = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
-  for _ in range(2):
-    action = np.asarray(ctrl.act({"image": img}))
-    assert action.shape == (1,) and 0 <= action[0] <= 6

@@ -4,7 +4,6 @@ A real BabyAI dataset (the bot at noise 0 and 1) and a tiny RT1Small keep each
 run to a few seconds on 2 cores.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from qsft_vla import config as qconfig
 from qsft_vla import train
 from qsft_vla.training import metrics as metrics_lib
 
-from conftest import REPO, run_without_tensorflow
+from conftest import REPO, babyai_dataset, run_without_tensorflow
 
 BABYAI = os.path.join(REPO, "robot_configs", "babyai.py")
 TINY = {"model.rt1_small.conv_channels": (8, 8, 8), "model.rt1_small.width": 32,
@@ -30,11 +29,7 @@ TINY = {"model.rt1_small.conv_channels": (8, 8, 8), "model.rt1_small.width": 32,
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-  from data_tools import generate
-  out = str(tmp_path_factory.mktemp("data") / "babyai")
-  generate.generate("babyai:BabyAI-GoToLocal-v0", episodes=12, noise_levels=[0.0, 1.0], seed=0,
-                    out=out, max_steps=24, workers=1, progress=False)
-  return out
+  return babyai_dataset(tmp_path_factory, episodes=12, max_steps=24)
 
 
 def _config(dataset, variant="qsft", **overrides):

@@ -3,10 +3,8 @@ training binary, checkpoint and Controller (the module itself: test_vlm.py)."""
 
 import os
 
-import numpy as np
 import pytest
 
-from qsft_vla import checkpoints
 from qsft_vla import config as qconfig
 from qsft_vla import train
 from qsft_vla.models import vlm
@@ -51,36 +49,3 @@ def test_lm_folder_without_tokenizer_is_named(tmp_path):
   cfg.model.vlm.lm_folder = str(tmp_path)
   with pytest.raises(qconfig.ConfigError, match=f"model.vlm.*{tmp_path}.*tokenizer.json"):
     train.build(cfg, stats=[None])
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  from data_tools import generate
-  out = str(tmp_path_factory.mktemp("data") / "babyai")
-  generate.generate("babyai:BabyAI-GoToLocal-v0", episodes=4, noise_levels=[0.0, 1.0], seed=0,
-                    out=out, max_steps=12, workers=1, progress=False)
-  return out
-
-
-@pytest.mark.slow
-def test_train_two_steps_then_controller_acts(dataset, tmp_path):
-  """Q-SFT on the real SmolLM2 weights: 2 steps through train.train, a
-  checkpoint, then the robot-host Controller acts from it."""
-  from qsft_vla.controller import Controller
-  cfg = qconfig.load_config_file(f"{BABYAI}:vlm_smollm2")
-  cfg.data.dir = dataset
-  cfg.data.shuffle_buffer = 16
-  cfg.model.vlm.max_text_len = 8
-  cfg.train.batch_size, cfg.train.num_steps = 2, 2
-  cfg.train.log_every = cfg.train.checkpoint_every = 2
-  summary = train.train(cfg, str(tmp_path))
-  assert summary["step"] == 2 and np.isfinite(summary["loss_p"])
-  assert np.isfinite(summary["loss_pi"])
-  meta = checkpoints.read_meta(*checkpoints.resolve(str(tmp_path)))
-  assert meta["model"]["name"] == "vlm" and meta["model"]["config"]["max_text_len"] == 8
-  ctrl = Controller.load(str(tmp_path))
-  ctrl.reset("go to the red ball")
-  img = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
-  for _ in range(2):
-    action = np.asarray(ctrl.act({"image": img}))
-    assert action.shape == (1,) and 0 <= action[0] <= 6
