@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 import time
 from typing import Any, Optional
@@ -302,7 +303,8 @@ class _QuietOrbax:
   """Drops orbax's per-file INFO lines (dozens per checkpoint); warnings still show."""
 
   def filter(self, record) -> bool:
-    return record.levelno > logging.INFO or "/orbax/" not in record.pathname
+    # Python's level numbers (absl.logging.INFO is absl's verbosity, 0).
+    return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
 
 
 def main(argv):

@@ -3,9 +3,10 @@
 One discrete action per step (the 7 minigrid actions), a 56x56 RGB egocentric
 partial view (7x7 cells, 8 px each), the mission string as the instruction.
 Variants (the learner): qsft (default), bc, filtered_bc; the same data, model
-and schedule, so their results compare directly. "rt1_pretrained" (Q-SFT) or
-"<algorithm>+rt1_pretrained" swaps in the pretrained RT-1 style backbone
-(FiLM-EfficientNet-Lite0 + MiniLM, config.apply_variant).
+and schedule, so their results compare directly. A backbone variant,
+"rt1_pretrained" (FiLM-EfficientNet-Lite0 + MiniLM) or "vlm_smollm2" (SmolLM2-135M
+with the action bins in its vocabulary), alone (Q-SFT) or as
+"<algorithm>+<backbone>", swaps in a pretrained backbone (config.apply_variant).
 Usage: --config=robot_configs/babyai.py[:variant]
 """
 

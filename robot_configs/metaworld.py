@@ -3,7 +3,8 @@
 Actions are 4 continuous dimensions in [-1, 1] (the environment clips to this
 box), 256 bins each. Observation: one 64x64 RGB camera and the 39-dim state.
 Variants (the learner): qsft (default), bc, filtered_bc; "rt1_pretrained" or
-"<algorithm>+rt1_pretrained" for the pretrained RT-1 style backbone.
+"vlm_smollm2", alone or as "<algorithm>+<backbone>", for a pretrained backbone
+(the RT-1 style network or the SmolLM2 VLM).
 Usage: --config=robot_configs/metaworld.py[:variant]
 """
 

@@ -192,3 +192,15 @@ def test_build_for_known_statistics_needs_no_tensorflow():
       print("BUILT", type(setup.model).__name__)
   """)
   assert "BUILT RT1Small" in out
+
+
+def test_binary_log_filter_drops_orbax_info_only():
+  import logging as std_logging
+  quiet = train._QuietOrbax()  # pylint: disable=protected-access
+
+  def record(level, path):
+    return std_logging.LogRecord("absl", level, path, 1, "msg", None, None)
+
+  assert not quiet.filter(record(std_logging.INFO, "/site-packages/orbax/checkpoint/x.py"))
+  assert quiet.filter(record(std_logging.WARNING, "/site-packages/orbax/checkpoint/x.py"))
+  assert quiet.filter(record(std_logging.INFO, "/work/qsft_vla/train.py"))
