@@ -138,7 +138,7 @@ class Controller:
     self._low, self._high = action_tokenizer.bounds
     self._discrete = [(i, np.asarray(d.values, np.float32))
                       for i, d in enumerate(action_tokenizer.dims) if d.kind == "discrete"]
-    self._act_fn = _compiled_act_fn(
+    self._instruct_fn, self._act_fn = _compiled_fns(
         model, tuple(action_tokenizer.bins_per_dim), learner_config.residual,
         bool(learner_config.mask_invalid_logits), tuple(sorted(self._image_sizes.items())),
         tuple(sorted(self._params)))
@@ -277,7 +277,10 @@ class Controller:
     if not instruction.strip():
       raise ValueError(f"instruction must be non-empty text, got {instruction!r}")
     ids, mask = self._text_tokenizer.encode_batch([instruction], self._model_config.max_text_len)
-    self._text = (ids, mask)
+    # Encoded once per episode (e.g. MiniLM: most of an RT-1 act() otherwise);
+    # fetched to host so act() keeps taking numpy inputs only.
+    encoded = jax.device_get(self._instruct_fn(self._params, ids, mask))
+    self._text = (ids, mask, encoded)
     self._instruction = instruction
     self._frames = []
     self._valid = 0  # real (not padding) frames in the window
@@ -371,7 +374,8 @@ class Controller:
       obs["state"] = np.zeros((1, w, self._spec.state_dim), np.float32)
     text_ids, text_mask = self._text_tokenizer.encode_batch(["warm up"],
                                                             self._model_config.max_text_len)
-    tokens = self._act_fn(self._params, obs, np.ones((1, w), bool), text_ids, text_mask,
+    encoded = jax.device_get(self._instruct_fn(self._params, text_ids, text_mask))
+    tokens = self._act_fn(self._params, obs, np.ones((1, w), bool), text_ids, text_mask, encoded,
                           np.float32(0.0), np.float32(0.0), self._key, np.uint32(0))
     jax.block_until_ready(tokens)
 
@@ -394,32 +398,39 @@ class Controller:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_act_fn(model, bins_per_dim: tuple[int, ...], residual: str, masked: bool,
-                     image_sizes: tuple[tuple[str, tuple[int, int]], ...],
-                     nets: tuple[str, ...]):
-  """The jit-compiled act function of one network and action space, shared by
-  every Controller built for them (the training loop builds one per periodic
-  evaluation; it must not recompile each time).
+def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: bool,
+                  image_sizes: tuple[tuple[str, tuple[int, int]], ...], nets: tuple[str, ...]):
+  """The jit-compiled (instruct_fn, act_fn) of one network and action space,
+  shared by every Controller built for them (the training loop builds one per
+  periodic evaluation; it must not recompile each time).
 
   nets: ("pi", "p"), ("pi",) (no p_theta: beta must be 0) or ("shared",).
-  act_fn(params, obs, history_mask, text_ids, text_mask, beta, temperature,
-  key, draw) -> int32[D] tokens.
+  instruct_fn(params, text_ids, text_mask) -> {net: the model's
+  encode_instruction}, once per episode.
+  act_fn(params, obs, history_mask, text_ids, text_mask, encoded, beta,
+  temperature, key, draw) -> int32[D] tokens.
   """
   mc = model.config
   valid = np.arange(mc.action_vocab)[None, :] < np.asarray(bins_per_dim)[:, None]
   pi_allowed, p_allowed = policy.allowed_ids(valid, mc.output_size, mc.dummy_id, residual)
   sizes = dict(image_sizes)
 
-  def encode(variables, obs, history_mask, text_ids, text_mask):
-    return model.apply(variables, obs, history_mask, text_ids, text_mask,
+  def instruct_fn(params, text_ids, text_mask):
+    return {n: model.apply(params[n], text_ids, text_mask, method=model.encode_instruction)
+            for n in nets}
+
+  def encode(variables, obs, history_mask, text_ids, text_mask, encoded):
+    return model.apply(variables, obs, history_mask, text_ids, text_mask, encoded,
                        method=model.encode_prefix)
 
   def decode(variables, cache, prev, j):
     return model.apply(variables, cache, prev, j, method=model.decode_step)
 
-  def act_fn(params, obs, history_mask, text_ids, text_mask, beta, temperature, key, draw):
+  def act_fn(params, obs, history_mask, text_ids, text_mask, encoded, beta, temperature, key,
+             draw):
     obs = {k: (resize_images(v, sizes[k]) if k in sizes else v) for k, v in obs.items()}
-    caches = {n: encode(params[n], obs, history_mask, text_ids, text_mask) for n in nets}
+    caches = {n: encode(params[n], obs, history_mask, text_ids, text_mask, encoded[n])
+              for n in nets}
     call_key = jax.random.fold_in(key, draw)  # a fresh stream per act()
 
     def token(carry, j):
@@ -444,7 +455,7 @@ def _compiled_act_fn(model, bins_per_dim: tuple[int, ...], residual: str, masked
     _, tokens = jax.lax.scan(token, (prev, caches), jnp.arange(mc.num_action_dims))
     return tokens
 
-  return jax.jit(act_fn)
+  return jax.jit(instruct_fn), jax.jit(act_fn)
 
 
 def _finite_float(value, name: str) -> float:

@@ -95,6 +95,24 @@ def test_shapes_and_kv_cache_decode_equals_teacher_forcing(cfg):
   np.testing.assert_allclose(np.asarray(stepped), np.asarray(forced), atol=1e-5, rtol=1e-5)
 
 
+def test_precomputed_instruction_gives_the_same_cache():
+  """The controller encodes the instruction once per episode and passes it in."""
+  cfg = METAWORLD
+  model, params = init(cfg)
+  params = randomize(params)
+  obs, hm, ti, tm, _ = make_inputs(cfg, batch=2, seed=4)
+  encoded = model.apply(params, ti, tm, method=RT1Small.encode_instruction)
+  assert encoded.shape == (2, cfg.text_dim)
+  fresh = model.apply(params, obs, hm, ti, tm, method=RT1Small.encode_prefix)
+  cached = model.apply(params, obs, hm, ti, tm, encoded, method=RT1Small.encode_prefix)
+  for a, b in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(cached)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A different instruction's encoding changes the prefix (it is really used).
+  other = model.apply(params, (ti + 7) % cfg.text_vocab, tm, method=RT1Small.encode_instruction)
+  changed = model.apply(params, obs, hm, ti, tm, other, method=RT1Small.encode_prefix)
+  assert np.abs(np.asarray(changed["k"][0]) - np.asarray(fresh["k"][0])).max() > 1e-4
+
+
 def test_padded_history_frame_is_ignored():
   cfg = METAWORLD
   model, params = init(cfg)

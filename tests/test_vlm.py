@@ -254,6 +254,18 @@ def test_pretrained_variables_fill_lm_and_vision(tiny_folder):
     pretrained_variables(cfg, variables, lm_tensors=bad)
 
 
+def test_precomputed_instruction_gives_the_same_cache(tiny_folder):
+  cfg = tiny_config(tiny_folder, window=1, cameras=("image",))
+  model, variables, _, _, _ = setup(cfg)
+  *inputs, _ = make_inputs(cfg, batch=2, seed=6)
+  encoded = model.apply(variables, inputs[2], inputs[3], method=VLM.encode_instruction)
+  assert encoded.shape == (2, cfg.max_text_len, TINY["hidden_size"])
+  fresh = model.apply(variables, *inputs, method=VLM.encode_prefix)
+  cached = model.apply(variables, *inputs, encoded, method=VLM.encode_prefix)
+  for a, b in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(cached)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_freeze_vision_stops_gradients(tiny_folder):
   cfg = tiny_config(tiny_folder, freeze_vision=True, window=1, cameras=("image",), state_dim=0)
   model, variables, _, _, _ = setup(cfg)

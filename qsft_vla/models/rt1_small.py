@@ -208,12 +208,15 @@ class RT1Small(nn.Module):
     m = text_mask.astype(emb.dtype)[..., None]
     return (emb * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
-  def _prefix(self, observation, history_mask, text_ids, text_mask):
-    """Observation tokens [B, P, C] and which of them may be attended to: bool[B, P]."""
+  def _prefix(self, observation, history_mask, text_ids, text_mask, instruction=None):
+    """Observation tokens [B, P, C] and which of them may be attended to: bool[B, P].
+    instruction: encode_instruction's output for these texts, if already computed."""
     cfg = self.config
     check_policy_inputs(self.config, observation, history_mask, text_ids, text_mask)
     b, w = history_mask.shape
-    cond = jnp.repeat(self._instruction(text_ids, text_mask), w, axis=0)  # [B*W, E]
+    if instruction is None:
+      instruction = self._instruction(text_ids, text_mask)
+    cond = jnp.repeat(instruction, w, axis=0)  # [B*W, E]
     per_frame = []
     for cam in cfg.cameras:
       img = observation[cam]
@@ -268,14 +271,21 @@ class RT1Small(nn.Module):
     return (structural[None] & key_valid[:, None, :])[:, None]
 
   # --------------------------------------------------------------- inference
-  def encode_prefix(self, observation, history_mask, text_ids, text_mask):
+  def encode_instruction(self, text_ids, text_mask):
+    """The per-episode instruction condition [B, E] (the MiniLM sentence
+    embedding or the masked mean): the controller computes it once per reset
+    instead of on every act()."""
+    return self._instruction(text_ids, text_mask)
+
+  def encode_prefix(self, observation, history_mask, text_ids, text_mask, instruction=None):
     """Runs the observation prefix once; returns the cache for decode_step.
+    instruction: encode_instruction(text_ids, text_mask), if already computed.
 
     cache = {"k", "v": per layer [B, P + D, H, d] (action slots zero until
     decoded), "key_valid": bool[B, P + D]}.
     """
     cfg = self.config
-    x, valid = self._prefix(observation, history_mask, text_ids, text_mask)
+    x, valid = self._prefix(observation, history_mask, text_ids, text_mask, instruction)
     mask = valid[:, None, None, :]  # the prefix sees itself bidirectionally
     pad = ((0, 0), (0, cfg.num_action_dims), (0, 0), (0, 0))
     ks, vs = [], []

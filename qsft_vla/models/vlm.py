@@ -283,8 +283,9 @@ class VLM(nn.Module):
                                (cfg.output_size, width)) for i in range(cfg.num_output_heads)]
 
   # ------------------------------------------------------------------ inputs
-  def _prefix(self, observation, history_mask, text_ids, text_mask, train):
-    """Prefix embeddings [B, prefix_len, C] and which of them are real: bool[B, prefix_len]."""
+  def _prefix(self, observation, history_mask, text_ids, text_mask, train, instruction=None):
+    """Prefix embeddings [B, prefix_len, C] and which of them are real: bool[B, prefix_len].
+    instruction: encode_instruction's output for these texts, if already computed."""
     cfg = self.config
     check_policy_inputs(self.config, observation, history_mask, text_ids, text_mask)
     b, w = history_mask.shape
@@ -302,7 +303,7 @@ class VLM(nn.Module):
       per_frame.append(self.state_proj(state)[:, :, None, :])
     obs = jnp.concatenate(per_frame, axis=2).reshape(b, w * cfg.tokens_per_frame, -1)
     obs = self.prefix_dropout(obs, deterministic=not train)
-    text = self.lm.embed(jnp.asarray(text_ids, jnp.int32))
+    text = self.encode_instruction(text_ids, text_mask) if instruction is None else instruction
     x = jnp.concatenate([obs.astype(text.dtype), text], axis=1)
     valid = jnp.concatenate([jnp.repeat(jnp.asarray(history_mask, bool),
                                         cfg.tokens_per_frame, axis=1),
@@ -346,11 +347,19 @@ class VLM(nn.Module):
     return self._logits(hidden[:, cfg.prefix_len:])
 
   # --------------------------------------------------------------- inference
-  def encode_prefix(self, observation, history_mask, text_ids, text_mask):
+  def encode_instruction(self, text_ids, text_mask):
+    """The instruction's LM input embeddings [B, max_text_len, C]. (The LM
+    reads them after the image tokens, so only this lookup can be cached per
+    episode; the controller does, as for RT1Small's sentence embedding.)"""
+    del text_mask  # padding is hidden by the attention mask in _prefix
+    return self.lm.embed(jnp.asarray(text_ids, jnp.int32))
+
+  def encode_prefix(self, observation, history_mask, text_ids, text_mask, instruction=None):
     """Prefills the LM cache (sized prefix_len + D) with the prefix; returns
-    {"lm": Llama cache, "prefix_pos": int32[B] (real prefix tokens)}."""
+    {"lm": Llama cache, "prefix_pos": int32[B] (real prefix tokens)}.
+    instruction: encode_instruction(text_ids, text_mask), if already computed."""
     cfg = self.config
-    x, valid = self._prefix(observation, history_mask, text_ids, text_mask, False)
+    x, valid = self._prefix(observation, history_mask, text_ids, text_mask, False, instruction)
     cache = self.lm.init_cache(x.shape[0], cfg.seq_len)
     _, cache = self.lm.decode_step(cache, inputs_embeds=x, attention_mask=valid)
     return {"lm": cache, "prefix_pos": cache["next_pos"]}
