@@ -30,11 +30,14 @@ training resolution, other sizes work (features are H/32 x W/32).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from qsft_vla.models.layers import InvertedResidual
 
 # (repeats, kernel, stride, expand ratio, output channels) per stage, Lite0.
 LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -68,33 +71,6 @@ def _bn(name: str, dtype) -> nn.BatchNorm:
                       name=name)
 
 
-class MBConv(nn.Module):
-  """Inverted residual block without squeeze-excitation (EfficientNet-Lite)."""
-  cin: int
-  cout: int
-  kernel: int
-  stride: int
-  expand: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    mid = self.cin * self.expand
-    h = x
-    if self.expand != 1:
-      h = nn.Conv(mid, (1, 1), use_bias=False, dtype=self.dtype, name="expand_conv")(h)
-      h = nn.relu6(_bn("bn0", self.dtype)(h))
-    h = nn.Conv(mid, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME",
-                feature_group_count=mid, use_bias=False, dtype=self.dtype,
-                name="depthwise_conv")(h)
-    h = nn.relu6(_bn("bn1", self.dtype)(h))
-    h = nn.Conv(self.cout, (1, 1), use_bias=False, dtype=self.dtype, name="project_conv")(h)
-    h = _bn("bn2", self.dtype)(h)
-    if self.stride == 1 and self.cin == self.cout:
-      h = h + x
-    return h
-
-
 class EfficientNetLite0(nn.Module):
   """EfficientNet-Lite0; num_classes=None leaves out the classifier (features only)."""
   num_classes: Optional[int] = 1000
@@ -104,7 +80,8 @@ class EfficientNetLite0(nn.Module):
     self.conv_stem = nn.Conv(STEM_CHANNELS, (3, 3), (2, 2), padding="SAME", use_bias=False,
                              dtype=self.dtype)
     self.bn_stem = _bn("bn_stem", self.dtype)
-    self.blocks = [MBConv(*spec, dtype=self.dtype, name=f"block_{i}")
+    norm = functools.partial(_bn, dtype=self.dtype)
+    self.blocks = [InvertedResidual(*spec, norm=norm, dtype=self.dtype, name=f"block_{i}")
                    for i, spec in enumerate(block_specs())]
     self.conv_head = nn.Conv(HEAD_CHANNELS, (1, 1), use_bias=False, dtype=self.dtype)
     self.bn_head = _bn("bn_head", self.dtype)

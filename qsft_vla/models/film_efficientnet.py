@@ -1,7 +1,7 @@
 """RT-1's image tokenizer: FiLM-conditioned EfficientNet-Lite0 + TokenLearner.
 
 RT-1 feeds every camera frame through an ImageNet-pretrained EfficientNet
-whose MBConv blocks are each followed by a FiLM layer conditioned on the
+whose inverted-residual (MBConv) blocks are each followed by a FiLM layer conditioned on the
 instruction embedding; the FiLM layers are zero-initialised (identity), so at
 init the network computes exactly the pretrained features and fine-tuning
 starts where ImageNet left off. TokenLearner then pools the last feature map
@@ -19,6 +19,7 @@ Stem and blocks use the same layer names as efficientnet.EfficientNetLite0.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsft_vla.models import efficientnet as eff
-from qsft_vla.models.layers import FiLM, TokenLearner
+from qsft_vla.models.layers import FiLM, InvertedResidual, TokenLearner
 
 
 class Affine(nn.Module):
@@ -41,31 +42,8 @@ class Affine(nn.Module):
     return x * scale.astype(self.dtype) + bias.astype(self.dtype)
 
 
-class MBConv(nn.Module):
-  """eff.MBConv with the batch norms folded (Affine)."""
-  cin: int
-  cout: int
-  kernel: int
-  stride: int
-  expand: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    mid = self.cin * self.expand
-    h = x
-    if self.expand != 1:
-      h = nn.Conv(mid, (1, 1), use_bias=False, dtype=self.dtype, name="expand_conv")(h)
-      h = nn.relu6(Affine(self.dtype, name="bn0")(h))
-    h = nn.Conv(mid, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME",
-                feature_group_count=mid, use_bias=False, dtype=self.dtype,
-                name="depthwise_conv")(h)
-    h = nn.relu6(Affine(self.dtype, name="bn1")(h))
-    h = nn.Conv(self.cout, (1, 1), use_bias=False, dtype=self.dtype, name="project_conv")(h)
-    h = Affine(self.dtype, name="bn2")(h)
-    if self.stride == 1 and self.cin == self.cout:
-      h = h + x
-    return h
+def _affine(name: str, dtype) -> Affine:
+  return Affine(dtype, name=name)
 
 
 class FiLMEfficientNetLite0(nn.Module):
@@ -86,7 +64,8 @@ class FiLMEfficientNetLite0(nn.Module):
                              dtype=self.dtype)
     self.bn_stem = Affine(self.dtype)
     specs = eff.block_specs()
-    self.blocks = [MBConv(*spec, dtype=self.dtype, name=f"block_{i}")
+    norm = functools.partial(_affine, dtype=self.dtype)
+    self.blocks = [InvertedResidual(*spec, norm=norm, dtype=self.dtype, name=f"block_{i}")
                    for i, spec in enumerate(specs)]
     if self.film:
       self.films = [FiLM(name=f"film_{i}") for i in range(len(specs))]

@@ -1,11 +1,14 @@
 """Shared layers: FiLM conditioning, TokenLearner pooling, the policy-input
-checks every backbone runs, and a pre-norm transformer block with a key/value cache.
+checks every backbone runs, a pre-norm transformer block with a key/value
+cache, and the inverted-residual block of MobileNetV2 / EfficientNet-Lite.
 
 Plain linen + jnp only (no TensorFlow), so the same code runs on old and new jax.
 Attention masks are boolean [B, 1 or heads, Tq, Tk] (True = may attend).
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -124,3 +127,41 @@ class TransformerBlock(nn.Module):
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
     return self._finish(x, _attend(q, cache_k, cache_v, mask), False), (cache_k, cache_v)
+
+
+class InvertedResidual(nn.Module):
+  """Expand 1x1 -> depthwise kxk -> project 1x1 (+ identity when shapes match),
+  ReLU6 after the first two (MobileNetV2 / EfficientNet-Lite: no squeeze-excite).
+
+  norm(name) builds each normalisation layer (a running-stat BatchNorm for the
+  ImageNet classifiers, a folded affine for fine-tuning) and norm_names names
+  them as the converted checkpoints do; padding is "SAME" (TF) or explicit
+  (torch's padding=k//2).
+  """
+  cin: int
+  cout: int
+  kernel: int
+  stride: int
+  expand: int
+  norm: Callable[[str], nn.Module]
+  norm_names: tuple[str, str, str] = ("bn0", "bn1", "bn2")
+  padding: Any = "SAME"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    mid = self.cin * self.expand
+    expand_norm, depthwise_norm, project_norm = self.norm_names
+    h = x
+    if self.expand != 1:
+      h = nn.Conv(mid, (1, 1), use_bias=False, dtype=self.dtype, name="expand_conv")(h)
+      h = nn.relu6(self.norm(expand_norm)(h))
+    h = nn.Conv(mid, (self.kernel, self.kernel), (self.stride, self.stride),
+                padding=self.padding, feature_group_count=mid, use_bias=False, dtype=self.dtype,
+                name="depthwise_conv")(h)
+    h = nn.relu6(self.norm(depthwise_norm)(h))
+    h = nn.Conv(self.cout, (1, 1), use_bias=False, dtype=self.dtype, name="project_conv")(h)
+    h = self.norm(project_norm)(h)
+    if self.stride == 1 and self.cin == self.cout:
+      h = h + x
+    return h

@@ -25,11 +25,14 @@ mean/std, torchvision's recipe); trained at 224x224 (features H/32 x W/32).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from qsft_vla.models.layers import InvertedResidual
 
 # (expand ratio t, output channels c, repeats n, first stride s), torchvision's table.
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -64,30 +67,6 @@ def _bn(name: str, dtype) -> nn.BatchNorm:
                       name=name)
 
 
-class InvertedResidual(nn.Module):
-  cin: int
-  cout: int
-  stride: int
-  expand: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    mid = self.cin * self.expand
-    h = x
-    if self.expand != 1:
-      h = nn.Conv(mid, (1, 1), use_bias=False, dtype=self.dtype, name="expand_conv")(h)
-      h = nn.relu6(_bn("expand_bn", self.dtype)(h))
-    h = nn.Conv(mid, (3, 3), (self.stride, self.stride), padding=_PAD1, feature_group_count=mid,
-                use_bias=False, dtype=self.dtype, name="depthwise_conv")(h)
-    h = nn.relu6(_bn("depthwise_bn", self.dtype)(h))
-    h = nn.Conv(self.cout, (1, 1), use_bias=False, dtype=self.dtype, name="project_conv")(h)
-    h = _bn("project_bn", self.dtype)(h)
-    if self.stride == 1 and self.cin == self.cout:
-      h = h + x
-    return h
-
-
 class MobileNetV2(nn.Module):
   """torchvision MobileNetV2 (width 1.0); num_classes=None leaves out the classifier."""
   num_classes: Optional[int] = 1000
@@ -97,8 +76,11 @@ class MobileNetV2(nn.Module):
     self.conv_stem = nn.Conv(STEM_CHANNELS, (3, 3), (2, 2), padding=_PAD1, use_bias=False,
                              dtype=self.dtype)
     self.bn_stem = _bn("bn_stem", self.dtype)
-    self.blocks = [InvertedResidual(*spec, dtype=self.dtype, name=f"block_{i}")
-                   for i, spec in enumerate(block_specs())]
+    norm = functools.partial(_bn, dtype=self.dtype)
+    self.blocks = [InvertedResidual(cin, cout, 3, stride, expand, norm=norm,
+                                    norm_names=("expand_bn", "depthwise_bn", "project_bn"),
+                                    padding=_PAD1, dtype=self.dtype, name=f"block_{i}")
+                   for i, (cin, cout, stride, expand) in enumerate(block_specs())]
     self.conv_head = nn.Conv(LAST_CHANNELS, (1, 1), use_bias=False, dtype=self.dtype)
     self.bn_head = _bn("bn_head", self.dtype)
     if self.num_classes:
