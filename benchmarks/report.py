@@ -23,19 +23,16 @@ def load_config(spec: str, overrides=()):
   """A config file spec ("path.py[:variant]") with "a.b.c=value" overrides
   (values parsed as Python literals where they are one, e.g. 1e-4, (8, 8))."""
   cfg = qconfig.load_config_file(spec)
+  fields = {}
   for item in overrides:
     key, sep, text = item.partition("=")
     if not sep:
       raise ValueError(f"--override {item!r}: expected field=value")
     try:
-      value = ast.literal_eval(text)
+      fields[key] = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-      value = text
-    *parents, leaf = key.split(".")
-    node = cfg
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+      fields[key] = text
+  cfg.update_from_flattened_dict(fields)
   qconfig.validate(cfg, where=spec)
   return cfg
 

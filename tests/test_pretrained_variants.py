@@ -33,12 +33,7 @@ def test_train_two_steps_then_controller_acts(variant, model_name, dataset, tmp_
   cfg = qconfig.load_config_file(f"{BABYAI_CONFIG}:{variant}")
   cfg.data.dir = dataset
   cfg.data.shuffle_buffer = 16
-  for key, value in SMALL[variant].items():
-    section, *rest = key.split(".")
-    node = cfg[section]
-    for name in rest[:-1]:
-      node = node[name]
-    node[rest[-1]] = value
+  cfg.update_from_flattened_dict(SMALL[variant])
   cfg.train.num_steps = 2
   cfg.train.log_every = cfg.train.checkpoint_every = 2
   summary = train.train(cfg, str(tmp_path))

@@ -33,23 +33,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qsft_vla.config import check_dataclass_fields
 from qsft_vla.models import film_efficientnet, minilm
 from qsft_vla.models.layers import FiLM, TokenLearner, TransformerBlock, check_policy_inputs
+from qsft_vla.models.policy_config import PolicyConfig
 
 IMAGE_ENCODERS = ("conv", "efficientnet_lite0")
 TEXT_ENCODERS = ("learned", "minilm")
 
 
 @dataclasses.dataclass(frozen=True)
-class RT1SmallConfig:
+class RT1SmallConfig(PolicyConfig):
   """Sizes of RT1Small. `action_vocab` is K (ActionTokenizer.vocab_size)."""
+  _TUPLE_FIELDS = ("cameras", "conv_channels")
   num_action_dims: int
   action_vocab: int
   window: int = 1
@@ -104,14 +104,6 @@ class RT1SmallConfig:
     return self.image_encoder != "conv" or self.text_encoder != "learned"
 
   @property
-  def dummy_id(self) -> int:
-    return self.action_vocab
-
-  @property
-  def output_size(self) -> int:
-    return self.action_vocab + 1
-
-  @property
   def tokens_per_frame(self) -> int:
     return len(self.cameras) * self.tokens_per_image + (1 if self.state_dim else 0)
 
@@ -119,29 +111,6 @@ class RT1SmallConfig:
   def prefix_len(self) -> int:
     return self.window * self.tokens_per_frame
 
-  @property
-  def seq_len(self) -> int:
-    return self.prefix_len + self.num_action_dims
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "RT1SmallConfig":
-    check_dataclass_fields(cls, d)
-    d = dict(d)
-    for k in ("cameras", "conv_channels"):
-      if k in d:
-        d[k] = tuple(d[k])
-    return cls(**d)
-
-  @classmethod
-  def for_robot(cls, spec, action_tokenizer, window: int, **overrides) -> "RT1SmallConfig":
-    """Config for a RobotSpec and its ActionTokenizer; overrides set the other sizes."""
-    return cls(num_action_dims=action_tokenizer.num_dims,
-               action_vocab=action_tokenizer.vocab_size, window=window,
-               cameras=tuple(c.name for c in spec.cameras), state_dim=spec.state_dim,
-               **overrides)
 
 
 class ImageEncoder(nn.Module):

@@ -72,7 +72,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -80,10 +80,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsft_vla.config import check_dataclass_fields
 from qsft_vla.models import film_efficientnet
 from qsft_vla.models.layers import check_policy_inputs
 from qsft_vla.models.llama import Llama, LlamaConfig, params_from_hf
+from qsft_vla.models.policy_config import PolicyConfig
 
 MAX_ACTION_VOCAB = 256      # action bins live in 256 reserved vocabulary ids
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -116,7 +116,7 @@ def lm_config(lm_folder: Optional[str]) -> LlamaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class VLMConfig:
+class VLMConfig(PolicyConfig):
   """Sizes of VLM. `action_vocab` is K (ActionTokenizer.vocab_size), at most 256."""
   num_action_dims: int
   action_vocab: int
@@ -155,16 +155,7 @@ class VLMConfig:
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"VLMConfig.dropout must be in [0, 1), got {self.dropout}")
 
-  # ---- the Q-SFT interface (as RT1SmallConfig)
   uses_pretrained = True  # init_variables loads the LM and EfficientNet weights
-
-  @property
-  def dummy_id(self) -> int:
-    return self.action_vocab
-
-  @property
-  def output_size(self) -> int:
-    return self.action_vocab + 1
 
   # ---- sequence layout
   @property
@@ -175,10 +166,6 @@ class VLMConfig:
   def prefix_len(self) -> int:
     """Observation tokens + instruction tokens."""
     return self.window * self.tokens_per_frame + self.max_text_len
-
-  @property
-  def seq_len(self) -> int:
-    return self.prefix_len + self.num_action_dims
 
   # ---- vocabulary ids (need the LM's config)
   def lm(self) -> LlamaConfig:
@@ -202,26 +189,12 @@ class VLMConfig:
                          f"{offset}..{offset + self.action_vocab - 1}")
     return np.append(ids, self.dummy_vocab_id).astype(np.int32)
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "VLMConfig":
-    check_dataclass_fields(cls, d)
-    d = dict(d)
-    if "cameras" in d:
-      d["cameras"] = tuple(d["cameras"])
-    return cls(**d)
-
   @classmethod
   def for_robot(cls, spec, action_tokenizer, window: int, text_vocab: Optional[int] = None,
                 **overrides) -> "VLMConfig":
-    """Config for a RobotSpec and its ActionTokenizer; overrides set the other
-    fields. text_vocab: the instruction tokenizer's size, checked against the LM's."""
-    cfg = cls(num_action_dims=action_tokenizer.num_dims,
-              action_vocab=action_tokenizer.vocab_size, window=window,
-              cameras=tuple(c.name for c in spec.cameras), state_dim=spec.state_dim,
-              **overrides)
+    """PolicyConfig.for_robot; text_vocab: the instruction tokenizer's size,
+    checked against the LM's."""
+    cfg = super().for_robot(spec, action_tokenizer, window, **overrides)
     vocab = cfg.lm().vocab_size
     if text_vocab is not None and text_vocab > vocab:
       raise ValueError(f"the instruction tokenizer has {text_vocab} ids but the LM's "
