@@ -151,9 +151,15 @@ def learner_defaults() -> ml_collections.ConfigDict:
   l = ml_collections.ConfigDict()
   l.algorithm = "qsft"          # "qsft" | "bc" | "filtered_bc" (the config variants)
   l.beta = 1.0                  # inference: pi * exp(beta * p); 0 = behaviour cloning
+  # Inference: "p" (the paper's pi * exp(beta * p)) or "ratio" (pi * exp(ratio_beta * p / pi)
+  # over the support pi > ratio_eps: ranks actions by the implied Q = p / pi).
+  l.extraction = "p"
+  l.ratio_beta = 1.0
+  l.ratio_eps = 0.01
   l.gamma = 0.99
   l.eps = 1e-4                  # support threshold on pi_phi in the Bellman target
   l.clip_weights = True         # clip Bellman weights to [0, 1]
+  l.mc_lower_bound = False      # weight = max(Bellman target, observed return-to-go G_t)
   l.residual = "dummy"          # "dummy" (final paper) | "uniform" (submitted version)
   l.polyak_alpha = 0.005
   l.lr_pi = 1e-4
@@ -190,6 +196,10 @@ def eval_defaults() -> ml_collections.ConfigDict:
   e.seed = 1000                 # episode i is reset with evaluation.eval_reset_seed(seed, i)
   e.max_steps = ml_collections.FieldReference(None, field_type=object)  # None: the env's limit
   e.video_episodes = 3
+  # The Q-gap diagnostic (training/q_gap.py) on this split of the first dataset,
+  # at every checkpoint: "" = off; e.g. "train[95%:]" with data.split="train[:95%]".
+  e.q_gap_split = ""
+  e.q_gap_examples = 2048
   return e
 
 
@@ -222,6 +232,7 @@ def apply_algorithm_variant(c: ml_collections.ConfigDict, variant: str, where: s
   c.learner.algorithm = variant
   if variant != "qsft":
     c.learner.beta = 0.0
+    c.learner.ratio_beta = 0.0
 
 
 def _rt1_pretrained(c: ml_collections.ConfigDict) -> None:

@@ -95,7 +95,9 @@ class Controller:
     learner_config: learning.learner.LearnerConfig of the run.
     action_tokenizer, text_tokenizer, spec: the run's tokenizers and RobotSpec.
     image_sizes: {camera: (h, w)} the model was trained at.
-    beta: None = learner_config.beta (0 without p_theta).
+    beta: None = the learner config's beta for the extraction (0 without p_theta).
+    extraction: None = learner_config.extraction; "p" (the paper's) or "ratio"
+      (policy.reweighted_logits; support threshold learner_config.ratio_eps).
     temperature: 0 = argmax (the control default), > 0 = sampling.
     seed: seeds the sampling rng (act() number n samples from fold_in(key(seed), n)).
     warmup: compile now, on zeros, so the first act() runs at full speed.
@@ -105,7 +107,8 @@ class Controller:
   def __init__(self, model, model_config, params: Mapping[str, Any], learner_config,
                action_tokenizer, text_tokenizer, spec, image_sizes: Mapping[str, Any],
                beta: Optional[float] = None, temperature: float = 0.0, seed: int = 0,
-               warmup: bool = True, step: Optional[int] = None, path: Optional[str] = None):
+               warmup: bool = True, step: Optional[int] = None, path: Optional[str] = None,
+               extraction: Optional[str] = None):
     self._model = model
     self._model_config = model_config
     self._learner = learner_config
@@ -125,8 +128,12 @@ class Controller:
     self._cameras = {c.name: (c.height, c.width) for c in spec.cameras}
     self._keys = set(self._cameras) | ({"state"} if spec.state_dim else set())
 
+    self._extraction = learner_config.extraction if extraction is None else extraction
+    if self._extraction not in policy.EXTRACTIONS:
+      raise ValueError(f"extraction must be one of {policy.EXTRACTIONS}, got {extraction!r}")
     if beta is None:
-      beta = learner_config.beta if self._has_p else 0.0
+      beta = (learner_config.ratio_beta if self._extraction == "ratio"
+              else learner_config.beta) if self._has_p else 0.0
     self.beta = beta
     self.temperature = temperature
     # Host-side key and call counter: numpy arguments keep every act() on the
@@ -141,7 +148,7 @@ class Controller:
     self._instruct_fn, self._act_fn = _compiled_fns(
         model, tuple(action_tokenizer.bins_per_dim), learner_config.residual,
         bool(learner_config.mask_invalid_logits), tuple(sorted(self._image_sizes.items())),
-        tuple(sorted(self._params)))
+        tuple(sorted(self._params)), self._extraction, float(learner_config.ratio_eps))
 
     self._instruction: Optional[str] = None
     self._text = None
@@ -155,20 +162,27 @@ class Controller:
   @classmethod
   def load(cls, workdir_or_checkpoint: str, beta: Optional[float] = None,
            temperature: float = 0.0, seed: int = 0, step: Optional[int] = None,
-           warmup: bool = True) -> "Controller":
+           warmup: bool = True, extraction: Optional[str] = None) -> "Controller":
     """From a workdir, its checkpoints/ directory or one step directory (the
-    latest step unless `step`). beta None: the run's learner.beta (0 for BC)."""
+    latest step unless `step`). beta None: the run's beta for the extraction
+    (0 for BC); extraction None: the run's learner.extraction."""
     return cls.from_checkpoint(checkpoints.load_inference(workdir_or_checkpoint, step),
-                               beta=beta, temperature=temperature, seed=seed, warmup=warmup)
+                               beta=beta, temperature=temperature, seed=seed, warmup=warmup,
+                               extraction=extraction)
 
   @classmethod
   def from_checkpoint(cls, ck: checkpoints.InferenceCheckpoint, beta: Optional[float] = None,
                       temperature: float = 0.0, seed: int = 0,
-                      warmup: bool = True) -> "Controller":
+                      warmup: bool = True, extraction: Optional[str] = None) -> "Controller":
     """From an already loaded checkpoints.InferenceCheckpoint."""
     return cls(ck.model, ck.model_config, ck.params, ck.learner, ck.action_tokenizer,
                ck.text_tokenizer, ck.spec, ck.image_sizes, beta=beta, temperature=temperature,
-               seed=seed, warmup=warmup, step=ck.step, path=ck.path)
+               seed=seed, warmup=warmup, step=ck.step, path=ck.path, extraction=extraction)
+
+  @property
+  def extraction(self) -> str:
+    """"p" (pi * exp(beta * p)) or "ratio" (pi * exp(beta * p / pi) on the support)."""
+    return self._extraction
 
   # ------------------------------------------------------------------ checks
 
@@ -399,7 +413,8 @@ class Controller:
 
 @functools.lru_cache(maxsize=16)
 def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: bool,
-                  image_sizes: tuple[tuple[str, tuple[int, int]], ...], nets: tuple[str, ...]):
+                  image_sizes: tuple[tuple[str, tuple[int, int]], ...], nets: tuple[str, ...],
+                  extraction: str = "p", ratio_eps: float = 0.01):
   """The jit-compiled (instruct_fn, act_fn) of one network and action space,
   shared by every Controller built for them (the training loop builds one per
   periodic evaluation; it must not recompile each time).
@@ -447,7 +462,7 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
       if masked:  # as in training, before every softmax
         pi_logits = policy.mask_logits(pi_logits, pi_ok)
         p_logits = policy.mask_logits(p_logits, p_ok)
-      logits = policy.reweighted_logits(pi_logits, p_logits, beta, pi_ok)
+      logits = policy.reweighted_logits(pi_logits, p_logits, beta, pi_ok, extraction, ratio_eps)
       tok = policy.select(logits, temperature, jax.random.fold_in(call_key, j))
       return (tok, caches), tok[0]
 

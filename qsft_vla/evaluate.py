@@ -37,16 +37,21 @@ from qsft_vla.evaluation import loop, stats
 _EVAL_FALLBACKS = {"episodes": 20, "seed": 1000, "max_steps": None, "video_episodes": 3}
 
 
-def output_stem(env: str, seed: int, beta: Optional[float] = None) -> str:
-  """<task>-seed<S>[-beta<B>]: the file name (without .json) of one evaluation."""
+def output_stem(env: str, seed: int, beta: Optional[float] = None,
+                extraction: Optional[str] = None) -> str:
+  """<task>-seed<S>[-<extraction>][-beta<B>]: the file name (without .json) of one evaluation."""
   _, task = envs.parse_env_id(env)
   stem = f"{task}-seed{int(seed)}"
+  if extraction is not None:
+    stem += f"-{extraction}"
   return stem if beta is None else f"{stem}-beta{float(beta)!r}"
 
 
-def label(algorithm: str, beta: float, temperature: float) -> str:
-  """The table row name: "qsft (beta=4.0)", "bc", ..."""
+def label(algorithm: str, beta: float, temperature: float, extraction: str = "p") -> str:
+  """The table row name: "qsft (beta=4.0)", "qsft (ratio, beta=16.0)", "bc", ..."""
   parts = [f"beta={beta!r}"] if algorithm == "qsft" else []
+  if algorithm == "qsft" and extraction != "p":
+    parts.insert(0, extraction)
   if temperature > 0:
     parts.append(f"T={temperature!r}")
   return f"{algorithm} ({', '.join(parts)})" if parts else algorithm
@@ -55,11 +60,12 @@ def label(algorithm: str, beta: float, temperature: float) -> str:
 def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
         seed: Optional[int] = None, beta: Optional[float] = None, temperature: float = 0.0,
         checkpoint_step: Optional[int] = None, video_episodes: Optional[int] = None,
-        max_steps: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
+        max_steps: Optional[int] = None, progress: bool = True,
+        extraction: Optional[str] = None) -> dict[str, Any]:
   """Evaluates a checkpoint of `workdir`; writes and returns the result dict.
 
   None means: from the checkpoint's eval config (env, episodes, seed,
-  max_steps, video_episodes), the run's learner.beta (beta), the latest step
+  max_steps, video_episodes), the run's learner.extraction and its beta, the latest step
   (checkpoint_step). Returns stats.summarize's fields (success_rate, ci_low,
   ci_high, episodes, successes, mean/std return and length) plus what was
   evaluated, per_episode results, controller latency, timings and the paths
@@ -79,10 +85,11 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
     raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
   _check_robot(ck, env)
 
-  controller = Controller.from_checkpoint(ck, beta=beta, temperature=temperature, seed=int(seed))
+  controller = Controller.from_checkpoint(ck, beta=beta, temperature=temperature, seed=int(seed),
+                                          extraction=extraction)
   load_seconds = time.time() - start
   root = os.path.dirname(os.path.dirname(ck.path))  # <workdir>/checkpoints/<step>
-  stem = output_stem(env, seed, beta)
+  stem = output_stem(env, seed, beta, extraction)
   out_dir = os.path.join(root, "eval")
   video_dir = os.path.join(out_dir, "videos", stem)
   for old in glob.glob(os.path.join(video_dir, "episode_*.gif")):
@@ -93,9 +100,9 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
   algorithm = ck.learner.algorithm
   result = {
       **summary,
-      "label": label(algorithm, controller.beta, controller.temperature),
+      "label": label(algorithm, controller.beta, controller.temperature, controller.extraction),
       "env": env, "algorithm": algorithm, "architecture": ck.learner.architecture,
-      "beta": controller.beta, "temperature": controller.temperature,
+      "extraction": controller.extraction, "beta": controller.beta, "temperature": controller.temperature,
       "checkpoint_step": ck.step, "checkpoint": ck.path, "workdir": root,
       "video_episodes": int(video_episodes),
       "latency_ms": controller.latency_stats(),
@@ -170,6 +177,10 @@ def _define_flags():
   flags.DEFINE_integer("seed", None, "Episode i is reset from (seed, i) (default: eval.seed).")
   flags.DEFINE_float("beta", None, "Q-SFT beta (default: the run's learner.beta; 0 for BC). "
                      "Given explicitly, it is part of the output file name.")
+  flags.DEFINE_enum("extraction", None, ["p", "ratio"], "Q-SFT policy extraction (default: "
+                    "the run's learner.extraction): p = pi * exp(beta * p), ratio = pi * "
+                    "exp(beta * p / pi) on the support. Given explicitly, it is part of the "
+                    "output file name.")
   flags.DEFINE_float("temperature", 0.0, "0: argmax; > 0: sample.")
   flags.DEFINE_integer("checkpoint_step", None, "Step to evaluate (default: the latest).")
   flags.DEFINE_integer("video_episodes", None, "GIFs of the first N episodes "
@@ -189,7 +200,8 @@ def main(argv):
   try:
     result = run(f.workdir, env=f.env, episodes=f.episodes, seed=f.seed, beta=f.beta,
                  temperature=f.temperature, checkpoint_step=f.checkpoint_step,
-                 video_episodes=f.video_episodes, max_steps=f.max_steps, progress=f.progress)
+                 video_episodes=f.video_episodes, max_steps=f.max_steps, progress=f.progress,
+                 extraction=f.extraction)
   except (ValueError, OSError) as e:  # bad flags, checkpoint or env: one line, no traceback
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 1

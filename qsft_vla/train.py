@@ -43,6 +43,7 @@ from qsft_vla.tokenizers.text import TextTokenizer
 from qsft_vla.training import batches as batches_lib
 from qsft_vla.training import data_iterator
 from qsft_vla.training import metrics as metrics_lib
+from qsft_vla.training import q_gap
 
 CONFIG_JSON = "config.json"
 
@@ -171,10 +172,12 @@ def _filter_thresholds(setup: Setup) -> Optional[list[float]]:
   if cfg.learner.algorithm != "filtered_bc":
     return None
   from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
-  thresholds = [statistics.return_quantile(s, cfg.learner.filter_quantile) for s in setup.stats]
-  for d, t in zip(setup.data_dirs, thresholds):
-    logging.info("filtered BC: %s keeps episodes with return >= %.4g (quantile %.2f)", d, t,
-                 cfg.learner.filter_quantile)
+  thresholds = [statistics.filter_threshold(s, cfg.learner.filter_quantile) for s in setup.stats]
+  for d, t, s in zip(setup.data_dirs, thresholds, setup.stats):
+    q = s["episode_return"]["quantiles"]
+    kept = float(np.mean([float(q[k]) >= t for k in q]))  # on the 0.05 grid
+    logging.info("filtered BC: %s keeps episodes with return >= %.4g (quantile %.2f; about "
+                 "%.0f%% of the episodes)", d, t, cfg.learner.filter_quantile, 100 * kept)
   return thresholds
 
 
@@ -223,6 +226,8 @@ def train(cfg, workdir: str) -> dict[str, Any]:
                                  validate=tcfg.validate_data)
   prepare = batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len,
                                       _filter_thresholds(setup))
+  probe = q_gap.maybe_probe(
+      cfg, setup, batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len))
   meta = setup.meta()
   mngr = checkpoints.manager(checkpoints.directory(workdir), keep=tcfg.keep_checkpoints,
                              item_handlers=None)
@@ -272,6 +277,11 @@ def train(cfg, workdir: str) -> dict[str, Any]:
         progress.log(step, timing, metrics)
       if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps:
         save(step)
+        if probe is not None:
+          gap = probe(setup.learner.inference_params(state))
+          writer.write(step, gap)
+          logging.info("q gap at step %d: %s", step,
+                       ", ".join(f"{k[6:]} {v:.3f}" for k, v in gap.items()))
       if cfg.eval.every and (step % cfg.eval.every == 0 or step == tcfg.num_steps):
         progress.pause()
         writer.write(step, evaluate_in_sim(setup, state, step, workdir))

@@ -8,12 +8,14 @@ An episode is a plain dict of numpy arrays in our canonical RLDS layout
              "is_first": bool[T], "is_last": bool[T], "is_terminal": bool[T],
              "language_instruction": list[str] (length T)},
    "episode_metadata": {"episode_id": str, "source": str, "noise": float,
-                        "success": bool, "return": float}}
+                        "behavior": str, "success": bool, "return": float}}
 
 Step convention: step t holds o_t, the action a_t taken in it and the reward r_t
 that followed. The last step's action is a real action (as in Open X-Embodiment
 and users' files); `is_terminal` on it says the episode ended in a terminal
-state (success), not on a time limit. `noise` is -1 when unknown.
+state (success), not on a time limit. `noise` is -1 when unknown; `behavior`
+is the label of the behaviour that collected the episode (envs.behaviors,
+e.g. "noisy@0.5"), "" when unknown (datasets written before it existed lack it).
 
 `check_episode` is the one validator used by the generator, the converter and
 `data_tools.validate`; it raises DataError naming where and what. TF-free.
@@ -27,7 +29,7 @@ import numpy as np
 
 from qsft_vla.robot import RobotSpec
 
-METADATA_KEYS = ("episode_id", "source", "noise", "success", "return")
+METADATA_KEYS = ("episode_id", "source", "noise", "behavior", "success", "return")
 UNKNOWN_NOISE = -1.0
 
 

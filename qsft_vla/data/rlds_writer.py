@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from qsft_vla.data.episode import DataError, check_episode
+from qsft_vla.data.episode import METADATA_KEYS, DataError, check_episode
 from qsft_vla.robot import RobotSpec
 
 # Written beside the TFDS files: the robot the data was checked against and how
@@ -47,6 +47,7 @@ def episode_features(spec: RobotSpec, image_encoding: str = "png") -> tfds.featu
       "episode_id": tfds.features.Text(),
       "source": tfds.features.Text(),
       "noise": tfds.features.Scalar(dtype=np.float32),
+      "behavior": tfds.features.Text(),
       "success": tfds.features.Scalar(dtype=np.bool_),
       "return": tfds.features.Scalar(dtype=np.float32),
   }
@@ -148,13 +149,14 @@ class RLDSWriter:
 
 def _metadata(md: dict[str, Any], steps, where: str, index: int) -> dict[str, Any]:
   """Fills what the producer did not say: return from rewards, success from is_terminal."""
-  unknown = set(md) - {"episode_id", "source", "noise", "success", "return"}
+  unknown = set(md) - set(METADATA_KEYS)
   if unknown:
     raise DataError(where, f"unknown episode_metadata field(s) {sorted(unknown)}",
                     key="episode_metadata")
   return {"episode_id": str(md.get("episode_id", index)),
           "source": str(md.get("source", "")),
           "noise": np.float32(md.get("noise", -1.0)),
+          "behavior": str(md.get("behavior", "")),
           "success": np.bool_(md["success"] if "success" in md
                               else bool(np.asarray(steps["is_terminal"])[-1])),
           "return": np.float32(md["return"] if "return" in md else float(np.sum(steps["reward"])))}

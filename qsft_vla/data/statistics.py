@@ -228,6 +228,23 @@ def return_quantile(stats: dict[str, Any], q: float) -> float:
   return float(np.interp(q, grid, [table[str(g)] for g in RETURN_QUANTILES]))
 
 
+def filter_threshold(stats: dict[str, Any], q: float) -> float:
+  """The return at or above which filtered BC keeps an episode (keep: return >= it).
+
+  The q-quantile of episode returns, except where that quantile is the lowest
+  return while some episodes do better (e.g. sparse 0/1 rewards with half or
+  more of the episodes failed, where the median is 0): then ">= quantile" would
+  keep everything and filtered BC would silently be BC, so the threshold is
+  just above the lowest return and only the better episodes are kept. When all
+  returns are equal there is nothing to filter on and all are kept.
+  """
+  t = return_quantile(stats, q)
+  lo, hi = stats["episode_return"]["min"], stats["episode_return"]["max"]
+  if t <= lo < hi:
+    return float(np.nextafter(np.float32(lo), np.float32(np.inf)))
+  return t
+
+
 def rescale_reward_params(stats: dict[str, Any], gamma: float, mode: str) -> tuple[float, float]:
   """(scale, shift) so that `scale * r + shift` keeps Q in [0, 1] (QSFT.md).
 

@@ -46,16 +46,19 @@ def check_env_id(env_id: str) -> None:
     raise ValueError(f"unknown {prefix} name {name!r} in {env_id!r}; known: {', '.join(names)}")
 
 
+def adapter_class(env_id: str) -> type[SimEnv]:
+  """The SimEnv subclass for `env_id` (imports the simulator; checks the id)."""
+  check_env_id(env_id)
+  module_name, cls_name = _ADAPTERS[parse_env_id(env_id)[0]][:2]
+  return getattr(importlib.import_module(module_name), cls_name)
+
+
 def make_env(env_id: str, seed: int = 0, **kwargs) -> SimEnv:
   """The adapter for `env_id`; `seed` seeds resets called without one.
 
   kwargs go to the adapter: max_steps (both), camera and task_index (Meta-World).
   """
-  check_env_id(env_id)
-  prefix, name = parse_env_id(env_id)
-  module_name, cls_name = _ADAPTERS[prefix][:2]
-  cls = getattr(importlib.import_module(module_name), cls_name)
-  return cls(name, seed=seed, **kwargs)
+  return adapter_class(env_id)(parse_env_id(env_id)[1], seed=seed, **kwargs)
 
 
 def robot_config_for(env_id: str) -> str:
@@ -76,5 +79,5 @@ def robot_spec_for(env_id: str):
   return robot.RobotSpec.from_config(config.load_config_file(path).robot, where=path)
 
 
-__all__ = ["SimEnv", "make_env", "check_env_id", "known_names", "robot_config_for",
+__all__ = ["SimEnv", "adapter_class", "make_env", "check_env_id", "known_names", "robot_config_for",
            "robot_config_path", "robot_spec_for"]

@@ -15,6 +15,14 @@ probability of a uniformly random action). The bot is told the action that was
 really taken, so it replans around random actions (it plans to undo them); if
 it cannot (it raises on states it does not expect, e.g. after a random action
 opened a box), a fresh bot plans from the current state.
+
+Systematic behaviour "distractor" (envs.behaviors): the same bot on the same
+kind of mission for another object: the nearest object (Manhattan distance
+from the agent's start) that the mission's description does not match; for
+Open* another door; for PutNext* the object is put next to another fixed
+object. Its mission ends (systematic_done) when the distractor instruction is
+verified complete. Single-instruction levels only (GoTo*, Pickup*, Open*,
+PutNext*); an episode with no other object is rolled out by the plain bot.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import io
 import gymnasium as gym
 import minigrid  # noqa: F401  (registers the BabyAI-* levels)
 import numpy as np
+from minigrid.envs.babyai.core import verifier
 from minigrid.utils.baby_ai_bot import BabyAIBot
 from minigrid.wrappers import RGBImgPartialObsWrapper
 
@@ -45,6 +54,7 @@ class BabyAIEnv(SimEnv):
 
   robot_config = "robot_configs/babyai.py"
   action_dim = 1
+  SYSTEMATIC = {"distractor": False}
 
   def __init__(self, level: str, seed: int = 0, max_steps: int | None = None):
     super().__init__(f"babyai:{level}", seed)
@@ -73,6 +83,8 @@ class BabyAIEnv(SimEnv):
     self._steps_since_plan = 0
     self._last_action = None
     self._planned = None
+    self._bot_instrs = None    # a distractor mission for the bot; None = the real one
+    self._distractor_done = False
     self._obs = self._observation(obs)
     return self._obs
 
@@ -93,6 +105,8 @@ class BabyAIEnv(SimEnv):
     self._t += 1
     self._steps_since_plan += 1
     self._last_action = a
+    if self._bot_instrs is not None and self._bot_instrs.verify(a) == "success":
+      self._distractor_done = True
     # Success is the only terminal state with a positive reward (failures give 0).
     success = bool(terminated and env_reward > 0)
     truncated = not terminated and (truncated or self._t >= self.max_steps)
@@ -108,13 +122,37 @@ class BabyAIEnv(SimEnv):
       a = int(rng.integers(NUM_ACTIONS))
     return np.array([a], np.float32)
 
+  def random_action(self, rng: np.random.Generator) -> np.ndarray:
+    return np.array([int(rng.integers(NUM_ACTIONS))], np.float32)
+
+  def start_systematic(self, name, param, rng) -> None:
+    if name != "distractor":
+      super().start_systematic(name, param, rng)
+    self._bot_instrs = _distractor_instr(self._env.unwrapped, self.level)
+    self._bot, self._planned, self._distractor_done = None, None, False
+
+  def systematic_done(self) -> bool:
+    return self._distractor_done
+
+  def _new_bot(self) -> BabyAIBot:
+    """A bot planning for the mission, or for the distractor mission when one is set
+    (the bot reads the env's instructions only when it is made)."""
+    if self._bot_instrs is None:
+      return BabyAIBot(self._env)
+    u = self._env.unwrapped
+    saved, u.instrs = u.instrs, self._bot_instrs
+    try:
+      return BabyAIBot(self._env)
+    finally:
+      u.instrs = saved
+
   def _bot_action(self) -> int:
     if self._planned is not None and self._steps_since_plan == 0:
       return self._planned  # asked twice for the same state
     try:
       if self._bot is None or self._steps_since_plan > 1:
         # New episode, or steps the bot did not see: plan from the current state.
-        self._bot = BabyAIBot(self._env)
+        self._bot = self._new_bot()
         a = self._bot.replan(None)
       else:
         a = self._bot.replan(self._last_action)
@@ -122,7 +160,7 @@ class BabyAIEnv(SimEnv):
       # The bot's plan broke on an off-plan state (it asserts or raises
       # DisappearedBoxError); a fresh bot starts from what it sees now.
       try:
-        self._bot = BabyAIBot(self._env)
+        self._bot = self._new_bot()
         a = self._bot.replan(None)
       except Exception:  # pylint: disable=broad-except
         self._bot, a = None, int(self._env.unwrapped.actions.done)
@@ -143,6 +181,41 @@ class BabyAIEnv(SimEnv):
     if not self._closed:
       self._closed = True
       self._env.close()
+
+
+_NOT_OBJECTS = ("wall", "floor", "goal", "lava")
+
+
+def _distractor_instr(u, level: str):
+  """The mission's instruction retargeted to the nearest object it does not
+  describe, verifier reset on `u` (the unwrapped env); None when no such object."""
+  instrs = u.instrs
+  if isinstance(instrs, verifier.PutNextInstr):
+    target, make = instrs.desc_fixed, lambda d: verifier.PutNextInstr(instrs.desc_move, d)
+    exclude = list(instrs.desc_move.obj_set)
+  elif isinstance(instrs, (verifier.GoToInstr, verifier.PickupInstr, verifier.OpenInstr)):
+    target, make, exclude = instrs.desc, lambda d: type(instrs)(d), []
+  else:
+    raise ValueError(f"distractor behaviour: {level} has a {type(instrs).__name__} mission; "
+                     "only single GoTo/Pickup/Open/PutNext missions can be retargeted")
+  taken = {(o.type, o.color) for o in target.obj_set}
+  want_door = target.type == "door"
+  agent = np.asarray(u.agent_pos)
+  best, best_d = None, None
+  for i, obj in enumerate(u.grid.grid):
+    if obj is None or obj.type in _NOT_OBJECTS or (obj.type == "door") != want_door:
+      continue
+    if (obj.type, obj.color) in taken or any(obj is e for e in exclude):
+      continue
+    pos = np.array([i % u.grid.width, i // u.grid.width])
+    d = int(np.abs(pos - agent).sum())
+    if best_d is None or d < best_d:
+      best, best_d = obj, d
+  if best is None:
+    return None
+  instr = make(verifier.ObjDesc(best.type, best.color))
+  instr.reset_verifier(u)
+  return instr
 
 
 def _action_id(action) -> int:

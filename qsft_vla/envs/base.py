@@ -9,6 +9,8 @@ see the same observations, actions, rewards and episode ends:
   text = env.instruction             # the language instruction of this episode
   obs, reward, terminated, truncated, info = env.step(action)   # action: float32[D]
   action = env.expert_action(rng, noise)                        # noisy scripted expert
+  action = env.random_action(rng)                               # uniformly random
+  env.start_systematic("distractor", None, rng)  # after reset: expert_action errs systematically
   env.close()
 
 Rewards are sparse: 1.0 on the step that succeeds, 0.0 elsewhere. `terminated`
@@ -36,6 +38,8 @@ class SimEnv(abc.ABC):
   # Set by subclasses.
   robot_config: str = ""           # e.g. "robot_configs/babyai.py"
   action_dim: int = 0
+  # Systematic behaviours (envs.behaviors): name -> whether it takes a parameter.
+  SYSTEMATIC: dict[str, bool] = {}
 
   def __init__(self, env_id: str, seed: int):
     self.env_id = env_id
@@ -76,6 +80,21 @@ class SimEnv(abc.ABC):
     Returns float32[action_dim] inside the robot's action bounds: exactly what
     `step` should be given and what a dataset records.
     """
+
+  @abc.abstractmethod
+  def random_action(self, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random action inside the robot's bounds (float32[action_dim])."""
+
+  def start_systematic(self, name: str, param: float | None, rng: np.random.Generator) -> None:
+    """Until the next reset, `expert_action` carries out systematic behaviour `name`
+    (one of SYSTEMATIC): consistent mistakes, e.g. the expert aimed at the wrong goal."""
+    del param, rng
+    raise ValueError(f"{self.env_id} has no systematic behaviour {name!r}; known: "
+                     f"{', '.join(sorted(self.SYSTEMATIC)) or 'none'}")
+
+  def systematic_done(self) -> bool:
+    """The systematic behaviour has finished its own (wrong) goal: end the episode."""
+    return False
 
   @abc.abstractmethod
   def render(self) -> np.ndarray:

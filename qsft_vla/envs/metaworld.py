@@ -18,6 +18,13 @@ Expert: the task's scripted policy (metaworld.policies) plus Gaussian noise of
 std `noise` per dimension, clipped to [-1, 1] so the dataset holds exactly what
 was executed.
 
+Systematic behaviour "biased@CM" (envs.behaviors): the scripted policy sees
+the object and goal positions displaced by CM centimetres along BIAS_DIRECTION
+(one fixed horizontal direction, so it misses the same way every time). Its
+goal is finished (systematic_done) once the hand has stayed within 2 mm of
+where it was for 10 steps: it hovers at the wrong place instead of idling to
+the time limit.
+
 Rendering: multisampling, shadows and reflections are off (about 20x faster
 with software EGL: ~7 -> ~150 frames/s at 64x64; no visible loss at that size).
 The corner cameras are mounted upside down (their image "up" points down in the
@@ -50,6 +57,12 @@ DEFAULT_MAX_STEPS = 200
 ENV_MAX_STEPS = 500       # Meta-World's max_path_length: stepping past it raises
 TASK_SET_SEED = 0         # fixes MT1's 50 sampled configurations
 NUM_TASK_CONFIGS = 50
+# biased@CM: the positions the scripted policy sees move along this direction.
+BIAS_DIRECTION = np.array([1.0, 1.0, 0.0]) / np.sqrt(2.0)
+# State layout (MT1): hand xyz, gripper, object 1 xyz + quat, object 2 xyz + quat,
+# the same 18 of the previous frame, goal xyz.
+_POSITION_SLICES = (slice(4, 7), slice(11, 14), slice(22, 25), slice(29, 32), slice(36, 39))
+_HOVER_MM, _HOVER_STEPS = 2.0, 10
 
 # The scripted policies warn on every new process that their gains saturate the
 # action box; that is expected (the env clips, and so do we).
@@ -141,6 +154,7 @@ class MetaWorldEnv(SimEnv):
 
   robot_config = "robot_configs/metaworld.py"
   action_dim = 4
+  SYSTEMATIC = {"biased": True}
 
   def __init__(self, task: str, seed: int = 0, max_steps: int | None = None,
                camera: str = CAMERA, task_index: int | None = None):
@@ -185,6 +199,8 @@ class MetaWorldEnv(SimEnv):
     raw, _ = self._env.reset(seed=seed)
     self._t = 0
     self._succeeded = False
+    self._bias = None          # biased@CM: offset added to the positions the policy sees
+    self._still_steps = 0
     return self._observation(raw)
 
   @property
@@ -199,8 +215,11 @@ class MetaWorldEnv(SimEnv):
     a = np.asarray(action, np.float32).reshape(-1)
     if a.shape != (4,) or not np.isfinite(a).all():
       raise ValueError(f"Meta-World action must be 4 finite floats, got {a.tolist()!r}")
+    hand_before = self._raw_obs[:3].copy()
     raw, _, _, truncated, info = self._env.step(np.clip(a, -1.0, 1.0))
     self._t += 1
+    moved_mm = 1000.0 * float(np.linalg.norm(np.asarray(raw[:3]) - hand_before))
+    self._still_steps = self._still_steps + 1 if moved_mm < _HOVER_MM else 0
     success = bool(info.get("success", 0.0)) and not self._succeeded
     self._succeeded |= success
     truncated = not success and (truncated or self._t >= self._max_steps)
@@ -209,9 +228,26 @@ class MetaWorldEnv(SimEnv):
   # --- expert ------------------------------------------------------------- #
 
   def expert_action(self, rng: np.random.Generator, noise: float) -> np.ndarray:
-    a = np.asarray(self._policy.get_action(self._raw_obs), np.float64)
+    seen = self._raw_obs
+    if self._bias is not None:
+      seen = np.array(seen, np.float64)
+      for s in _POSITION_SLICES:
+        seen[s] += self._bias
+    a = np.asarray(self._policy.get_action(seen), np.float64)
     a = a + noise * rng.standard_normal(a.shape)
     return np.clip(a, -1.0, 1.0).astype(np.float32)
+
+  def random_action(self, rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(-1.0, 1.0, size=4).astype(np.float32)
+
+  def start_systematic(self, name, param, rng) -> None:
+    if name != "biased":
+      super().start_systematic(name, param, rng)
+    self._bias = BIAS_DIRECTION * (float(param) / 100.0)
+    self._still_steps = 0
+
+  def systematic_done(self) -> bool:
+    return self._bias is not None and self._still_steps >= _HOVER_STEPS
 
   # --- frames ------------------------------------------------------------- #
 

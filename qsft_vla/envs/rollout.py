@@ -19,9 +19,18 @@ from qsft_vla.envs.base import Observation, SimEnv
 
 
 def record_episode(env: SimEnv, seed: int, act: Callable[[Observation], np.ndarray], *,
-                   episode_id: str = "", noise: float = UNKNOWN_NOISE) -> dict[str, Any]:
-  """Resets `env` with `seed` and steps it with `act(obs)` until the episode ends."""
+                   episode_id: str = "", noise: float = UNKNOWN_NOISE, behavior: str = "",
+                   start: Callable[[], None] | None = None,
+                   stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+  """Resets `env` with `seed` and steps it with `act(obs)` until the episode ends.
+
+  `start()` runs right after the reset; `stop()` after every step that did not
+  end the episode: True ends it there, truncated (a behaviour that finished its
+  own goal). `behavior` is recorded in the metadata.
+  """
   obs = env.reset(seed)
+  if start is not None:
+    start()
   instruction = env.instruction
   frames: dict[str, list[np.ndarray]] = {k: [] for k in obs}
   actions, rewards = [], []
@@ -34,7 +43,7 @@ def record_episode(env: SimEnv, seed: int, act: Callable[[Observation], np.ndarr
     obs, reward, terminated, truncated, info = env.step(action)
     rewards.append(reward)
     success = bool(info.get("success", False))
-    if terminated or truncated:
+    if terminated or truncated or (stop is not None and stop()):
       break
   length = len(actions)
   t = np.arange(length)
@@ -49,5 +58,5 @@ def record_episode(env: SimEnv, seed: int, act: Callable[[Observation], np.ndarr
       "language_instruction": [instruction] * length,
   }
   metadata = {"episode_id": episode_id, "source": env.env_id, "noise": float(noise),
-              "success": success, "return": float(np.sum(steps["reward"]))}
+              "behavior": behavior, "success": success, "return": float(np.sum(steps["reward"]))}
   return {"steps": steps, "episode_metadata": metadata}

@@ -80,7 +80,7 @@ P_HEAD = "head_1"
 NEG_INF = policy.NEG_INF
 BATCH_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
               "text_ids", "text_mask", "action_tokens", "reward", "terminal", "has_next",
-              "episode_return", "keep")
+              "return_to_go", "episode_return", "keep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +88,13 @@ class LearnerConfig:
   """Defaults from QSFT.md / the paper (Table 4, chess/wordle column)."""
   algorithm: str = "qsft"
   beta: float = 1.0                 # inference only; stored for the controller
+  extraction: str = "p"             # inference: "p" (paper) | "ratio" (policy.reweighted_logits)
+  ratio_beta: float = 1.0           # inference: beta of the "ratio" extraction
+  ratio_eps: float = 0.01           # inference: support threshold of the "ratio" extraction
   gamma: float = 0.99
   eps: float = targets.DEFAULT_EPS  # support threshold on pi_phi
   clip_weights: bool = True
+  mc_lower_bound: bool = False      # w = max(Bellman target, return-to-go G_t) (QSFT.md)
   residual: str = "dummy"
   polyak_alpha: float = 0.005
   lr_pi: float = 1e-4
@@ -106,7 +110,8 @@ class LearnerConfig:
 
   def __post_init__(self):
     for name, allowed in (("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
-                          ("architecture", ARCHITECTURES), ("residual", losses.RESIDUALS)):
+                          ("architecture", ARCHITECTURES), ("residual", losses.RESIDUALS),
+                          ("extraction", policy.EXTRACTIONS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"LearnerConfig.{name} must be one of {allowed}, "
                          f"got {getattr(self, name)!r}")
@@ -116,6 +121,17 @@ class LearnerConfig:
       raise ValueError(f"polyak_alpha must be in [0, 1], got {self.polyak_alpha}")
     if self.pi_steps < 0:
       raise ValueError(f"pi_steps must be >= 0, got {self.pi_steps}")
+    for name in ("beta", "ratio_beta"):
+      v = getattr(self, name)
+      if not (np.isfinite(v) and 0.0 <= v <= 1e6):
+        raise ValueError(f"{name} must be a finite number in [0, 1e6], got {v}")
+    if not 0.0 <= self.ratio_eps < 1.0:
+      raise ValueError(f"ratio_eps must be in [0, 1), got {self.ratio_eps}")
+
+  @property
+  def inference_beta(self) -> float:
+    """The beta of the configured extraction."""
+    return self.ratio_beta if self.extraction == "ratio" else self.beta
 
   @property
   def uses_p(self) -> bool:
@@ -271,6 +287,9 @@ class Learner:
     missing = [k for k in BATCH_KEYS[:10] if k not in out]
     if missing:
       raise ValueError(f"batch misses keys {missing}; got {sorted(batch)}")
+    if check_filter and self.config.uses_p and self.config.mc_lower_bound \
+        and "return_to_go" not in out:
+      raise ValueError("mc_lower_bound needs a batch field 'return_to_go'")
     filtered = check_filter and self.config.algorithm == "filtered_bc"
     if filtered and not ("episode_return" in out or "keep" in out):
       raise ValueError("filtered_bc needs a batch field 'episode_return' or 'keep'")
@@ -344,8 +363,10 @@ class Learner:
       pi_sg = jax.lax.stop_gradient(pi_logits)
       r_within = targets.support_ratio_max(pi_sg, tgt_now, self.valid, cfg.eps)
       r_next = targets.support_ratio_max(pi_next[:, 0], tgt_next[:, 0], self.valid[0], cfg.eps)
-      w, td_mask = targets.bellman_weights(r_within, r_next, batch["reward"], batch["terminal"],
-                                           batch["has_next"], cfg.gamma, cfg.clip_weights)
+      w, td_mask = targets.bellman_weights(
+          r_within, r_next, batch["reward"], batch["terminal"], batch["has_next"], cfg.gamma,
+          cfg.clip_weights,
+          return_to_go=batch["return_to_go"] if cfg.mc_lower_bound else None)
       loss_p, wmetrics = losses.weighted_cross_entropy(
           p_logits, tokens, w, residual=cfg.residual, dummy_id=self.dummy_id,
           valid_mask=self.valid, mask=td_mask)

@@ -1,8 +1,13 @@
 """Inference-time Q-SFT policy: beta-reweighting of pi_phi by p_theta (QSFT.md, "Inference").
 
-pi_hat(b|x) ~ pi_phi(b|x) * exp(beta * p_theta(b|x)), computed per token in log
-space over the valid bins of the dimension being decoded. The controller
-decodes the D dimensions autoregressively, one call per token position.
+Two extractions (QSFT.md, "Policy extraction"), per token in log space over the
+valid bins of the dimension being decoded:
+  "p" (the paper's, default):  pi_hat(b|x) ~ pi_phi(b|x) * exp(beta * p_theta(b|x))
+  "ratio":  pi_hat(b|x) ~ pi_phi(b|x) * exp(beta * p_theta(b|x) / pi_phi(b|x)) over
+            the support pi_phi(b|x) > eps: the implied Q = p / pi, so actions are
+            ranked by value rather than by frequency times value (the
+            KL-regularised improvement step of AWR / AWAC).
+The controller decodes the D dimensions autoregressively, one call per token position.
 """
 
 from __future__ import annotations
@@ -34,17 +39,36 @@ def mask_logits(logits, allowed):
   return jnp.where(jnp.asarray(allowed, bool), logits, NEG_INF)
 
 
-def reweighted_logits(pi_logits, p_logits, beta, valid_mask):
-  """log_softmax(pi_phi)(x) + beta * softmax(p_theta)(x) on valid ids, -inf elsewhere.
+EXTRACTIONS = ("p", "ratio")
 
+
+def reweighted_logits(pi_logits, p_logits, beta, valid_mask, extraction="p",
+                      eps=targets.DEFAULT_EPS):
+  """The reweighted policy's logits on valid ids, -inf elsewhere. float32[..., V].
+
+  extraction "p":     log_softmax(pi_phi) + beta * softmax(p_theta).
+  extraction "ratio": log_softmax(pi_phi) + beta * softmax(p_theta) / softmax(pi_phi)
+                      on the valid ids with pi_phi > eps; if none is, the valid id
+                      of largest pi_phi alone (as support_ratio_max falls back).
   Both softmaxes run over the full vocabulary (as in training); the dummy and
   any non-action id must be False in `valid_mask` (bool broadcastable to
-  [..., V]). beta = 0 gives behaviour cloning. Returns float32[..., V].
+  [..., V]). beta = 0 gives behaviour cloning with either extraction.
   """
+  if extraction not in EXTRACTIONS:
+    raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
   log_pi = jax.nn.log_softmax(jnp.asarray(pi_logits, jnp.float32), axis=-1)
-  p = jax.nn.softmax(jnp.asarray(p_logits, jnp.float32), axis=-1)
-  logits = log_pi + jnp.asarray(beta, jnp.float32) * p
-  return jnp.where(jnp.asarray(valid_mask, bool), logits, -jnp.inf)
+  log_p = jax.nn.log_softmax(jnp.asarray(p_logits, jnp.float32), axis=-1)
+  valid = jnp.broadcast_to(jnp.asarray(valid_mask, bool), log_pi.shape)
+  beta = jnp.asarray(beta, jnp.float32)
+  if extraction == "p":
+    return jnp.where(valid, log_pi + beta * jnp.exp(log_p), -jnp.inf)
+  support = valid & (log_pi > jnp.log(jnp.asarray(eps, jnp.float32)))
+  best = jnp.argmax(jnp.where(valid, log_pi, -jnp.inf), axis=-1)
+  only_best = jnp.arange(log_pi.shape[-1]) == best[..., None]
+  support = jnp.where(jnp.any(support, axis=-1, keepdims=True), support, only_best & valid)
+  # The exponent is clipped so a huge beta * ratio cannot overflow to inf - inf.
+  score = jnp.clip(beta * jnp.exp(jnp.minimum(log_p - log_pi, 30.0)), -1e30, 1e30)
+  return jnp.where(support, log_pi + score, -jnp.inf)
 
 
 def select(logits, temperature, rng=None):

@@ -63,7 +63,8 @@ def support_ratio_max(pi_logits, p_target_logits, valid_mask, eps=DEFAULT_EPS):
   return jnp.exp(jnp.where(jnp.any(support, axis=-1), best, fallback))
 
 
-def bellman_weights(R_within, R_next_first, reward, terminal, has_next, gamma, clip=True):  # pylint: disable=invalid-name
+def bellman_weights(R_within, R_next_first, reward, terminal, has_next, gamma, clip=True,  # pylint: disable=invalid-name
+                    return_to_go=None):
   """Per-token Q-SFT weights w[B, D] and the mask of tokens that have a target.
 
   Args:
@@ -79,6 +80,11 @@ def bellman_weights(R_within, R_next_first, reward, terminal, has_next, gamma, c
     has_next: bool[B]; False on an episode's last step (no s').
     gamma: discount, applied once per control step.
     clip: clip w to [0, 1] (QSFT.md default; the author's code does not clip).
+    return_to_go: optional float[B], the observed discounted return G_t from
+      step t (same gamma, rescaled rewards): the Monte-Carlo lower bound
+      (QSFT.md, "Optional"): every token's weight becomes max(w, G_t), before
+      clipping. It also applies where the bootstrap is dropped (truncated
+      ends), but those tokens stay masked.
 
   Returns:
     w: float32[B, D], stop-gradient.
@@ -98,6 +104,8 @@ def bellman_weights(R_within, R_next_first, reward, terminal, has_next, gamma, c
   # where, not multiply: a stale R_next_first (e.g. inf) must not leak via 0 * inf.
   last = reward + jnp.where(bootstrap, gamma * jnp.asarray(R_next_first, jnp.float32), 0.0)
   w = jnp.concatenate([r_within[:, 1:], last[:, None]], axis=1)
+  if return_to_go is not None:
+    w = jnp.maximum(w, jnp.asarray(return_to_go, jnp.float32)[:, None])
   if clip:
     w = jnp.clip(w, 0.0, 1.0)
   truncated = ~terminal & ~has_next

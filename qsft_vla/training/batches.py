@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 LEARNER_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
-                "action_tokens", "reward", "terminal", "has_next")
+                "action_tokens", "reward", "terminal", "has_next", "return_to_go")
 _CACHE_LIMIT = 100_000  # distinct instructions kept; beyond that the cache restarts
 
 

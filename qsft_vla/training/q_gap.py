@@ -1,0 +1,144 @@
+"""The Q-gap diagnostic (QSFT.md, "Diagnostic: the Q gap"), logged during training.
+
+p_theta / pi_phi at a dataset token estimates Q(s, a) on the support. On a fixed
+slice of episodes whose metadata names the behaviour that collected them
+(data_tools.generate), the mean implied Q of the expert's steps minus that of
+the other behaviours' steps says whether the model separates good actions from
+bad ones, long before a rollout does. Also reported, per behaviour:
+  q_gap/q_<label>            mean implied Q of its steps (mean over the step's tokens)
+  q_gap/agree_pi             share of expert steps where argmax pi_phi is the expert's action
+                             (also for BC and filtered BC)
+  q_gap/agree_policy         the same for the controller's policy (extraction and beta of
+                             the run; all D tokens teacher-forced)
+  q_gap/gap                  q_expert - q_others
+The slice is `eval.q_gap_split` of the (first) dataset, read once, up to
+`eval.q_gap_examples` steps; hold it out of training with `data.split`
+(e.g. data.split="train[:95%]", eval.q_gap_split="train[95%:]").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qsft_vla.learning import policy
+
+EXPERT = "expert"
+
+
+def episode_behaviors(data_dir: str) -> dict[int, str]:
+  """{episode index in file order: behaviour label} of a dataset's "train" split
+  ({} when its metadata has no `behavior`, e.g. converted data)."""
+  from qsft_vla.data import rlds_reader  # pylint: disable=g-import-not-at-top  (TF)
+  builder = rlds_reader.open_builder(data_dir)
+  features = builder.info.features
+  if "episode_metadata" not in features or "behavior" not in features["episode_metadata"]:
+    return {}
+  ds = builder.as_dataset(split="train", shuffle_files=False)
+  ds = ds.map(lambda ep: ep["episode_metadata"]["behavior"])
+  return {i: b.decode("utf-8") for i, b in enumerate(ds.as_numpy_iterator())}
+
+
+class QGapProbe:
+  """Reads the slice once; `__call__(params)` returns the q_gap/* scalars."""
+
+  def __init__(self, cfg, setup, prepare, split: str, max_examples: int, batch_size: int = 256):
+    from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top  (TF)
+    self.learner = setup.learner
+    self.labels_by_episode = episode_behaviors(setup.data_dirs[0])
+    self.batches: list[dict[str, Any]] = []
+    self.labels: list[np.ndarray] = []
+    if EXPERT not in set(self.labels_by_episode.values()):
+      return  # nothing to compare against
+    probe_cfg = cfg.copy_and_resolve_references()
+    with probe_cfg.unlocked():
+      probe_cfg.data.dir = setup.data_dirs[0]
+      probe_cfg.data.weights = None
+      probe_cfg.data.split = split
+    it = pipeline.as_numpy_batches(probe_cfg, setup.spec, setup.action_tokenizer,
+                                   batch_size=batch_size, seed=0, train=False, validate=False)
+    seen = 0
+    for raw in it:
+      if seen >= max_examples:
+        break
+      take = min(len(raw["reward"]), max_examples - seen)
+      raw = jax.tree_util.tree_map(lambda x: x[:take], raw)  # nested (observation)
+      batch = prepare(raw)
+      self.batches.append({k: batch[k] for k in ("observation", "history_mask", "text_ids",
+                                                 "text_mask", "action_tokens")})
+      self.labels.append(np.asarray([self.labels_by_episode.get(int(e), "")
+                                     for e in raw["episode_index"]]))
+      seen += take
+    lc = setup.learner_config
+    self._extraction, self._eps = lc.extraction, lc.ratio_eps
+    self._beta = lc.inference_beta
+    self._fn = jax.jit(self._per_step)
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.batches)
+
+  def _per_step(self, params, batch):
+    lrn = self.learner
+    args = (batch["observation"], batch["history_mask"], batch["text_ids"], batch["text_mask"],
+            batch["action_tokens"], None)
+    if "shared" in params:
+      out = lrn._apply(params["shared"], *args)  # pylint: disable=protected-access
+      pi_logits, p_logits = out[0], out[1]
+    else:
+      pi_logits = lrn._apply(params["pi"], *args)  # pylint: disable=protected-access
+      # BC / filtered BC: no p_theta; only agree_pi means anything then.
+      p_logits = lrn._apply(params["p"], *args) if "p" in params else pi_logits  # pylint: disable=protected-access
+    pi_logits, p_logits = lrn.mask_pi_logits(pi_logits), lrn.mask_p_logits(p_logits)
+    tok = jnp.asarray(batch["action_tokens"], jnp.int32)[..., None]
+    log_pi = jnp.take_along_axis(jax.nn.log_softmax(pi_logits, -1), tok, -1)[..., 0]
+    log_p = jnp.take_along_axis(jax.nn.log_softmax(p_logits, -1), tok, -1)[..., 0]
+    q = jnp.mean(jnp.exp(log_p - log_pi), axis=-1)                           # [B]
+    agree_pi = jnp.all(jnp.argmax(pi_logits, -1) == tok[..., 0], axis=-1)
+    logits = policy.reweighted_logits(pi_logits, p_logits, self._beta, lrn.valid,
+                                      self._extraction, self._eps)
+    agree_policy = jnp.all(jnp.argmax(logits, -1) == tok[..., 0], axis=-1)
+    return q, agree_pi, agree_policy
+
+  def __call__(self, params: Mapping[str, Any]) -> dict[str, float]:
+    """params: Learner.inference_params."""
+    if not self.enabled:
+      return {}
+    has_p = "p" in params or "shared" in params
+    outs = [jax.device_get(self._fn(params, b)) for b in self.batches]
+    q = np.concatenate([o[0] for o in outs])
+    agree_pi = np.concatenate([o[1] for o in outs])
+    agree_policy = np.concatenate([o[2] for o in outs])
+    labels = np.concatenate(self.labels)
+    return summarize(q if has_p else None, agree_pi, agree_policy if has_p else None, labels)
+
+
+def summarize(q, agree_pi, agree_policy, labels) -> dict[str, float]:
+  """The q_gap/* scalars from per-step implied Q, agreements and behaviour labels
+  (q and agree_policy None without p_theta)."""
+  out: dict[str, float] = {}
+  expert = labels == EXPERT
+  if expert.any():
+    out["q_gap/agree_pi"] = float(np.mean(agree_pi[expert]))
+  if q is None:
+    return out
+  for label in sorted(set(labels.tolist())):
+    if label:
+      out[f"q_gap/q_{label}"] = float(np.mean(q[labels == label]))
+  others = ~expert & (labels != "")
+  if expert.any() and others.any():
+    out["q_gap/gap"] = float(np.mean(q[expert]) - np.mean(q[others]))
+  if expert.any():
+    out["q_gap/agree_policy"] = float(np.mean(agree_policy[expert]))
+  return out
+
+
+def maybe_probe(cfg, setup, prepare) -> Optional[QGapProbe]:
+  """The probe when eval.q_gap_split is set and the data has expert episodes, else None."""
+  if not cfg.eval.q_gap_split:
+    return None
+  probe = QGapProbe(cfg, setup, prepare, cfg.eval.q_gap_split, int(cfg.eval.q_gap_examples))
+  return probe if probe.enabled else None
