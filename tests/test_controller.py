@@ -40,7 +40,9 @@ def controller(path, **kwargs):
   if key not in _CONTROLLERS:
     _CONTROLLERS[key] = Controller.load(path, **kwargs)
   ctrl = _CONTROLLERS[key]
-  ctrl.beta = kwargs.get("beta", ctrl.learner_config.beta if ctrl.has_p else 0.0)
+  run_beta = (ctrl.learner_config.ratio_beta if ctrl.extraction == "ratio"
+              else ctrl.learner_config.beta)
+  ctrl.beta = kwargs.get("beta", run_beta if ctrl.has_p else 0.0)
   ctrl.temperature = kwargs.get("temperature", 0.0)
   ctrl.reset_latency_stats()
   return ctrl
@@ -81,7 +83,7 @@ def load_reference(path):
   return _LOADED[path]
 
 
-def reference_tokens(path, obs, history_mask, beta):
+def reference_tokens(path, obs, history_mask, beta, extraction="p"):
   """Greedy decoding by teacher forcing (model __call__), masks and reweighting
   written out in numpy: position j takes the argmax given the tokens before it."""
   ck, apply = load_reference(path)
@@ -103,8 +105,14 @@ def reference_tokens(path, obs, history_mask, beta):
     pi_ok = np.arange(mc.output_size) < bins
     p_ok = pi_ok | (np.arange(mc.output_size) == mc.dummy_id)
     pi, p = np.where(pi_ok, pi, -1e9), np.where(p_ok, p, -1e9)
-    score = _log_softmax(pi) + beta * np.exp(_log_softmax(p))
-    tokens[0, j] = int(np.argmax(np.where(pi_ok, score, -np.inf)))
+    log_pi, log_p = _log_softmax(pi), _log_softmax(p)
+    if extraction == "p":
+      score = np.where(pi_ok, log_pi + beta * np.exp(log_p), -np.inf)
+    else:  # the implied Q = p / pi over the support pi > ratio_eps
+      support = pi_ok & (log_pi > np.log(ck.learner.ratio_eps))
+      ratio = np.exp(np.where(support, log_p - log_pi, 0.0))
+      score = np.where(support, log_pi + beta * ratio, -np.inf)
+    tokens[0, j] = int(np.argmax(score))
   return tokens[0]
 
 
@@ -131,6 +139,25 @@ def test_tokens_equal_teacher_forced_argmax(ckpt_dir, robot, architecture):
         reweighting_changed_a_token = True
   assert reweighting_changed_a_token  # p_theta takes part, not just pi_phi
   assert ctrl._act_fn._cache_size() == compiled  # beta is traced: no recompilation
+
+
+def test_ratio_extraction_equals_teacher_forced_argmax(ckpt_dir):
+  path = ckpt_dir("babyai", "qsft", "separate")
+  ck, _ = load_reference(path)
+  ctrl = controller(path, extraction="ratio")
+  assert ctrl.extraction == "ratio" and ctrl.beta == ck.learner.ratio_beta
+  rng = np.random.RandomState(1)
+  frames = [random_observation(ctrl.spec, rng) for _ in range(3)]
+  windows = pipeline_windows(frames, ck.model_config.window)
+  for beta in (0.0, 3.0, 1000.0):
+    ctrl.beta = beta
+    ctrl.reset(INSTRUCTION)
+    for frame, (obs, mask) in zip(frames, windows):
+      got = ctrl.action_tokenizer.encode(ctrl.act(frame))
+      np.testing.assert_array_equal(got, reference_tokens(path, obs, mask, beta, "ratio"),
+                                    err_msg=f"beta={beta}")
+  with pytest.raises(ValueError, match="extraction"):
+    controller(path, extraction="softmax")
 
 
 def test_bc_checkpoint_is_pure_pi_and_refuses_beta(ckpt_dir):

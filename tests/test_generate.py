@@ -63,6 +63,7 @@ def test_dataset_is_valid_with_mixed_noise_metadata(two_runs, babyai_spec):
     check_episode(ep, babyai_spec, f"episode {i}")
     md, steps = ep["episode_metadata"], ep["steps"]
     assert md["noise"] == pytest.approx(NOISE[i % 3])
+    assert md["behavior"] == ("expert" if NOISE[i % 3] == 0 else f"noisy@{NOISE[i % 3]:g}")
     assert md["episode_id"] == f"{i:06d}" and md["source"] == BABYAI
     assert md["return"] == pytest.approx(float(steps["reward"].sum()))
     assert md["success"] == bool(steps["reward"][-1] == 1.0)
@@ -70,16 +71,16 @@ def test_dataset_is_valid_with_mixed_noise_metadata(two_runs, babyai_spec):
     assert steps["observation"]["image"].shape[1:] == (56, 56, 3)
   assert summary["episodes"] == 4 and summary["steps"] == sum(len(e["steps"]["action"])
                                                               for e in episodes)
-  assert set(summary["per_noise"]) == set(NOISE)
-  assert [p["episodes"] for p in summary["per_noise"].values()] == [2, 1, 1]  # round-robin
-  assert summary["per_noise"][0.0]["success_rate"] == 1.0
+  assert list(summary["per_behavior"]) == ["expert", "noisy@0.5", "noisy@1"]
+  assert [p["episodes"] for p in summary["per_behavior"].values()] == [2, 1, 1]  # round-robin
+  assert summary["per_behavior"]["expert"]["success_rate"] == 1.0
   assert summary["bytes"] > 0 and summary["bytes_per_1k_steps"] > 0
   assert summary["env_steps_per_s"] > 0
   with open(os.path.join(summary["out"], PROVENANCE_FILE)) as f:
     prov = json.load(f)["provenance"]
   assert prov["env"] == BABYAI and prov["noise"] == NOISE and prov["seed"] == 3
   assert os.path.exists(summary["stats_path"])
-  assert "noise 0.5: 1 episodes" in gen.format_summary(summary)
+  assert "noisy@0.5: 1 episodes" in gen.format_summary(summary)
 
 
 def test_failure_mid_generation_leaves_nothing(tmp_path, monkeypatch):
@@ -128,6 +129,9 @@ def test_existing_out_needs_overwrite(tmp_path):
     ({"env_id": "pybullet:kuka"}, "known prefix"),
     ({"noise_levels": [0.1, -1.0]}, "noise"),
     ({"noise_levels": []}, "noise"),
+    ({"noise_levels": [1.5]}, "probabilities"),
+    ({"behavior": "expert:1"}, "not both"),
+    ({"noise_levels": None, "behavior": "expert:1,biased@2:1"}, "unknown behaviour 'biased'"),
     ({"episodes": 0}, "episodes"),
     ({"seed": -1}, "seed"),
     ({"image_encoding": "webp"}, "image_encoding"),
@@ -193,7 +197,8 @@ def test_rollout_workers_are_tf_free():
       from data_tools import generate as gen
       gen._init_worker("babyai:BabyAI-GoToLocal-v0", None, 0)
       assert gen._WORKER_ERROR is None, gen._WORKER_ERROR
-      ep = gen._rollout_in_worker((0, 0.5))
+      from qsft_vla.envs.behaviors import Behavior
+      ep = gen._rollout_in_worker((0, Behavior("noisy", 0.5)))
       assert ep["episode_metadata"]["noise"] == 0.5
       print("WORKER TF-FREE OK")
   """)

@@ -277,6 +277,34 @@ def test_bandit_is_conservative_about_rare_actions():
   assert (np.asarray(policy.select(logits, 0.0)) == 0).all()
 
 
+def test_ratio_extraction_ranks_by_implied_q():
+  """pi * exp(beta * p / pi) on the support: with p = pi_beta Q, a* wins for every
+  beta above log(0.6/0.4) / (1.0 - 0.3) ~= 0.579, where the paper's form needs 1.84;
+  and it picks the rarer better action the paper's form never picks (0.9/0.1 bandit)."""
+  valid = np.array([True, True, False])
+  pi_logits, p_logits = _bandit((0.6, 0.4), (0.3, 1.0))
+
+  def pick(beta, pl=pi_logits, ql=p_logits, eps=1e-4):
+    return int(policy.select(policy.reweighted_logits(pl, ql, beta, valid, "ratio", eps), 0.0))
+  threshold = np.log(0.6 / 0.4) / (1.0 - 0.3)
+  assert pick(0.0) == 0 and pick(threshold - 0.03) == 0
+  assert pick(threshold + 0.03) == 1 and pick(1.0) == 1 and pick(1e6) == 1
+  rare_pi, rare_p = _bandit((0.9, 0.1), (0.5, 1.0))
+  # beta above log(0.9 / 0.1) / (1.0 - 0.5) ~= 4.39 picks the rare action a*.
+  assert pick(4.0, rare_pi, rare_p) == 0 and pick(5.0, rare_pi, rare_p) == 1
+  assert pick(50.0, rare_pi, rare_p, eps=0.2) == 0  # below the support threshold: never
+  # Nothing in the support: the most likely valid action alone.
+  assert pick(100.0, rare_pi, rare_p, eps=0.95) == 0
+  # Values: log pi + beta * p / pi on the support, -inf elsewhere.
+  out = np.asarray(policy.reweighted_logits(rare_pi, rare_p, 3.0, valid, "ratio", 0.2))
+  lp = _np_log_softmax(np.asarray(rare_pi))
+  ratio = np.exp(_np_log_softmax(np.asarray(rare_p)) - lp)
+  np.testing.assert_allclose(out[0], lp[0] + 3.0 * ratio[0], rtol=1e-5)
+  assert np.isneginf(out[1]) and np.isneginf(out[2])
+  with pytest.raises(ValueError, match="extraction"):
+    policy.reweighted_logits(rare_pi, rare_p, 1.0, valid, "q")
+
+
 # --------------------------------------------------------------------------- #
 # 4. The reward enters the last-dimension target.
 
@@ -382,6 +410,27 @@ def test_truncated_end_drops_only_the_bootstrap_token():
 
 # --------------------------------------------------------------------------- #
 # 7. Clipping, Polyak, the inference policy, jit.
+
+
+def test_monte_carlo_lower_bound():
+  """w = max(Bellman target, G_t) on every token, before clipping (QSFT.md, Optional)."""
+  r_within = np.array([[0.9, 0.2], [0.9, 0.6], [0.9, 0.1]], np.float32)
+  r_next = np.array([0.1, 0.1, 0.1], np.float32)
+  reward = np.array([0.0, 0.0, 1.0], np.float32)
+  terminal = np.array([False, False, True])
+  has_next = np.array([True, False, False])         # mid-episode, truncated end, success
+  g = np.array([0.5, 0.3, 1.0], np.float32)
+  w, td = targets.bellman_weights(r_within, r_next, reward, terminal, has_next, GAMMA,
+                                  clip=False, return_to_go=g)
+  np.testing.assert_allclose(np.asarray(w), [[0.5, 0.5], [0.6, 0.3], [1.0, 1.0]], rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(td), [[1, 1], [1, 0], [1, 1]])
+  plain, _ = targets.bellman_weights(r_within, r_next, reward, terminal, has_next, GAMMA,
+                                     clip=False)
+  np.testing.assert_allclose(np.asarray(plain)[0], [0.2, GAMMA * 0.1], rtol=1e-6)
+  # Zero returns change nothing; the bound never lowers a weight.
+  same, _ = targets.bellman_weights(r_within, r_next, reward, terminal, has_next, GAMMA,
+                                    clip=False, return_to_go=np.zeros(3))
+  np.testing.assert_allclose(np.asarray(same), np.asarray(plain))
 
 
 def test_clip_switch():

@@ -100,6 +100,30 @@ def test_known_answers(dataset, spec):
   json.dumps(s, allow_nan=False)  # plain JSON, as stored in checkpoints
 
 
+def _returns_stats(returns):
+  r = np.asarray(returns, np.float64)
+  return {"episode_return": {"min": float(r.min()), "max": float(r.max()),
+                             "quantiles": {str(q): float(np.quantile(r, q))
+                                           for q in statistics.RETURN_QUANTILES}}}
+
+
+def test_filter_threshold_keeps_the_better_episodes_when_most_fail():
+  """30% successes: the median return is the minimum (0); ">= median" would keep all."""
+  s = _returns_stats([0.0] * 70 + [1.0] * 30)
+  t = statistics.filter_threshold(s, 0.5)
+  assert 0.0 < t <= 1.0
+  returns = np.array([0.0] * 70 + [1.0] * 30)
+  assert np.mean(returns >= t) == pytest.approx(0.3)
+  assert statistics.filter_threshold(s, 0.8) == 1.0         # above the minimum: the quantile
+  # Mostly successes: the quantile itself (1.0) keeps the successes.
+  assert statistics.filter_threshold(_returns_stats([0.0] * 20 + [1.0] * 80), 0.5) == 1.0
+  # Continuous returns: the quantile.
+  cont = _returns_stats(np.linspace(0, 1, 101))
+  assert statistics.filter_threshold(cont, 0.5) == pytest.approx(0.5)
+  # All equal: nothing to filter on, all kept.
+  assert statistics.filter_threshold(_returns_stats([1.0] * 10), 0.5) == 1.0
+
+
 def test_success_without_metadata_is_terminal_with_positive_reward(spec):
   acc = statistics.Accumulator(spec)
   for i, ep in enumerate(hand_built(spec)):
