@@ -27,6 +27,7 @@ statistics are cached beside it (qsft_vla.data.statistics), as the converter doe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import multiprocessing
 import multiprocessing.util
@@ -157,7 +158,8 @@ def generate(env_id: str, episodes: int, noise_levels: Sequence[float] | None, s
              out: str, *, behavior: str | None = None, max_steps: int | None = None, workers: int | None = None,
              image_encoding: str = "png", overwrite: bool = False,
              episodes_per_shard: int = 100, compute_stats: bool = True, progress: bool = True,
-             provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+             provenance: dict[str, Any] | None = None,
+             disagreement_episodes: int = 0) -> dict[str, Any]:
   """Rolls out `episodes` noisy expert episodes of `env_id` and writes them to `out`.
 
   Args:
@@ -173,6 +175,9 @@ def generate(env_id: str, episodes: int, noise_levels: Sequence[float] | None, s
     workers: rollout processes (default: the CPUs available); 1 = in this process.
     image_encoding: "png" (lossless) or "jpeg".
     provenance: extra entries for the dataset's provenance file (e.g. all flags).
+    disagreement_episodes: estimate the mixture's greedy-behaviour disagreement
+      on this many noise-free expert episodes (envs.behaviors.greedy_disagreement;
+      0 = skip); it goes to the summary and the provenance file.
 
   Returns:
     The summary dict (format_summary prints it).
@@ -215,6 +220,11 @@ def generate(env_id: str, episodes: int, noise_levels: Sequence[float] | None, s
                                     "by seed" if behavior is not None else
                                     "episode i uses noise[i % len(noise)]")}
     record.update(provenance or {})
+    disagreement = None
+    if disagreement_episodes:
+      disagreement = _disagreement(env_id, max_steps, seed, [b for _, b in jobs], spec,
+                                   disagreement_episodes)
+      record["greedy_behavior_disagreement"] = disagreement
     name = re.sub(r"[^a-z0-9_]", "_", env_id.lower())
     acc = statistics.Accumulator(spec) if compute_stats else None
     first_episode_s = None
@@ -258,7 +268,19 @@ def generate(env_id: str, episodes: int, noise_levels: Sequence[float] | None, s
       "workers": workers, "wall_s": wall, "startup_s": first_episode_s or 0.0,
       "env_steps_per_s": steps / wall, "bytes": size,
       "bytes_per_1k_steps": size * 1000.0 / max(steps, 1), "stats_path": stats_path,
+      "greedy_behavior_disagreement": disagreement,
   }
+
+
+def _disagreement(env_id, max_steps, seed, assigned, spec, episodes) -> dict[str, float]:
+  """envs.behaviors.greedy_disagreement of the mixture as assigned (episode shares)."""
+  labels = sorted({b.label for b in assigned})
+  mixture = [dataclasses.replace(next(b for b in assigned if b.label == l),
+                                 weight=sum(b.label == l for b in assigned)) for l in labels]
+  bins = [d.bins for d in spec.action_dims]
+  kwargs = {} if max_steps is None else {"max_steps": max_steps}
+  with envs.make_env(env_id, seed=seed, **kwargs) as env:
+    return behaviors_lib.greedy_disagreement(env, mixture, episodes, seed, bins)
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -268,6 +290,11 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"  {label}: {p['episodes']} episodes, {p['steps']} steps, success rate "
                  f"{p['success_rate']:.3f}, mean length {p['mean_length']:.1f}, "
                  f"mean return {p['mean_return']:.3f}")
+  d = s.get("greedy_behavior_disagreement")
+  if d:
+    lines.append(f"  greedy-behaviour disagreement {d['disagreement']:.3f}: on {d['states']} "
+                 "states of noise-free expert episodes, the share where the mixture's most "
+                 "likely action is not the expert's")
   lines.append(f"  wall {s['wall_s']:.1f} s ({s['startup_s']:.1f} s to the first episode), "
                f"{s['env_steps_per_s']:.0f} env steps/s with {s['workers']} worker(s)")
   lines.append(f"  {s['bytes']:,} bytes on disk, {s['bytes_per_1k_steps']:,.0f} bytes per 1k steps")
@@ -280,7 +307,8 @@ def format_summary(s: dict[str, Any]) -> str:
 # Binary.
 
 _FLAG_NAMES = ("env", "episodes", "noise", "behavior", "seed", "out", "max_steps", "workers",
-               "image_encoding", "overwrite", "episodes_per_shard", "stats")
+               "image_encoding", "overwrite", "episodes_per_shard", "stats",
+               "disagreement_episodes")
 
 
 def _define_flags():
@@ -303,6 +331,8 @@ def _define_flags():
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out (only once complete).")
   flags.DEFINE_integer("episodes_per_shard", 100, "Episodes per TFRecord shard.")
   flags.DEFINE_bool("stats", True, "Compute and cache the dataset statistics.")
+  flags.DEFINE_integer("disagreement_episodes", 20, "Estimate the greedy-behaviour "
+                       "disagreement on this many noise-free expert episodes (0: skip).")
 
 
 def main(argv):
@@ -321,6 +351,7 @@ def main(argv):
         f.env, f.episodes, noise, f.seed, f.out, behavior=f.behavior, max_steps=f.max_steps, workers=f.workers,
         image_encoding=f.image_encoding, overwrite=f.overwrite,
         episodes_per_shard=f.episodes_per_shard, compute_stats=f.stats,
+        disagreement_episodes=f.disagreement_episodes,
         provenance={"flags": {n: f[n].value for n in _FLAG_NAMES}}))
 
   return cli.run("generate", work)

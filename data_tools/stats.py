@@ -8,6 +8,7 @@ while the dataset and the robot's key mapping are unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -21,6 +22,12 @@ def format_stats(s: dict[str, Any]) -> str:
            f"min {s['episode_length']['min']} / mean {s['episode_length']['mean']:.1f} / "
            f"max {s['episode_length']['max']}",
            f"success rate {s['success_rate']:.3f}, terminal rate {s['terminal_rate']:.3f}"]
+  per = s.get("per_behavior") or {}
+  if len(per) > 1 or (per and "" not in per):
+    for label, p in per.items():
+      lines.append(f"  {label or '(unlabelled)'}: {p['episodes']} episodes "
+                   f"({p['episodes'] / s['num_episodes']:.0%}), {p['steps']} steps "
+                   f"({p['steps'] / s['num_steps']:.0%}), success rate {p['success_rate']:.3f}")
   r = s["reward"]
   lines.append(f"reward min {r['min']:.4g}, max {r['max']:.4g}, mean {r['mean']:.4g}"
                f"{' (sparse 0/1)' if r['is_sparse_binary'] else ''}")
@@ -45,6 +52,21 @@ def format_stats(s: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _disagreement_line(data_dir: str) -> str:
+  """The generator's greedy-behaviour disagreement estimate, when it made one."""
+  from qsft_vla.data.rlds_writer import PROVENANCE_FILE  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(data_dir, PROVENANCE_FILE)) as f:
+      d = json.load(f)["provenance"].get("greedy_behavior_disagreement")
+  except (OSError, ValueError, KeyError, AttributeError):
+    return ""
+  if not d:
+    return ""
+  return (f"\ngreedy-behaviour disagreement {d['disagreement']:.3f} (data_tools.generate's "
+          f"estimate on {d['states']} states of noise-free expert episodes: the share where "
+          "the behaviour mixture's most likely action is not the expert's)")
+
+
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("data", None, "RLDS dataset directory.", required=True)
@@ -65,7 +87,8 @@ def main(argv):
                                        recompute=f.recompute)
     path = statistics.cache_path(f.data)
     cache = path if os.path.exists(path) else f"{path} (could not be written)"
-    return f"statistics of {f.data} (split {f.split}), cached at {cache}\n" + format_stats(stats)
+    text = f"statistics of {f.data} (split {f.split}), cached at {cache}\n" + format_stats(stats)
+    return text + _disagreement_line(f.data)
 
   return cli.run("stats", work)
 

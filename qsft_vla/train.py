@@ -176,8 +176,13 @@ def _filter_thresholds(setup: Setup) -> Optional[list[float]]:
   for d, t, s in zip(setup.data_dirs, thresholds, setup.stats):
     q = s["episode_return"]["quantiles"]
     kept = float(np.mean([float(q[k]) >= t for k in q]))  # on the 0.05 grid
-    logging.info("filtered BC: %s keeps episodes with return >= %.4g (quantile %.2f; about "
-                 "%.0f%% of the episodes)", d, t, cfg.learner.filter_quantile, 100 * kept)
+    lowest = s["episode_return"]["min"]
+    rule = (f"return > {lowest:.4g} (the {cfg.learner.filter_quantile:.2f} quantile is the "
+            "lowest return)" if t > lowest >= statistics.return_quantile(
+                s, cfg.learner.filter_quantile) else
+            f"return >= {t:.4g} (quantile {cfg.learner.filter_quantile:.2f})")
+    logging.info("filtered BC: %s keeps episodes with %s, about %.0f%% of them", d, rule,
+                 100 * kept)
   return thresholds
 
 

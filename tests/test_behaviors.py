@@ -155,3 +155,20 @@ def test_behavior_mixture_through_the_generator(tmp_path, babyai_spec):
   labels = [ep["episode_metadata"]["behavior"]
             for _, ep in rlds_reader.iterate_episodes(s["out"], babyai_spec)]
   assert labels == [b.label for _, b in gen.plan(BABYAI, 6, 0, behavior="expert:1,distractor:1")]
+
+
+def test_greedy_disagreement_known_answers():
+  env = make_env(BABYAI, seed=0)
+  try:
+    def d(text):
+      return bh.greedy_disagreement(env, parse(text), 8, 0, [7])
+    assert d("expert:1")["disagreement"] == 0.0
+    assert d("noisy@0.5:1,quitter@0.5:1")["disagreement"] == 0.0   # the expert stays the mode
+    # The distractor outweighs the expert: disagreement wherever its action differs, and
+    # never where they agree; outweighed, never.
+    heavy = d("expert:0.3,distractor:0.7")
+    assert heavy["disagreement"] == heavy["systematic_differs"] > 0.2
+    assert d("expert:0.7,distractor:0.3")["disagreement"] == 0.0
+    assert d("expert:0.25,distractor:0.6,random:0.15")["states"] == heavy["states"]
+  finally:
+    env.close()

@@ -11,14 +11,16 @@ robot config maps and shapes the keys) and recomputing otherwise. Layout:
    "reward": {"min", "max", "mean", "is_sparse_binary"},
    "episode_return": {"min", "max", "mean", "std",
                       "quantiles": {"0.0", "0.05", ..., "1.0"}},     # every 0.05
-   "episode_length": {"min", "max", "mean"}, "success_rate": float, "terminal_rate": float}
+   "episode_length": {"min", "max", "mean"}, "success_rate": float, "terminal_rate": float,
+   "per_behavior": {label: {"episodes", "steps", "success_rate"}}}   # from episode metadata
 
 Definitions: quantiles use np.quantile (linear) over all steps; std is the
 population std (ddof=0); an episode's return is its undiscounted reward sum.
 An episode counts as a success when its metadata says so (`success`, which our
 writer always stores); without that field, when its last step is terminal with
 a positive reward. `terminal_rate` is the fraction of episodes whose last step
-is terminal (the rest ended on a time limit). Only actions, states, rewards and
+is terminal (the rest ended on a time limit). `per_behavior` groups episodes by
+the metadata's `behavior` label (data_tools.generate), "" when it has none. Only actions, states, rewards and
 flags are kept in memory, never images. TF only through rlds_reader; the math
 is numpy.
 """
@@ -38,7 +40,7 @@ from qsft_vla.data import rlds_reader
 from qsft_vla.data.episode import DataError
 from qsft_vla.robot import RobotSpec
 
-VERSION = 2
+VERSION = 3
 STATS_FILE = "qsft_stats.json"
 # A 0.05 grid, so filtered BC can keep episodes above any return quantile
 # (return_quantile interpolates between grid points).
@@ -82,6 +84,7 @@ class Accumulator:
     self.lengths: list[int] = []
     self.successes: list[bool] = []
     self.terminals: list[bool] = []
+    self.behaviors: list[str] = []
     # State moments merged per episode (Chan et al.), so states are not kept.
     self._state_n = 0
     self._state_mean = self._state_m2 = self._state_min = self._state_max = None
@@ -109,6 +112,7 @@ class Accumulator:
     self.lengths.append(length)
     self.successes.append(success)
     self.terminals.append(terminal)
+    self.behaviors.append(str(md.get("behavior", "")))
     if self.spec.state_dim:
       state = np.asarray(steps["observation"]["state"], np.float64)
       if state.shape != (length, self.spec.state_dim):
@@ -164,6 +168,12 @@ class Accumulator:
                                "mean": float(lengths.mean())}
     stats["success_rate"] = float(np.mean(self.successes))
     stats["terminal_rate"] = float(np.mean(self.terminals))
+    labels = np.asarray(self.behaviors)
+    successes = np.asarray(self.successes)
+    stats["per_behavior"] = {
+        b: {"episodes": int(np.sum(labels == b)), "steps": int(lengths[labels == b].sum()),
+            "success_rate": float(successes[labels == b].mean())}
+        for b in sorted(set(self.behaviors))}
     return stats
 
 

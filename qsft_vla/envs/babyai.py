@@ -85,6 +85,7 @@ class BabyAIEnv(SimEnv):
     self._planned = None
     self._bot_instrs = None    # a distractor mission for the bot; None = the real one
     self._distractor_done = False
+    self._probe_instrs = _UNSET  # the probe's distractor, made on first use
     self._obs = self._observation(obs)
     return self._obs
 
@@ -133,6 +134,23 @@ class BabyAIEnv(SimEnv):
 
   def systematic_done(self) -> bool:
     return self._distractor_done
+
+  def systematic_probe(self, name, param) -> np.ndarray:
+    if name != "distractor":
+      return super().systematic_probe(name, param)
+    if self._probe_instrs is _UNSET:  # its target: nearest to the episode's start
+      self._probe_instrs = _distractor_instr(self._env.unwrapped, self.level)
+    if self._probe_instrs is None:
+      return np.array([self._bot_action()], np.float32)  # no other object: the plain bot
+    u = self._env.unwrapped
+    saved, u.instrs = u.instrs, self._probe_instrs
+    try:
+      a = int(BabyAIBot(self._env).replan(None))
+    except Exception:  # pylint: disable=broad-except
+      a = int(u.actions.done)
+    finally:
+      u.instrs = saved
+    return np.array([a], np.float32)
 
   def _new_bot(self) -> BabyAIBot:
     """A bot planning for the mission, or for the distractor mission when one is set
@@ -184,6 +202,7 @@ class BabyAIEnv(SimEnv):
 
 
 _NOT_OBJECTS = ("wall", "floor", "goal", "lava")
+_UNSET = object()
 
 
 def _distractor_instr(u, level: str):

@@ -92,6 +92,13 @@ class SimEnv(abc.ABC):
     raise ValueError(f"{self.env_id} has no systematic behaviour {name!r}; known: "
                      f"{', '.join(sorted(self.SYSTEMATIC)) or 'none'}")
 
+  def systematic_probe(self, name: str, param: float | None) -> np.ndarray:
+    """What systematic behaviour `name` would do in the current state (as if it had
+    started this episode), without changing what the env or its expert does."""
+    del param
+    raise ValueError(f"{self.env_id} has no systematic behaviour {name!r}; known: "
+                     f"{', '.join(sorted(self.SYSTEMATIC)) or 'none'}")
+
   def systematic_done(self) -> bool:
     """The systematic behaviour has finished its own (wrong) goal: end the episode."""
     return False

@@ -175,3 +175,81 @@ class EpisodeActor:
 
   def done(self) -> bool:
     return self.behavior.name not in GENERIC and self.env.systematic_done()
+
+
+def greedy_disagreement(env: SimEnv, mixture: Sequence[Behavior], episodes: int, seed: int,
+                        bins: Sequence[int]) -> dict[str, float]:
+  """How often the mixture's most likely action is not the expert's, on expert states.
+
+  Estimate: roll out `episodes` noise-free expert episodes (their own seed
+  stream) and at every state give each behaviour's action distribution its
+  mixture weight (episode shares; how often each behaviour would visit that
+  state is ignored), per action dimension over `bins` (the tokenizer's bins:
+  discrete ids, or equal-width bins of [-1, 1] for continuous dimensions):
+    expert                  all its weight on the expert's bin
+    noisy@P                 discrete: 1 - P on the expert's bin, P spread evenly;
+                            continuous: the Gaussian's mass in the expert's bin,
+                            the rest (spread) never outvotes a point mass
+    random                  spread evenly
+    quitter@F at step t     the expert until it quits, P(quit by t) = min(1, t / (F T)),
+                            then spread evenly
+    systematic              all its weight on its own action's bin (SimEnv.systematic_probe)
+  A state disagrees when, in any dimension, the bin with the most weight is not
+  the expert's. Returns {"disagreement", "states", "systematic_differs"}: the
+  share of disagreeing states, how many states, and how often a systematic
+  behaviour's own action differs from the expert's.
+  """
+  bins = np.asarray(bins)
+  weights = np.asarray([b.weight for b in mixture], np.float64)
+  weights = weights / weights.sum()
+  continuous = env.robot_config.endswith("metaworld.py")
+  states = disagree = differs = systematic_states = 0
+  for index in range(episodes):
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, 0x67726565]))  # "gree"
+    env.reset(int(rng.integers(2**31)))
+    for t in range(env.max_steps):
+      expert = np.asarray(env.expert_action(rng, 0.0), np.float64)
+      e_bin = _to_bins(expert, bins, continuous)
+      votes = np.zeros((len(bins), int(bins.max())))
+      for b, w in zip(mixture, weights):
+        spread = w / bins
+        if b.name == "expert":
+          votes[np.arange(len(bins)), e_bin] += w
+        elif b.name == "random":
+          votes += spread[:, None] * (np.arange(votes.shape[1]) < bins[:, None])
+        elif b.name in ("noisy", "quitter"):
+          if b.name == "noisy":
+            keep = _gaussian_bin_mass(b.param, bins) if continuous else np.full(len(bins),
+                                                                                 1 - b.param)
+          else:
+            keep = np.full(len(bins), 1.0 - min(1.0, t / (b.param * env.max_steps)))
+          votes[np.arange(len(bins)), e_bin] += w * keep
+          votes += (w * (1 - keep) / bins)[:, None] * (np.arange(votes.shape[1]) < bins[:, None])
+        else:
+          own = _to_bins(np.asarray(env.systematic_probe(b.name, b.param), np.float64), bins,
+                         continuous)
+          votes[np.arange(len(bins)), own] += w
+          systematic_states += 1
+          differs += bool(np.any(own != e_bin))
+      states += 1
+      disagree += bool(np.any(np.argmax(votes, axis=1) != e_bin))
+      _, _, terminated, truncated, _ = env.step(expert.astype(np.float32))
+      if terminated or truncated:
+        break
+  return {"disagreement": disagree / max(states, 1), "states": states,
+          "systematic_differs": differs / max(systematic_states, 1)}
+
+
+def _to_bins(action: np.ndarray, bins: np.ndarray, continuous: bool) -> np.ndarray:
+  if not continuous:
+    return action.astype(int).reshape(-1)
+  x = (np.clip(action.reshape(-1), -1.0, 1.0) + 1.0) / 2.0
+  return np.minimum((x * bins).astype(int), bins - 1)
+
+
+def _gaussian_bin_mass(std: float, bins: np.ndarray) -> np.ndarray:
+  """Mass of N(a, std) within a's bin, for a at the bin's centre (width 2 / bins)."""
+  if std <= 0:
+    return np.ones(len(bins))
+  half = (1.0 / bins) / (std * math.sqrt(2.0))
+  return np.asarray([math.erf(h) for h in half])

@@ -246,6 +246,15 @@ class MetaWorldEnv(SimEnv):
     self._bias = BIAS_DIRECTION * (float(param) / 100.0)
     self._still_steps = 0
 
+  def systematic_probe(self, name, param) -> np.ndarray:
+    if name != "biased":
+      return super().systematic_probe(name, param)
+    saved, self._bias = self._bias, BIAS_DIRECTION * (float(param) / 100.0)
+    try:
+      return self.expert_action(np.random.default_rng(0), 0.0)
+    finally:
+      self._bias = saved
+
   def systematic_done(self) -> bool:
     return self._bias is not None and self._still_steps >= _HOVER_STEPS
 

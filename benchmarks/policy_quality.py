@@ -1,0 +1,359 @@
+"""Policy quality: Q-SFT vs BC vs filtered BC on data where imitation fails.
+
+  .venv/bin/python benchmarks/policy_quality.py --size=small [--tasks=gotolocal,reach] \
+      [--seeds=0,1,2] [--workdir=runs/policy_quality] [--results=benchmarks/results]
+
+For every task: generate the dataset with a behaviour mixture whose most
+common behaviour is wrong (data_tools.generate --behavior), train every method
+for every seed through the training binary (python -m qsft_vla.train: same
+data, model, steps and training seed for all methods), and evaluate through
+qsft_vla.evaluate on the same episodes for every method.
+
+Streams of evaluation episodes (qsft_vla.evaluation.loop.eval_reset_seed):
+  validation (--val_seed): Q-SFT's inference hyperparameters, the extraction
+      ("p" or "ratio") and its beta, are chosen here, one choice per task
+      (best mean success over the training seeds); the beta sweep plot is this
+      stream.
+  test (--test_seed): every method is reported here, Q-SFT with the choice
+      made on validation only. Nothing is chosen on the test stream.
+The expert ceiling (the scripted expert, noise-free) and the dataset's success
+rate are reported beside them. Success vs training step comes from eval.every
+during training (validation stream, the run's configured extraction and beta).
+
+Resumable: every finished piece (dataset, training run, evaluation JSON) is
+kept under --workdir and skipped on the next run. Writes
+<results>/policy_quality_<size>.md (the table) and three PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from absl import app, flags, logging
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from qsft_vla import evaluate as evaluate_lib  # noqa: E402
+from qsft_vla.evaluation import loop, stats  # noqa: E402
+
+METHODS = ("qsft", "bc", "filtered_bc")
+NAMES = {"qsft": "Q-SFT", "bc": "BC", "filtered_bc": "filtered BC"}
+BETAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+EXTRACTIONS = ("p", "ratio")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  env: str
+  behavior: str           # the data's mixture: its most common behaviour is wrong
+
+  @property
+  def robot(self) -> str:
+    return "babyai" if self.env.startswith("babyai:") else "metaworld"
+
+
+# Mixtures: 25% expert episodes, 60% a systematic mistake, 15% uniformly random.
+_BABYAI_MIX = "expert:0.25,distractor:0.6,random:0.15"
+_MW_MIX = "expert:0.25,biased@8:0.6,random:0.15"
+TASKS = {
+    "gotolocal": Task("babyai:BabyAI-GoToLocal-v0", _BABYAI_MIX),
+    "pickuploc": Task("babyai:BabyAI-PickupLoc-v0", _BABYAI_MIX),
+    "reach": Task("metaworld:reach-v3", _MW_MIX),
+    "push": Task("metaworld:push-v3", _MW_MIX),
+    "pick_place": Task("metaworld:pick-place-v3", _MW_MIX),
+    "drawer_open": Task("metaworld:drawer-open-v3", _MW_MIX),
+}
+
+# Per size and robot: dataset episodes, training steps and batch, evaluation
+# episodes per stream, the time limit of data and evaluation (None: the env's).
+SIZES = {
+    "small": {"babyai": dict(episodes=4000, steps=4000, batch=64, eval_episodes=100,
+                             max_steps=None, every=1000),
+              "metaworld": dict(episodes=200, steps=1500, batch=32, eval_episodes=30,
+                                max_steps=120, every=500)},
+    "large": {"babyai": dict(episodes=8000, steps=20000, batch=128, eval_episodes=200,
+                             max_steps=None, every=2000),
+              "metaworld": dict(episodes=2000, steps=20000, batch=128, eval_episodes=100,
+                                max_steps=200, every=2000)},
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("size", "small", list(SIZES), "Dataset, training and evaluation sizes.")
+flags.DEFINE_list("tasks", list(TASKS), f"Tasks: {', '.join(TASKS)}.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
+flags.DEFINE_list("methods", list(METHODS), "Methods.")
+flags.DEFINE_string("workdir", "runs/policy_quality", "Datasets, runs and evaluations (kept; "
+                    "a rerun resumes).")
+flags.DEFINE_string("results", "benchmarks/results", "Where the table and plots go.")
+flags.DEFINE_integer("val_seed", 5000, "Validation stream (hyperparameters are chosen here).")
+flags.DEFINE_integer("test_seed", 1000, "Test stream (reported; nothing is chosen here).")
+flags.DEFINE_multi_string("override", [], "Extra --config.* for every training run, "
+                          "e.g. learner.mc_lower_bound=True.")
+
+
+def _run(cmd: list[str], log: str) -> None:
+  """Runs a binary of this package; its output goes to `log`; fails loudly."""
+  os.makedirs(os.path.dirname(log), exist_ok=True)
+  start = time.time()
+  with open(log, "w") as f:
+    proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  if proc.returncode:
+    with open(log) as f:
+      tail = f.read()[-3000:]
+    raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); log {log}:\n{tail}")
+  logging.info("%s done in %.0f s", " ".join(cmd[1:4]), time.time() - start)
+
+
+def dataset(name: str, task: Task, size: dict[str, Any]) -> str:
+  out = os.path.join(FLAGS.workdir, FLAGS.size, name, "data")
+  if not os.path.exists(os.path.join(out, "dataset_info.json")):
+    cmd = [sys.executable, "-m", "data_tools.generate", f"--env={task.env}",
+           f"--episodes={size['episodes']}", f"--behavior={task.behavior}", "--seed=0",
+           f"--out={out}"]
+    if size["max_steps"]:
+      cmd.append(f"--max_steps={size['max_steps']}")
+    _run(cmd, out + ".log")
+  return out
+
+
+def train(name: str, task: Task, size: dict[str, Any], method: str, seed: int, data: str) -> str:
+  workdir = os.path.join(FLAGS.workdir, FLAGS.size, name, method, f"seed{seed}")
+  final = os.path.join(workdir, "checkpoints", str(size["steps"]))
+  if os.path.exists(final):
+    return workdir
+  overrides = [f"--config.data.dir={data}", f"--config.seed={seed}",
+               f"--config.train.num_steps={size['steps']}",
+               f"--config.train.batch_size={size['batch']}",
+               f"--config.train.checkpoint_every={size['every']}",
+               f"--config.eval.env={task.env}", f"--config.eval.every={size['every']}",
+               f"--config.eval.episodes={min(50, size['eval_episodes'])}",
+               f"--config.eval.seed={FLAGS.val_seed}", "--config.eval.video_episodes=0"]
+  if size["max_steps"]:
+    overrides.append(f"--config.eval.max_steps={size['max_steps']}")
+  overrides += [f"--config.{o}" for o in FLAGS.override]
+  _run([sys.executable, "-m", "qsft_vla.train",
+        f"--config=robot_configs/{task.robot}.py:{method}", f"--workdir={workdir}",
+        *overrides], workdir + ".log")
+  return workdir
+
+
+def evaluate(workdir: str, task: Task, size: dict[str, Any], seed: int,
+             extraction: str | None = None, beta: float | None = None) -> dict[str, Any]:
+  """qsft_vla.evaluate on one stream, cached by its output file."""
+  stem = evaluate_lib.output_stem(task.env, seed, beta, extraction)
+  path = os.path.join(workdir, "eval", stem + ".json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return evaluate_lib.run(workdir, env=task.env, episodes=size["eval_episodes"], seed=seed,
+                          beta=beta, extraction=extraction, video_episodes=0,
+                          max_steps=size["max_steps"], progress=False)
+
+
+def expert_ceiling(task: Task, size: dict[str, Any]) -> dict[str, Any]:
+  path = os.path.join(FLAGS.workdir, FLAGS.size, f"expert-{task.env.replace(':', '_')}-"
+                      f"seed{FLAGS.test_seed}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  summary, per_episode = loop.evaluate(task.env, loop.ExpertPolicy(), size["eval_episodes"],
+                                       FLAGS.test_seed, max_steps=size["max_steps"],
+                                       progress=False)
+  out = {**summary, "per_episode": per_episode}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(out, f)
+  return out
+
+
+def pooled(results: list[dict[str, Any]]) -> dict[str, float]:
+  """Success over seeds x episodes with its Wilson 95% interval."""
+  succ = [e["success"] for r in results for e in r["per_episode"]]
+  lo, hi = stats.wilson_interval(int(sum(succ)), len(succ))
+  return {"mean": float(np.mean(succ)), "lo": lo, "hi": hi, "n": len(succ)}
+
+
+def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
+  task = TASKS[name]
+  size = SIZES[FLAGS.size][task.robot]
+  data = dataset(name, task, size)
+  with open(os.path.join(data, "qsft_stats.json")) as f:
+    data_stats = json.load(f)
+  runs = {m: [train(name, task, size, m, s, data) for s in seeds] for m in FLAGS.methods}
+
+  out: dict[str, Any] = {"task": name, "env": task.env, "behavior": task.behavior,
+                         "data_success": data_stats["success_rate"],
+                         "data_episodes": data_stats["num_episodes"],
+                         "expert": pooled([expert_ceiling(task, size)]), "methods": {}}
+  sweep: dict[str, dict[float, float]] = {}
+  choice = None
+  if "qsft" in runs:
+    for extraction in EXTRACTIONS:
+      sweep[extraction] = {
+          b: float(np.mean([evaluate(w, task, size, FLAGS.val_seed, extraction, b)
+                            ["success_rate"] for w in runs["qsft"]])) for b in BETAS}
+    # The best validation success; ties go to the paper's extraction and the smaller beta.
+    choice = max(((e, b) for e in EXTRACTIONS for b in BETAS),
+                 key=lambda eb: (sweep[eb[0]][eb[1]], eb[0] == "p", -eb[1]))
+    out["qsft_choice"] = {"extraction": choice[0], "beta": choice[1],
+                          "val_success": sweep[choice[0]][choice[1]]}
+    out["beta_sweep_val"] = sweep
+  for m, workdirs in runs.items():
+    if m == "qsft":
+      test = [evaluate(w, task, size, FLAGS.test_seed, choice[0], choice[1]) for w in workdirs]
+    else:
+      test = [evaluate(w, task, size, FLAGS.test_seed) for w in workdirs]
+    out["methods"][m] = {"test": pooled(test),
+                         "per_seed": [r["success_rate"] for r in test],
+                         "curve": _curve(workdirs)}
+  if "qsft" in runs and "bc" in runs:
+    # Paired over the same (seed, episode) pairs of the test stream.
+    a = [e["success"] for w in runs["qsft"]
+         for e in evaluate(w, task, size, FLAGS.test_seed, *choice)["per_episode"]]
+    b = [e["success"] for w in runs["bc"]
+         for e in evaluate(w, task, size, FLAGS.test_seed)["per_episode"]]
+    out["qsft_vs_bc"] = stats.paired_sign_test(a, b)
+  return out
+
+
+def _curve(workdirs: list[str]) -> dict[int, float]:
+  """Mean eval/success_rate per step over the seeds (eval.every during training)."""
+  by_step: dict[int, list[float]] = {}
+  for w in workdirs:
+    with open(os.path.join(w, "metrics.jsonl")) as f:
+      for line in f:
+        row = json.loads(line)
+        if "eval/success_rate" in row:
+          by_step.setdefault(int(row["step"]), []).append(row["eval/success_rate"])
+  return {s: float(np.mean(v)) for s, v in sorted(by_step.items())}
+
+
+def table(results: list[dict[str, Any]], seeds: list[int]) -> str:
+  cols = [m for m in METHODS if m in FLAGS.methods]
+  lines = [f"# Policy quality ({FLAGS.size}): test stream seed {FLAGS.test_seed}, "
+           f"Q-SFT's extraction and beta chosen on validation stream seed {FLAGS.val_seed}",
+           "", f"Training seeds {seeds}; success over seeds x episodes with Wilson 95% "
+           "intervals.", "",
+           "| task | data (success) | expert | " + " | ".join(NAMES[m] for m in cols)
+           + " | Q-SFT choice (val) | Q-SFT vs BC |",
+           "|---|---|---|" + "---|" * len(cols) + "---|---|"]
+
+  def cell(p):
+    return f"{100 * p['mean']:.1f}% [{100 * p['lo']:.0f}, {100 * p['hi']:.0f}]"
+  for r in results:
+    row = [r["task"], f"{r['behavior']} ({100 * r['data_success']:.0f}%)", cell(r["expert"])]
+    row += [cell(r["methods"][m]["test"]) for m in cols]
+    c = r.get("qsft_choice")
+    row.append(f"{c['extraction']}, beta {c['beta']:g} ({100 * c['val_success']:.0f}%)"
+               if c else "")
+    t = r.get("qsft_vs_bc")
+    row.append(f"{t['a_only']} vs {t['b_only']}, p = {t['p_value']:.2g}" if t else "")
+    lines.append("| " + " | ".join(row) + " |")
+  if results and all(m in results[0]["methods"] for m in ("qsft", "bc")):
+    mean = {m: np.mean([r["methods"][m]["test"]["mean"] for r in results]) for m in cols}
+    lines += ["", "Average over tasks: " + ", ".join(f"{NAMES[m]} {100 * v:.1f}%"
+                                                   for m, v in mean.items())]
+  return "\n".join(lines) + "\n"
+
+
+def plots(results: list[dict[str, Any]], prefix: str) -> list[str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  cols = [m for m in METHODS if m in FLAGS.methods]
+  fig, ax = plt.subplots(figsize=(1.8 * len(results) + 2, 3.5))
+  width = 0.8 / (len(cols) + 1)
+  for k, m in enumerate(cols + ["expert"]):
+    ps = [r["expert"] if m == "expert" else r["methods"][m]["test"] for r in results]
+    x = np.arange(len(results)) + k * width
+    mean = np.array([p["mean"] for p in ps])
+    err = np.array([[p["mean"] - p["lo"] for p in ps], [p["hi"] - p["mean"] for p in ps]])
+    ax.bar(x, mean, width, yerr=err, capsize=3, label=NAMES.get(m, "expert"))
+  ax.set_xticks(np.arange(len(results)) + width * len(cols) / 2)
+  ax.set_xticklabels([r["task"] for r in results])
+  ax.set_ylabel("test success")
+  ax.set_ylim(0, 1.05)
+  ax.legend(fontsize=8)
+  ax.set_title("Success per task (95% intervals over seeds x episodes)")
+  paths.append(prefix + "_success.png")
+  fig.tight_layout()
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  with_sweep = [r for r in results if "beta_sweep_val" in r]
+  if with_sweep:
+    fig, axes = plt.subplots(1, len(with_sweep), figsize=(3.2 * len(with_sweep), 3),
+                             squeeze=False)
+    for ax, r in zip(axes[0], with_sweep):
+      for e, s in r["beta_sweep_val"].items():
+        betas = sorted(float(b) for b in s)
+        ax.plot(range(len(betas)), [s[b] if b in s else s[str(b)] for b in betas], "o-",
+                label=f"Q-SFT {e}")
+      ax.set_xticks(range(len(BETAS)))
+      ax.set_xticklabels([f"{b:g}" for b in BETAS], fontsize=7)
+      ax.set_title(r["task"])
+      ax.set_xlabel("beta")
+      ax.set_ylim(0, 1.05)
+    axes[0][0].set_ylabel("validation success")
+    axes[0][0].legend(fontsize=7)
+    paths.append(prefix + "_beta.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+  fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3), squeeze=False)
+  for ax, r in zip(axes[0], results):
+    for m in cols:
+      c = r["methods"][m]["curve"]
+      steps = sorted(int(s) for s in c)
+      ax.plot(steps, [c[s] if s in c else c[str(s)] for s in steps], "o-", label=NAMES[m])
+    ax.set_title(r["task"])
+    ax.set_xlabel("training step")
+    ax.set_ylim(0, 1.05)
+  axes[0][0].set_ylabel("validation success")
+  axes[0][0].legend(fontsize=7)
+  paths.append(prefix + "_steps.png")
+  fig.tight_layout()
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+  return paths
+
+
+def main(argv):
+  del argv
+  unknown = [t for t in FLAGS.tasks if t not in TASKS]
+  if unknown:
+    raise app.UsageError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
+  bad = [m for m in FLAGS.methods if m not in METHODS]
+  if bad:
+    raise app.UsageError(f"unknown methods {bad}; known: {', '.join(METHODS)}")
+  seeds = [int(s) for s in FLAGS.seeds]
+  start = time.time()
+  results = []
+  for name in FLAGS.tasks:
+    logging.info("task %s (%s)", name, TASKS[name].env)
+    results.append(run_task(name, seeds))
+    os.makedirs(FLAGS.results, exist_ok=True)
+    prefix = os.path.join(FLAGS.results, f"policy_quality_{FLAGS.size}")
+    text = table(results, seeds) + f"\nWall time so far: {(time.time() - start) / 60:.0f} min.\n"
+    with open(prefix + ".md", "w") as f:
+      f.write(text)
+    with open(os.path.join(FLAGS.workdir, FLAGS.size, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    plots(results, prefix)
+    print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
