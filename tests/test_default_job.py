@@ -1,5 +1,5 @@
 """The README's main job (scripts/default_job.sh, run by scripts/main.sh) at a tiny size:
-generate, validate, train Q-SFT and BC, evaluate both, print the comparison."""
+generate, validate, train Q-SFT, BC and filtered BC, evaluate all three, print the comparison."""
 
 import os
 import subprocess
@@ -24,9 +24,10 @@ def test_default_job_tiny(tmp_path):
   r = subprocess.run(["bash", os.path.join(REPO, "scripts", "default_job.sh")], env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-  for method in ("qsft", "bc"):
+  for method in ("qsft", "bc", "filtered_bc"):
     assert os.path.isfile(tmp_path / "runs" / method / "eval" /
                           "BabyAI-GoToLocal-v0-seed1000.json")
   table = (tmp_path / "runs" / "comparison.md").read_text()
-  assert "Q-SFT" in table and "BC" in table and "McNemar" in table
+  assert "Q-SFT" in table and "BC" in table and "filtered BC" in table and "McNemar" in table
+  assert "distractor" in r.stdout  # the behaviour mixture, per behaviour
   assert table.strip() in r.stdout.replace("```", "").strip() or "Q-SFT" in r.stdout

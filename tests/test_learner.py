@@ -274,3 +274,35 @@ def test_invalid_logits_do_not_matter():
   with pytest.raises(ValueError, match="algorithm"):
     L.LearnerConfig(algorithm="sac")
   assert L.LearnerConfig.from_dict(L.LearnerConfig().to_dict()) == L.LearnerConfig()
+
+
+@pytest.mark.parametrize("backup,mc", [("max", True), ("mean", False), ("mean", True)])
+def test_backup_and_monte_carlo_bound_reach_the_weights(backup, mc):
+  """The last token's weight is r + gamma * R(x') with R the chosen backup of the
+  target network at the next state, bounded below by G_t when mc_lower_bound."""
+  from qsft_vla.learning import targets  # pylint: disable=g-import-not-at-top
+  lrn = make_learner(**MAIN, backup=backup, mc_lower_bound=mc, gamma=0.9)
+  batch = make_batch(seed=3)
+  batch["return_to_go"] = np.linspace(0.0, 1.0, 8).astype(np.float32)
+  state = init_state(lrn, batch)
+  _, metrics = lrn.step(state, batch)
+  nxt = dict(batch, action_tokens=np.zeros_like(batch["action_tokens"]))
+  tgt_next = lrn.mask_p_logits(lrn.model.apply(
+      state.params_target, nxt["next_observation"], nxt["next_history_mask"], nxt["text_ids"],
+      nxt["text_mask"], nxt["action_tokens"], False))[:, 0]
+  if backup == "mean":
+    r_next = targets.behavior_value(tgt_next, lrn.valid[0])
+  else:
+    pi_next = lrn.mask_pi_logits(lrn.model.apply(
+        state.params_pi, nxt["next_observation"], nxt["next_history_mask"], nxt["text_ids"],
+        nxt["text_mask"], nxt["action_tokens"], False))[:, 0]
+    r_next = targets.support_ratio_max(pi_next, tgt_next, lrn.valid[0])
+  assert float(metrics["r_next_first"]) == pytest.approx(float(np.mean(r_next)), rel=1e-5)
+  if backup == "mean":  # the same init for p and target: sum of valid p_bar < 1, nonzero
+    assert 0.0 < float(np.mean(r_next)) <= 1.0
+  if mc:
+    assert float(metrics["weight_min"]) >= 0.0
+    # The bound raises the mean weight over the same step without it.
+    plain = make_learner(**MAIN, backup=backup, mc_lower_bound=False, gamma=0.9)
+    _, m0 = plain.step(init_state(plain, batch), batch)
+    assert float(metrics["weight_mean"]) >= float(m0["weight_mean"])

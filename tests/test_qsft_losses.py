@@ -223,6 +223,49 @@ def test_tabular_fixed_point_through_bellman_weights_and_polyak():
   np.testing.assert_allclose(np.asarray(jax.nn.softmax(target))[:, :K] / pi_b, w, atol=1e-3)
 
 
+def _q_behaviour():
+  """Q of the behaviour policy itself (policy evaluation on the token MDP, gamma = 1
+  inside a step): what the "mean" backup converges to. W[NX, K]."""
+  nxt, rew, term = _mdp()
+  pi_b = _behaviour()
+  pi1, pi2 = pi_b[:S], pi_b[S:].reshape(S, K, K)
+  v = np.zeros(S)
+  for _ in range(2000):
+    q2 = rew + GAMMA * (~term) * v[nxt]
+    v = np.einsum("sa,sab,sab->s", pi1, pi2, q2)
+  q1 = np.einsum("sab,sab->sa", pi2, q2)
+  return np.concatenate([q1, q2.reshape(S * K, K)]).astype(np.float32)
+
+
+def test_mean_backup_converges_to_the_behaviour_q():
+  """backup="mean": R(x) = sum_b p_bar(b|x) = E_pi[p_bar / pi], so p / pi -> Q^pi_beta
+  (SARSA), which differs from the in-support max's Q* here."""
+  tr = _tabular_transitions()
+  valid = np.arange(V) < K
+  prob = tr["prob"][:, None]
+  q_b = _q_behaviour()
+  assert np.abs(q_b - _q_star()).max() > 0.05
+
+  def loss_fn(params, target):
+    p_logits = params["p"][tr["rows"]]
+    r_within = targets.behavior_value(target[tr["rows"]], valid)
+    r_next = targets.behavior_value(target[tr["next_row"]], valid)
+    w, td_mask = targets.bellman_weights(r_within, r_next, tr["reward"], tr["terminal"],
+                                         ~tr["terminal"], GAMMA)
+    wce, _ = losses.weighted_cross_entropy(p_logits, tr["tokens"], w, dummy_id=DUMMY,
+                                           mask=prob * td_mask)
+    return wce
+
+  params = {"p": jnp.zeros((NX, V))}
+  params, _ = _train(loss_fn, params, steps=4000, extra=params["p"],
+                     after_step=lambda prm, tgt: polyak.polyak_update(tgt, prm["p"], 0.05))
+  p = np.asarray(jax.nn.softmax(params["p"]))
+  np.testing.assert_allclose(p[:, :K] / _behaviour(), q_b, atol=2e-3)
+  # The value is one minus the dummy's probability.
+  np.testing.assert_allclose(np.asarray(targets.behavior_value(params["p"], valid)),
+                             1.0 - p[:, DUMMY], atol=1e-6)
+
+
 # --------------------------------------------------------------------------- #
 # 3. One-step bandit: beta-reweighting picks a* above the threshold, conservatively.
 

@@ -74,6 +74,7 @@ from qsft_vla.config import check_dataclass_fields
 from qsft_vla.learning import losses, policy, polyak, targets
 
 ALGORITHMS = ("qsft", "bc", "filtered_bc")
+BACKUPS = ("max", "mean")
 SCHEDULES = ("joint", "sequential")
 ARCHITECTURES = ("separate", "shared")
 P_HEAD = "head_1"
@@ -95,6 +96,7 @@ class LearnerConfig:
   eps: float = targets.DEFAULT_EPS  # support threshold on pi_phi
   clip_weights: bool = True
   mc_lower_bound: bool = False      # w = max(Bellman target, return-to-go G_t) (QSFT.md)
+  backup: str = "max"               # "max" (paper: in-support max of p_bar / pi) | "mean"
   residual: str = "dummy"
   polyak_alpha: float = 0.005
   lr_pi: float = 1e-4
@@ -111,7 +113,7 @@ class LearnerConfig:
   def __post_init__(self):
     for name, allowed in (("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
                           ("architecture", ARCHITECTURES), ("residual", losses.RESIDUALS),
-                          ("extraction", policy.EXTRACTIONS)):
+                          ("extraction", policy.EXTRACTIONS), ("backup", BACKUPS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"LearnerConfig.{name} must be one of {allowed}, "
                          f"got {getattr(self, name)!r}")
@@ -334,16 +336,21 @@ class Learner:
       # Targets: constants computed before the update, from the current pi_phi and p_theta_bar.
       next_tokens = jnp.zeros_like(tokens)  # exact for position 0, see the module docstring
       nobs, nhm = batch["next_observation"], batch["next_history_mask"]
+      # The "mean" backup needs no pi_phi at the next state: one forward pass less.
+      need_pi_next = cfg.backup == "max"
       if shared:
         online = merge_shared(state.params_pi, state.params_p)
-        pi_next = self._apply(online, nobs, nhm, ti, tm, next_tokens, None)[0]
+        if need_pi_next:
+          pi_next = self._apply(online, nobs, nhm, ti, tm, next_tokens, None)[0]
         tgt_now = self._apply(state.params_target, obs, hm, ti, tm, tokens, None)[1]
         tgt_next = self._apply(state.params_target, nobs, nhm, ti, tm, next_tokens, None)[1]
       else:
-        pi_next = self._apply(state.params_pi, nobs, nhm, ti, tm, next_tokens, None)
+        if need_pi_next:
+          pi_next = self._apply(state.params_pi, nobs, nhm, ti, tm, next_tokens, None)
         tgt_now = self._apply(state.params_target, obs, hm, ti, tm, tokens, None)
         tgt_next = self._apply(state.params_target, nobs, nhm, ti, tm, next_tokens, None)
-      pi_next = self.mask_pi_logits(pi_next)
+      if need_pi_next:
+        pi_next = self.mask_pi_logits(pi_next)
       tgt_now = self.mask_p_logits(tgt_now)
       tgt_next = self.mask_p_logits(tgt_next)
 
@@ -361,8 +368,12 @@ class Learner:
         return loss_pi, aux
       p_logits = self.mask_p_logits(p_logits)
       pi_sg = jax.lax.stop_gradient(pi_logits)
-      r_within = targets.support_ratio_max(pi_sg, tgt_now, self.valid, cfg.eps)
-      r_next = targets.support_ratio_max(pi_next[:, 0], tgt_next[:, 0], self.valid[0], cfg.eps)
+      if cfg.backup == "max":
+        r_within = targets.support_ratio_max(pi_sg, tgt_now, self.valid, cfg.eps)
+        r_next = targets.support_ratio_max(pi_next[:, 0], tgt_next[:, 0], self.valid[0], cfg.eps)
+      else:
+        r_within = targets.behavior_value(tgt_now, self.valid)
+        r_next = targets.behavior_value(tgt_next[:, 0], self.valid[0])
       w, td_mask = targets.bellman_weights(
           r_within, r_next, batch["reward"], batch["terminal"], batch["has_next"], cfg.gamma,
           cfg.clip_weights,

@@ -63,6 +63,22 @@ def support_ratio_max(pi_logits, p_target_logits, valid_mask, eps=DEFAULT_EPS):
   return jnp.exp(jnp.where(jnp.any(support, axis=-1), best, fallback))
 
 
+def behavior_value(p_target_logits, valid_mask):
+  """The "mean" backup: E_{b ~ pi}[p_theta_bar(b|x) / pi(b|x)] = sum over valid b of
+  p_theta_bar(b|x), the implied value of the behaviour policy at x (SARSA-like).
+
+  Where the max of support_ratio_max takes the largest of several noisy ratios
+  of two networks (biased upwards, so that weights pile up at the clip), this
+  needs no ratio and no pi_phi at all: with the "dummy" residual it is
+  1 - p_theta_bar(dummy|x). Q then estimates the behaviour's Q-function, and
+  the policy extraction is one step of improvement on it (one-step offline RL).
+  Returns float32[...] for logits [..., V].
+  """
+  p = jax.nn.softmax(jnp.asarray(p_target_logits, jnp.float32), axis=-1)
+  valid = jnp.broadcast_to(jnp.asarray(valid_mask, bool), p.shape)
+  return jnp.sum(jnp.where(valid, p, 0.0), axis=-1)
+
+
 def bellman_weights(R_within, R_next_first, reward, terminal, has_next, gamma, clip=True,  # pylint: disable=invalid-name
                     return_to_go=None):
   """Per-token Q-SFT weights w[B, D] and the mask of tokens that have a target.
