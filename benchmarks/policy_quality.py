@@ -296,37 +296,41 @@ def plots(results: list[dict[str, Any]], prefix: str) -> list[str]:
                              squeeze=False)
     for ax, r in zip(axes[0], with_sweep):
       for e, s in r["beta_sweep_val"].items():
-        betas = sorted(float(b) for b in s)
-        ax.plot(range(len(betas)), [s[b] if b in s else s[str(b)] for b in betas], "o-",
-                label=f"Q-SFT {e}")
+        ax.plot(range(len(BETAS)), [_get(s, b) for b in BETAS], "o-", label=f"Q-SFT {e}")
       ax.set_xticks(range(len(BETAS)))
       ax.set_xticklabels([f"{b:g}" for b in BETAS], fontsize=7)
-      ax.set_title(r["task"])
-      ax.set_xlabel("beta")
-      ax.set_ylim(0, 1.05)
-    axes[0][0].set_ylabel("validation success")
-    axes[0][0].legend(fontsize=7)
-    paths.append(prefix + "_beta.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+      _panel(ax, r["task"], "beta")
+    _finish(plt, fig, axes, prefix + "_beta.png", paths)
 
   fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3), squeeze=False)
   for ax, r in zip(axes[0], results):
     for m in cols:
       c = r["methods"][m]["curve"]
       steps = sorted(int(s) for s in c)
-      ax.plot(steps, [c[s] if s in c else c[str(s)] for s in steps], "o-", label=NAMES[m])
-    ax.set_title(r["task"])
-    ax.set_xlabel("training step")
-    ax.set_ylim(0, 1.05)
+      ax.plot(steps, [_get(c, s) for s in steps], "o-", label=NAMES[m])
+    _panel(ax, r["task"], "training step")
+  _finish(plt, fig, axes, prefix + "_steps.png", paths)
+  return paths
+
+
+def _get(d, key):
+  """d[key] for a number key, also after a JSON round trip (keys become strings)."""
+  return d[key] if key in d else d[str(key)]
+
+
+def _panel(ax, title, xlabel):
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylim(0, 1.05)
+
+
+def _finish(plt, fig, axes, path, paths):
   axes[0][0].set_ylabel("validation success")
   axes[0][0].legend(fontsize=7)
-  paths.append(prefix + "_steps.png")
   fig.tight_layout()
-  fig.savefig(paths[-1], dpi=110)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
-  return paths
+  paths.append(path)
 
 
 def main(argv):
