@@ -163,6 +163,9 @@ def learner_defaults() -> ml_collections.ConfigDict:
   # "max": the paper's in-support max of p_bar / pi at the next state; "mean": its
   # expectation under pi, sum_b p_bar(b) (the behaviour's value; no ratio noise).
   l.backup = "max"
+  # "independent": p_theta's own logits (the paper); "residual": stop_grad(log pi) + the
+  # p network's output, whose head starts at zero (learning/policy.residual_p_logits).
+  l.p_parametrization = "independent"
   l.residual = "dummy"          # "dummy" (final paper) | "uniform" (submitted version)
   l.polyak_alpha = 0.005
   l.lr_pi = 1e-4

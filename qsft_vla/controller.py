@@ -148,7 +148,8 @@ class Controller:
     self._instruct_fn, self._act_fn = _compiled_fns(
         model, tuple(action_tokenizer.bins_per_dim), learner_config.residual,
         bool(learner_config.mask_invalid_logits), tuple(sorted(self._image_sizes.items())),
-        tuple(sorted(self._params)), self._extraction, float(learner_config.ratio_eps))
+        tuple(sorted(self._params)), self._extraction, float(learner_config.ratio_eps),
+        learner_config.p_parametrization)
 
     self._instruction: Optional[str] = None
     self._text = None
@@ -414,7 +415,8 @@ class Controller:
 @functools.lru_cache(maxsize=16)
 def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: bool,
                   image_sizes: tuple[tuple[str, tuple[int, int]], ...], nets: tuple[str, ...],
-                  extraction: str = "p", ratio_eps: float = 0.01):
+                  extraction: str = "p", ratio_eps: float = 0.01,
+                  p_parametrization: str = "independent"):
   """The jit-compiled (instruct_fn, act_fn) of one network and action space,
   shared by every Controller built for them (the training loop builds one per
   periodic evaluation; it must not recompile each time).
@@ -461,6 +463,9 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
       pi_ok, p_ok = jnp.asarray(pi_allowed)[j], jnp.asarray(p_allowed)[j]
       if masked:  # as in training, before every softmax
         pi_logits = policy.mask_logits(pi_logits, pi_ok)
+      if p_parametrization == "residual":  # as in training: p's logits build on pi's
+        p_logits = policy.residual_p_logits(pi_logits, p_logits, pi_ok)
+      if masked:
         p_logits = policy.mask_logits(p_logits, p_ok)
       logits = policy.reweighted_logits(pi_logits, p_logits, beta, pi_ok, extraction, ratio_eps)
       tok = policy.select(logits, temperature, jax.random.fold_in(call_key, j))

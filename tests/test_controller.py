@@ -20,11 +20,14 @@ def ckpt_dir(tmp_path_factory):
   """Checkpoint directories by (robot, algorithm, architecture), written on first use."""
   cache = {}
 
-  def get(robot="babyai", algorithm="qsft", architecture="separate", image_size=None):
-    key = (robot, algorithm, architecture, image_size)
+  def get(robot="babyai", algorithm="qsft", architecture="separate", image_size=None,
+          p_parametrization="independent"):
+    key = (robot, algorithm, architecture, image_size, p_parametrization)
     if key not in cache:
       d = tmp_path_factory.mktemp("_".join(map(str, key)))
-      cache[key] = write_checkpoint(d, robot, algorithm, architecture, image_size=image_size)
+      cache[key] = write_checkpoint(
+          d, robot, algorithm, architecture, image_size=image_size,
+          **{"learner.p_parametrization": p_parametrization})
     return cache[key]
 
   return get
@@ -104,7 +107,10 @@ def reference_tokens(path, obs, history_mask, beta, extraction="p"):
       p = logits("p")[0, j] if "p" in ck.params else np.zeros_like(pi)
     pi_ok = np.arange(mc.output_size) < bins
     p_ok = pi_ok | (np.arange(mc.output_size) == mc.dummy_id)
-    pi, p = np.where(pi_ok, pi, -1e9), np.where(p_ok, p, -1e9)
+    pi = np.where(pi_ok, pi, -1e9)
+    if ck.learner.p_parametrization == "residual":  # p's logits build on log pi
+      p = np.where(pi_ok, _log_softmax(pi) + p, p)
+    p = np.where(p_ok, p, -1e9)
     log_pi, log_p = _log_softmax(pi), _log_softmax(p)
     if extraction == "p":
       score = np.where(pi_ok, log_pi + beta * np.exp(log_p), -np.inf)
@@ -141,8 +147,9 @@ def test_tokens_equal_teacher_forced_argmax(ckpt_dir, robot, architecture):
   assert ctrl._act_fn._cache_size() == compiled  # beta is traced: no recompilation
 
 
-def test_ratio_extraction_equals_teacher_forced_argmax(ckpt_dir):
-  path = ckpt_dir("babyai", "qsft", "separate")
+@pytest.mark.parametrize("p_parametrization", ["independent", "residual"])
+def test_ratio_extraction_equals_teacher_forced_argmax(ckpt_dir, p_parametrization):
+  path = ckpt_dir("babyai", "qsft", "separate", p_parametrization=p_parametrization)
   ck, _ = load_reference(path)
   ctrl = controller(path, extraction="ratio")
   assert ctrl.extraction == "ratio" and ctrl.beta == ck.learner.ratio_beta

@@ -306,3 +306,40 @@ def test_backup_and_monte_carlo_bound_reach_the_weights(backup, mc):
     plain = make_learner(**MAIN, backup=backup, mc_lower_bound=False, gamma=0.9)
     _, m0 = plain.step(init_state(plain, batch), batch)
     assert float(metrics["weight_mean"]) >= float(m0["weight_mean"])
+
+
+@pytest.mark.parametrize("architecture", ["separate", "shared"])
+def test_residual_parametrization_starts_at_pi_and_cancels_pi(architecture):
+  """p = softmax(stop_grad(log pi) + out): equal to pi at the start (zero head, the
+  dummy at -20), and p / pi = exp(out_b) / Z whatever pi is."""
+  from qsft_vla.learning import policy  # pylint: disable=g-import-not-at-top
+  lrn = make_learner(**MAIN, p_parametrization="residual", architecture=architecture)
+  batch = make_batch(seed=4)
+  state = init_state(lrn, batch)
+  params = lrn.inference_params(state)
+  args = (batch["observation"], batch["history_mask"], batch["text_ids"], batch["text_mask"],
+          batch["action_tokens"], False)
+  if architecture == "shared":
+    out = lrn.model.apply(params["shared"], *args)
+    pi_raw, p_raw = out[0], out[1]
+  else:
+    pi_raw, p_raw = lrn.model.apply(params["pi"], *args), lrn.model.apply(params["p"], *args)
+  np.testing.assert_allclose(np.asarray(p_raw)[..., :lrn.dummy_id], 0.0)
+  pi_l = lrn.mask_pi_logits(pi_raw)
+  p = jax.nn.softmax(lrn.p_logits_from(pi_l, p_raw), -1)
+  np.testing.assert_allclose(np.asarray(p), np.asarray(jax.nn.softmax(pi_l, -1)), atol=1e-6)
+  # The ratio depends on the p output only: any pi gives exp(out_b) / Z.
+  out = np.random.default_rng(0).normal(size=p_raw.shape).astype(np.float32)
+  for seed in (1, 2):
+    other_pi = lrn.mask_pi_logits(np.random.default_rng(seed).normal(size=pi_raw.shape))
+    pl = np.asarray(jax.nn.log_softmax(policy.residual_p_logits(other_pi, out, lrn.valid), -1))
+    lpi = np.asarray(jax.nn.log_softmax(other_pi, -1))
+    v = np.broadcast_to(lrn.valid, pl.shape)
+    log_ratio = np.where(v, pl - lpi, 0.0)
+    # log(p/pi) - out is the same (-log Z) for every valid id of a position.
+    diff = np.where(v, log_ratio - out, np.nan)
+    np.testing.assert_allclose(np.nanmax(diff, -1), np.nanmin(diff, -1), atol=1e-4)
+  state, metrics = lrn.step(state, batch)
+  assert np.isfinite(float(metrics["loss_p"]))
+  with pytest.raises(ValueError, match="p_parametrization"):
+    L.LearnerConfig(p_parametrization="shared")

@@ -75,6 +75,7 @@ from qsft_vla.learning import losses, policy, polyak, targets
 
 ALGORITHMS = ("qsft", "bc", "filtered_bc")
 BACKUPS = ("max", "mean")
+RESIDUAL_DUMMY_BIAS = 20.0
 SCHEDULES = ("joint", "sequential")
 ARCHITECTURES = ("separate", "shared")
 P_HEAD = "head_1"
@@ -97,6 +98,7 @@ class LearnerConfig:
   clip_weights: bool = True
   mc_lower_bound: bool = False      # w = max(Bellman target, return-to-go G_t) (QSFT.md)
   backup: str = "max"               # "max" (paper: in-support max of p_bar / pi) | "mean"
+  p_parametrization: str = "independent"  # p_theta's own logits (paper) | "residual" (policy.py)
   residual: str = "dummy"
   polyak_alpha: float = 0.005
   lr_pi: float = 1e-4
@@ -113,7 +115,8 @@ class LearnerConfig:
   def __post_init__(self):
     for name, allowed in (("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
                           ("architecture", ARCHITECTURES), ("residual", losses.RESIDUALS),
-                          ("extraction", policy.EXTRACTIONS), ("backup", BACKUPS)):
+                          ("extraction", policy.EXTRACTIONS), ("backup", BACKUPS),
+                          ("p_parametrization", policy.P_PARAMETRIZATIONS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"LearnerConfig.{name} must be one of {allowed}, "
                          f"got {getattr(self, name)!r}")
@@ -237,6 +240,13 @@ class Learner:
       return logits
     return policy.mask_logits(logits, self.p_allowed)
 
+  def p_logits_from(self, pi_logits, p_raw):
+    """p_theta's masked logits from the p network's raw output and pi_phi's masked
+    logits (used only by the "residual" parametrization)."""
+    if self.config.p_parametrization == "residual":
+      p_raw = policy.residual_p_logits(pi_logits, p_raw, self.valid)
+    return self.mask_p_logits(p_raw)
+
   def _apply(self, variables, obs, hm, ti, tm, tokens, rng):
     if rng is None:
       return self.model.apply(variables, obs, hm, ti, tm, tokens, False)
@@ -266,22 +276,40 @@ class Learner:
           init_rng, batch["observation"], batch["history_mask"], batch["text_ids"],
           batch["text_mask"], batch["action_tokens"], False)
     variables = jax.tree_util.tree_map(jnp.asarray, flax.core.unfreeze(variables))
+    residual = self.config.p_parametrization == "residual"
     if self.config.num_output_heads == 2:
       params = dict(variables["params"])
       params[P_HEAD] = jax.tree_util.tree_map(jnp.array, params["head"])  # p starts as pi
+      if residual:
+        params[P_HEAD] = self._residual_head(params[P_HEAD])
       variables = {**variables, "params": params}
       group_pi, group_p = split_shared(variables)
       target = jax.tree_util.tree_map(jnp.array, variables)
     elif self.config.uses_p:
       group_pi = variables
       group_p = jax.tree_util.tree_map(jnp.array, variables)
-      target = jax.tree_util.tree_map(jnp.array, variables)
+      if residual:
+        if "head" not in group_p.get("params", {}):
+          raise ValueError('p_parametrization="residual" needs a model whose output layer is '
+                           f'a parameter "head" (rt1_small); {type(self.model).__name__} has '
+                           f'{sorted(group_p.get("params", {}))}')
+        group_p = {**group_p, "params": {**group_p["params"],
+                                         "head": self._residual_head(group_p["params"]["head"])}}
+      target = jax.tree_util.tree_map(jnp.array, group_p)
     else:
       group_pi, group_p, target = variables, {}, {}
     state = TrainState(step=jnp.zeros((), jnp.int32), params_pi=group_pi, params_p=group_p,
                        params_target=target, opt_pi=self.opt_pi.init(group_pi),
                        opt_p=self.opt_p.init(group_p), rng=state_rng)
     return jax.device_put(state, NamedSharding(self.mesh, P()))
+
+  def _residual_head(self, head):
+    """The p network's output layer at the start of the "residual" parametrization:
+    zero, except a dummy bias of -RESIDUAL_DUMMY_BIAS, so p_theta = pi_phi (to e^-20)."""
+    zero = jax.tree_util.tree_map(jnp.zeros_like, head)
+    if "bias" in zero:
+      zero["bias"] = zero["bias"].at[self.dummy_id].set(-RESIDUAL_DUMMY_BIAS)
+    return zero
 
   # -------------------------------------------------------------------- step
   def _select(self, batch, check_filter=True):
@@ -336,8 +364,9 @@ class Learner:
       # Targets: constants computed before the update, from the current pi_phi and p_theta_bar.
       next_tokens = jnp.zeros_like(tokens)  # exact for position 0, see the module docstring
       nobs, nhm = batch["next_observation"], batch["next_history_mask"]
-      # The "mean" backup needs no pi_phi at the next state: one forward pass less.
-      need_pi_next = cfg.backup == "max"
+      # The "mean" backup needs no pi_phi at the next state (one forward pass less),
+      # unless p_theta's logits are built on pi_phi's.
+      need_pi_next = cfg.backup == "max" or cfg.p_parametrization == "residual"
       if shared:
         online = merge_shared(state.params_pi, state.params_p)
         if need_pi_next:
@@ -351,8 +380,9 @@ class Learner:
         tgt_next = self._apply(state.params_target, nobs, nhm, ti, tm, next_tokens, None)
       if need_pi_next:
         pi_next = self.mask_pi_logits(pi_next)
-      tgt_now = self.mask_p_logits(tgt_now)
-      tgt_next = self.mask_p_logits(tgt_next)
+        tgt_next = self.p_logits_from(pi_next, tgt_next)
+      else:
+        tgt_next = self.mask_p_logits(tgt_next)
 
     def loss_fn(group_pi, group_p):
       if shared:
@@ -366,13 +396,14 @@ class Learner:
       aux = {"loss_pi": loss_pi}
       if not cfg.uses_p:
         return loss_pi, aux
-      p_logits = self.mask_p_logits(p_logits)
       pi_sg = jax.lax.stop_gradient(pi_logits)
+      p_logits = self.p_logits_from(pi_sg, p_logits)
+      tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
       if cfg.backup == "max":
-        r_within = targets.support_ratio_max(pi_sg, tgt_now, self.valid, cfg.eps)
+        r_within = targets.support_ratio_max(pi_sg, tgt_now_l, self.valid, cfg.eps)
         r_next = targets.support_ratio_max(pi_next[:, 0], tgt_next[:, 0], self.valid[0], cfg.eps)
       else:
-        r_within = targets.behavior_value(tgt_now, self.valid)
+        r_within = targets.behavior_value(tgt_now_l, self.valid)
         r_next = targets.behavior_value(tgt_next[:, 0], self.valid[0])
       w, td_mask = targets.bellman_weights(
           r_within, r_next, batch["reward"], batch["terminal"], batch["has_next"], cfg.gamma,

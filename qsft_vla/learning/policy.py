@@ -34,6 +34,25 @@ def allowed_ids(action_valid_mask, vocab_size: int, dummy_id: int, residual: str
   return pi_allowed, p_allowed
 
 
+P_PARAMETRIZATIONS = ("independent", "residual")
+
+
+def residual_p_logits(pi_logits, p_raw, pi_allowed):
+  """p_theta's logits in the "residual" parametrization: stop_grad(log pi_phi) + the
+  p network's output on pi_phi's ids, the output alone elsewhere (the dummy).
+
+  Then p(b|x) / pi(b|x) = exp(out_b) / Z(x): the implied Q is carried by the p
+  network's output alone, and pi_phi's own estimation noise cancels in the
+  ratio (with two independent networks it does not, and the ratio of two noisy
+  small probabilities swamps Q gaps of a few percent). With the p network's
+  output head zero at the start, p_theta starts equal to pi_phi, as in the paper.
+  pi_logits must already be masked to the valid ids (mask_logits).
+  """
+  log_pi = jax.lax.stop_gradient(jax.nn.log_softmax(jnp.asarray(pi_logits, jnp.float32), -1))
+  p_raw = jnp.asarray(p_raw, jnp.float32)
+  return jnp.where(jnp.asarray(pi_allowed, bool), log_pi + p_raw, p_raw)
+
+
 def mask_logits(logits, allowed):
   """logits [..., D, V] (or [..., V] with allowed [V]) with disallowed ids at NEG_INF."""
   return jnp.where(jnp.asarray(allowed, bool), logits, NEG_INF)

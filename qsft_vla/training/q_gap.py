@@ -91,8 +91,9 @@ class QGapProbe:
     else:
       pi_logits = lrn._apply(params["pi"], *args)  # pylint: disable=protected-access
       # BC / filtered BC: no p_theta; only agree_pi means anything then.
-      p_logits = lrn._apply(params["p"], *args) if "p" in params else pi_logits  # pylint: disable=protected-access
-    pi_logits, p_logits = lrn.mask_pi_logits(pi_logits), lrn.mask_p_logits(p_logits)
+      p_logits = lrn._apply(params["p"], *args) if "p" in params else None  # pylint: disable=protected-access
+    pi_logits = lrn.mask_pi_logits(pi_logits)
+    p_logits = lrn.p_logits_from(pi_logits, p_logits) if p_logits is not None else pi_logits
     tok = jnp.asarray(batch["action_tokens"], jnp.int32)[..., None]
     log_pi = jnp.take_along_axis(jax.nn.log_softmax(pi_logits, -1), tok, -1)[..., 0]
     log_p = jnp.take_along_axis(jax.nn.log_softmax(p_logits, -1), tok, -1)[..., 0]
