@@ -14,7 +14,9 @@ def test_summarize_known_answer():
   labels = np.array(["expert", "expert", "distractor", "distractor", "random", ""])
   agree_pi = np.array([True, False, True, True, True, True])
   agree_policy = np.array([True, True, False, False, False, False])
-  out = q_gap.summarize(q, agree_pi, agree_policy, labels)
+  agree_q = np.array([False, False, True, True, True, True])
+  out = q_gap.summarize(q, agree_pi, agree_policy, labels, agree_q)
+  assert out["q_gap/agree_q"] == 0.0
   assert out["q_gap/q_expert"] == pytest.approx(0.8)
   assert out["q_gap/q_distractor"] == pytest.approx(0.3)
   assert out["q_gap/q_random"] == pytest.approx(0.6)
@@ -53,3 +55,4 @@ def test_probe_during_training(tmp_path):
   assert [r["step"] for r in gaps] == [2, 4]
   for r in gaps:
     assert 0.0 <= r["q_gap/agree_pi"] <= 1.0 and np.isfinite(r["q_gap/q_expert"])
+    assert 0.0 <= r["q_gap/agree_q"] <= 1.0

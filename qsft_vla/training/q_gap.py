@@ -10,6 +10,8 @@ bad ones, long before a rollout does. Also reported, per behaviour:
                              (also for BC and filtered BC)
   q_gap/agree_policy         the same for the controller's policy (extraction and beta of
                              the run; all D tokens teacher-forced)
+  q_gap/agree_q              the same for the implied Q alone: argmax of p / pi over the
+                             support pi > ratio_eps (the ratio extraction as beta -> inf)
   q_gap/gap                  q_expert - q_others
 The slice is `eval.q_gap_split` of the (first) dataset, read once, up to
 `eval.q_gap_examples` steps; hold it out of training with `data.split`
@@ -102,7 +104,12 @@ class QGapProbe:
     logits = policy.reweighted_logits(pi_logits, p_logits, self._beta, lrn.valid,
                                       self._extraction, self._eps)
     agree_policy = jnp.all(jnp.argmax(logits, -1) == tok[..., 0], axis=-1)
-    return q, agree_pi, agree_policy
+    # The implied Q alone (the ratio extraction at an infinite beta): does it rank the
+    # expert's action first among the supported ones?
+    q_only = policy.reweighted_logits(pi_logits, p_logits, 1.0, lrn.valid, "ratio", self._eps)
+    q_only = q_only - jax.nn.log_softmax(pi_logits, -1)
+    agree_q = jnp.all(jnp.argmax(q_only, -1) == tok[..., 0], axis=-1)
+    return q, agree_pi, agree_policy, agree_q
 
   def __call__(self, params: Mapping[str, Any]) -> dict[str, float]:
     """params: Learner.inference_params."""
@@ -113,13 +120,16 @@ class QGapProbe:
     q = np.concatenate([o[0] for o in outs])
     agree_pi = np.concatenate([o[1] for o in outs])
     agree_policy = np.concatenate([o[2] for o in outs])
+    agree_q = np.concatenate([o[3] for o in outs])
     labels = np.concatenate(self.labels)
-    return summarize(q if has_p else None, agree_pi, agree_policy if has_p else None, labels)
+    if not has_p:
+      return summarize(None, agree_pi, None, labels)
+    return summarize(q, agree_pi, agree_policy, labels, agree_q)
 
 
-def summarize(q, agree_pi, agree_policy, labels) -> dict[str, float]:
+def summarize(q, agree_pi, agree_policy, labels, agree_q=None) -> dict[str, float]:
   """The q_gap/* scalars from per-step implied Q, agreements and behaviour labels
-  (q and agree_policy None without p_theta)."""
+  (q, agree_policy and agree_q None without p_theta)."""
   out: dict[str, float] = {}
   expert = labels == EXPERT
   if expert.any():
@@ -134,6 +144,8 @@ def summarize(q, agree_pi, agree_policy, labels) -> dict[str, float]:
     out["q_gap/gap"] = float(np.mean(q[expert]) - np.mean(q[others]))
   if expert.any():
     out["q_gap/agree_policy"] = float(np.mean(agree_policy[expert]))
+    if agree_q is not None:
+      out["q_gap/agree_q"] = float(np.mean(agree_q[expert]))
   return out
 
 
