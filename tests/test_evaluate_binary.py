@@ -10,6 +10,7 @@ import pytest
 
 from checkpoint_fixture import REPO, write_checkpoint
 from conftest import run_without_tensorflow
+from qsft_vla import config as qconfig
 from qsft_vla import evaluate
 
 TASK = "BabyAI-GoToLocal-v0"
@@ -33,14 +34,15 @@ def test_binary_writes_results_and_videos_without_tensorflow(workdir):
       except SystemExit as e:
         assert e.code in (0, None), e.code
   """)
-  assert "qsft (beta=4.0)" in out and f"{TASK}-seed3.json" in out  # the table, the path
+  beta = qconfig.load_config_file(os.path.join(REPO, "robot_configs", "babyai.py")).learner.beta
+  assert f"qsft (beta={beta!r})" in out and f"{TASK}-seed3.json" in out  # the table, the path
 
   with open(os.path.join(workdir, "eval", f"{TASK}-seed3.json")) as f:
     result = json.load(f)
   assert result["episodes"] == 2 and result["seed"] == 3
   assert 0.0 <= result["ci_low"] <= result["success_rate"] <= result["ci_high"] <= 1.0
   assert result["env"] == f"babyai:{TASK}" and result["algorithm"] == "qsft"
-  assert result["beta"] == 4.0 and result["temperature"] == 0.0  # the run's learner.beta
+  assert result["beta"] == beta and result["temperature"] == 0.0  # the run's learner.beta
   assert result["checkpoint_step"] == 7 and result["max_steps"] == 8
   episodes = result["per_episode"]
   assert len(episodes) == 2 and all(1 <= e["length"] <= 8 for e in episodes)

@@ -95,12 +95,16 @@ def test_config_round_trips_and_rejects_bad_encoders():
     _cfg(text_vocab=100)
 
 
+def plain_qsft_beta():
+  return qconfig.load_config_file(f"{BABYAI}:qsft").learner.beta
+
+
 def test_variant_parsing():
   c = qconfig.load_config_file(f"{BABYAI}:bc+rt1_pretrained")
   assert c.learner.algorithm == "bc" and c.learner.beta == 0.0
   assert c.model.rt1_small.image_encoder == "efficientnet_lite0" and c.model.rt1_small.text_encoder == "minilm"
   q = qconfig.load_config_file(f"{BABYAI}:rt1_pretrained")
-  assert q.learner.algorithm == "qsft" and q.learner.beta == 4.0
+  assert q.learner.algorithm == "qsft" and q.learner.beta == plain_qsft_beta()
   plain = qconfig.load_config_file(f"{BABYAI}:bc")
   assert plain.model.rt1_small.image_encoder == "conv" and plain.learner.lr_pi == 1e-3
   with pytest.raises(qconfig.ConfigError, match="unknown variant 'nope'.*rt1_pretrained"):
