@@ -85,7 +85,7 @@ def main(argv):
   def work():
     stats = statistics.load_or_compute(f.data, cli.load_robot(f.config), f.split,
                                        recompute=f.recompute)
-    path = statistics.cache_path(f.data)
+    path = statistics.cache_path(f.data, f.split)
     cache = path if os.path.exists(path) else f"{path} (could not be written)"
     text = f"statistics of {f.data} (split {f.split}), cached at {cache}\n" + format_stats(stats)
     return text + _disagreement_line(f.data)

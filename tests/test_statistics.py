@@ -227,3 +227,16 @@ def test_binary_prints_cached_statistics(dataset):
   assert f"cached at {dataset / statistics.STATS_FILE}" in r.stdout
   assert "episodes 4, steps 10" in r.stdout and "success rate 0.500" in r.stdout
   assert (dataset / statistics.STATS_FILE).exists()
+
+
+def test_slices_have_their_own_cache(dataset, spec):
+  """A training slice and a held-out slice of one dataset cache side by side."""
+  dataset = str(dataset)
+  whole = statistics.load_or_compute(dataset, spec)
+  head = statistics.load_or_compute(dataset, spec, "train[:50%]")
+  tail = statistics.load_or_compute(dataset, spec, "train[50%:]")
+  assert head["num_episodes"] + tail["num_episodes"] == whole["num_episodes"]
+  paths = {statistics.cache_path(dataset, s) for s in ("train", "train[:50%]", "train[50%:]")}
+  assert len(paths) == 3 and all(os.path.exists(p) for p in paths)
+  assert statistics.load_or_compute(dataset, spec)["fingerprint"] == whole["fingerprint"]
+  assert statistics.cache_path(dataset) == os.path.join(dataset, statistics.STATS_FILE)

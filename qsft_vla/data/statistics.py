@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -48,8 +49,15 @@ RETURN_QUANTILES = tuple(round(0.05 * i, 2) for i in range(21))
 RESCALE_MODES = ("none", "auto", "minmax")
 
 
-def cache_path(data_dir: str) -> str:
-  return os.path.join(data_dir, STATS_FILE)
+def cache_path(data_dir: str, split: str = "train") -> str:
+  """<data_dir>/qsft_stats.json for the "train" split; a sliced or other split
+  ("train[:95%]") has its own file beside it, so runs on different slices of one
+  dataset (a training slice and a held-out one) do not overwrite each other's cache."""
+  if split == "train":
+    return os.path.join(data_dir, STATS_FILE)
+  readable = re.sub(r"[^A-Za-z0-9]+", "_", split).strip("_")
+  digest = hashlib.sha256(split.encode()).hexdigest()[:8]  # "[:50%]" and "[50%:]" differ
+  return os.path.join(data_dir, f"{STATS_FILE}.{readable}-{digest}")
 
 
 def fingerprint(data_dir: str, spec: RobotSpec, split: str = "train") -> str:
@@ -192,7 +200,7 @@ def save(data_dir: str, spec: RobotSpec, stats: dict[str, Any], split: str = "tr
   """Writes the cache atomically (stamping the fingerprint if unset); returns its path."""
   if not stats.get("fingerprint"):
     stats = dict(stats, fingerprint=fingerprint(data_dir, spec, split))
-  path = cache_path(data_dir)
+  path = cache_path(data_dir, split)
   fd, tmp = tempfile.mkstemp(prefix="." + STATS_FILE + ".tmp-", dir=data_dir)
   try:
     with os.fdopen(fd, "w") as f:
@@ -208,7 +216,7 @@ def save(data_dir: str, spec: RobotSpec, stats: dict[str, Any], split: str = "tr
 def load_or_compute(data_dir: str, spec: RobotSpec, split: str = "train",
                     recompute: bool = False) -> dict[str, Any]:
   """Cached statistics if still valid for this dataset and robot, else computes and caches."""
-  path = cache_path(data_dir)
+  path = cache_path(data_dir, split)
   if not recompute and os.path.exists(path):
     fp = fingerprint(data_dir, spec, split)
     try:
