@@ -23,6 +23,9 @@ EVAL_SEED="${EVAL_SEED:-1000}"              # the test stream (README: never tun
 CONFIG=robot_configs/babyai.py
 ENV_ID=babyai:BabyAI-GoToLocal-v0
 TRAIN_FLAGS=(${TRAIN_FLAGS:-})              # extra --config.* overrides (tests: a tiny model)
+# Every method trains on the first 90% of the episodes; Q-SFT's Q-gap diagnostic
+# (q_gap/* in metrics.jsonl, a "q gap" log line per checkpoint) reads the rest.
+SPLIT_FLAGS=(--config.data.split="train[:90%]" --config.eval.q_gap_split="train[90%:]")
 METHODS=(qsft bc filtered_bc)
 
 if [ ! -e "$DATA" ]; then
@@ -35,7 +38,8 @@ fi
 for method in "${METHODS[@]}"; do
   echo "== training $method for $STEPS steps -> $RUNS/$method"
   "$PYTHON" -m qsft_vla.train --config="$CONFIG:$method" --workdir="$RUNS/$method" \
-    --config.data.dir="$DATA" --config.train.num_steps="$STEPS" "${TRAIN_FLAGS[@]}"
+    --config.data.dir="$DATA" --config.train.num_steps="$STEPS" "${SPLIT_FLAGS[@]}" \
+    "${TRAIN_FLAGS[@]}"
 done
 
 for method in "${METHODS[@]}"; do

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from qsft_vla.learning import policy
 
@@ -153,5 +154,14 @@ def maybe_probe(cfg, setup, prepare) -> Optional[QGapProbe]:
   """The probe when eval.q_gap_split is set and the data has expert episodes, else None."""
   if not cfg.eval.q_gap_split:
     return None
-  probe = QGapProbe(cfg, setup, prepare, cfg.eval.q_gap_split, int(cfg.eval.q_gap_examples))
-  return probe if probe.enabled else None
+  from qsft_vla.data.episode import DataError  # pylint: disable=g-import-not-at-top
+  try:
+    probe = QGapProbe(cfg, setup, prepare, cfg.eval.q_gap_split, int(cfg.eval.q_gap_examples))
+  except DataError as e:  # e.g. a held-out slice with no episodes in a tiny dataset
+    logging.warning("Q-gap diagnostic off: %s", e)
+    return None
+  if not probe.enabled:
+    logging.warning("Q-gap diagnostic off: %s has no episodes labelled %r in its metadata",
+                    setup.data_dirs[0], EXPERT)
+    return None
+  return probe
