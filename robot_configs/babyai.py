@@ -44,7 +44,7 @@ def get_config(variant: str = "qsft"):
   c.learner.gamma = 0.95                 # ALFWorld / 20Q column of the paper
   c.learner.lr_pi = 1e-3                  # a small model from scratch
   c.learner.lr_p = 1e-3
-  # Measured on the default mixture (README, "Policy quality"; validation episodes):
+  # Measured on the default mixture (benchmarks/results/policy_quality_exploration.md):
   # the paper's in-support max backup pins every Bellman weight at the clip (the
   # max of noisy ratios of two networks exceeds 1/gamma), so p_theta = pi_phi and
   # Q-SFT is BC; the behaviour-value backup with the Monte-Carlo lower bound and a
