@@ -160,6 +160,9 @@ def learner_defaults() -> ml_collections.ConfigDict:
   l.eps = 1e-4                  # support threshold on pi_phi in the Bellman target
   l.clip_weights = True         # clip Bellman weights to [0, 1]
   l.mc_lower_bound = False      # weight = max(Bellman target, observed return-to-go G_t)
+  # Mixed Monte-Carlo target: weight = (1 - mc_mix) * Bellman target + mc_mix * G_t;
+  # 1 = pure Monte Carlo (no bootstrap: the target network is never evaluated).
+  l.mc_mix = 0.0
   # "max": the paper's in-support max of p_bar / pi at the next state; "mean": its
   # expectation under pi, sum_b p_bar(b) (the behaviour's value; no ratio noise).
   l.backup = "max"

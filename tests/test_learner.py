@@ -309,6 +309,27 @@ def test_backup_and_monte_carlo_bound_reach_the_weights(backup, mc):
 
 
 @pytest.mark.parametrize("architecture", ["separate", "shared"])
+def test_pure_monte_carlo_target_never_reads_the_target_network(architecture):
+  """mc_mix = 1: every token's weight is the example's G_t, and the step never evaluates
+  p_theta_bar (a NaN target changes nothing), so it costs one forward pass less per net."""
+  lrn = make_learner(**MAIN, mc_mix=1.0, architecture=architecture)
+  batch = make_batch(seed=5)
+  g = np.linspace(0.0, 1.0, 8).astype(np.float32)
+  batch["return_to_go"] = g
+  state = init_state(lrn, batch)
+  poisoned = state.replace(params_target=jax.tree_util.tree_map(
+      lambda x: jnp.full_like(x, jnp.nan), state.params_target))
+  new, metrics = lrn.step(poisoned, batch)
+  mask = np.asarray(batch["has_next"]) | np.asarray(batch["terminal"])  # rows with a target
+  assert float(metrics["weight_max"]) == pytest.approx(float(g.max()), rel=1e-6)
+  assert np.isfinite(float(metrics["loss_p"]))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(new.params_p))
+  assert mask.any()
+  with pytest.raises(ValueError, match="mc_mix"):
+    L.LearnerConfig(mc_mix=1.5)
+
+
+@pytest.mark.parametrize("architecture", ["separate", "shared"])
 def test_residual_parametrization_starts_at_pi_and_cancels_pi(architecture):
   """p = softmax(stop_grad(log pi) + out): equal to pi at the start (zero head, the
   dummy at -20), and p / pi = exp(out_b) / Z whatever pi is."""

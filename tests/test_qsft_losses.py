@@ -476,6 +476,30 @@ def test_monte_carlo_lower_bound():
   np.testing.assert_allclose(np.asarray(same), np.asarray(plain))
 
 
+def test_mixed_monte_carlo_target():
+  """w = (1 - lam) * Bellman target + lam * G_t (Ostrovski et al. 2017); lam = 1 reads
+  no bootstrap at all, so even an inf ratio cannot leak into the weight."""
+  r_within = np.array([[0.9, 0.2], [0.9, 0.6]], np.float32)
+  r_next = np.array([0.4, 0.4], np.float32)
+  reward = np.zeros(2, np.float32)
+  no, yes = np.zeros(2, bool), np.ones(2, bool)
+  g = np.array([0.8, 0.0], np.float32)
+  w, _ = targets.bellman_weights(r_within, r_next, reward, no, yes, GAMMA, clip=False,
+                                 mixed_return=g, mc_mix=0.25)
+  td = np.array([[0.2, GAMMA * 0.4], [0.6, GAMMA * 0.4]])
+  np.testing.assert_allclose(np.asarray(w), 0.75 * td + 0.25 * g[:, None], rtol=1e-6)
+  pure, _ = targets.bellman_weights(np.full((2, 2), np.inf), np.full(2, np.inf), reward, no,
+                                    yes, GAMMA, mixed_return=g, mc_mix=1.0)
+  np.testing.assert_allclose(np.asarray(pure), [[0.8, 0.8], [0.0, 0.0]], rtol=1e-6)
+  # mc_mix = 0 is the paper's target; the lower bound composes after the mix.
+  off, _ = targets.bellman_weights(r_within, r_next, reward, no, yes, GAMMA, mixed_return=g)
+  np.testing.assert_allclose(np.asarray(off), td, rtol=1e-6)
+  both, _ = targets.bellman_weights(r_within, r_next, reward, no, yes, GAMMA, clip=False,
+                                    return_to_go=g, mixed_return=g, mc_mix=0.25)
+  np.testing.assert_allclose(np.asarray(both), np.maximum(0.75 * td + 0.25 * g[:, None],
+                                                          g[:, None]), rtol=1e-6)
+
+
 def test_clip_switch():
   r_within = np.array([[0.0, 1.7], [0.0, -0.2]], np.float32)
   args = (r_within, np.array([0.9, 0.9]), np.array([0.5, 0.0]), np.zeros(2, bool),

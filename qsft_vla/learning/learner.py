@@ -97,6 +97,7 @@ class LearnerConfig:
   eps: float = targets.DEFAULT_EPS  # support threshold on pi_phi
   clip_weights: bool = True
   mc_lower_bound: bool = False      # w = max(Bellman target, return-to-go G_t) (QSFT.md)
+  mc_mix: float = 0.0               # w = (1 - mc_mix) * Bellman target + mc_mix * G_t
   backup: str = "max"               # "max" (paper: in-support max of p_bar / pi) | "mean"
   p_parametrization: str = "independent"  # p_theta's own logits (paper) | "residual" (policy.py)
   residual: str = "dummy"
@@ -130,6 +131,8 @@ class LearnerConfig:
       v = getattr(self, name)
       if not (np.isfinite(v) and 0.0 <= v <= 1e6):
         raise ValueError(f"{name} must be a finite number in [0, 1e6], got {v}")
+    if not (np.isfinite(self.mc_mix) and 0.0 <= self.mc_mix <= 1.0):
+      raise ValueError(f"mc_mix must be in [0, 1], got {self.mc_mix}")
     if not 0.0 <= self.ratio_eps < 1.0:
       raise ValueError(f"ratio_eps must be in [0, 1), got {self.ratio_eps}")
 
@@ -141,6 +144,11 @@ class LearnerConfig:
   @property
   def uses_p(self) -> bool:
     return self.algorithm == "qsft"
+
+  @property
+  def bootstraps(self) -> bool:
+    """False for the pure Monte-Carlo target (mc_mix = 1): no target network pass."""
+    return self.mc_mix < 1.0
 
   @property
   def num_output_heads(self) -> int:
@@ -317,9 +325,9 @@ class Learner:
     missing = [k for k in BATCH_KEYS[:10] if k not in out]
     if missing:
       raise ValueError(f"batch misses keys {missing}; got {sorted(batch)}")
-    if check_filter and self.config.uses_p and self.config.mc_lower_bound \
+    if check_filter and self.config.uses_p and (self.config.mc_lower_bound or self.config.mc_mix) \
         and "return_to_go" not in out:
-      raise ValueError("mc_lower_bound needs a batch field 'return_to_go'")
+      raise ValueError("mc_lower_bound / mc_mix need a batch field 'return_to_go'")
     filtered = check_filter and self.config.algorithm == "filtered_bc"
     if filtered and not ("episode_return" in out or "keep" in out):
       raise ValueError("filtered_bc needs a batch field 'episode_return' or 'keep'")
@@ -360,7 +368,7 @@ class Learner:
     shared = cfg.num_output_heads == 2
     ex_mask = self._example_mask(batch)
 
-    if cfg.uses_p:
+    if cfg.uses_p and cfg.bootstraps:
       # Targets: constants computed before the update, from the current pi_phi and p_theta_bar.
       next_tokens = jnp.zeros_like(tokens)  # exact for position 0, see the module docstring
       nobs, nhm = batch["next_observation"], batch["next_history_mask"]
@@ -398,17 +406,22 @@ class Learner:
         return loss_pi, aux
       pi_sg = jax.lax.stop_gradient(pi_logits)
       p_logits = self.p_logits_from(pi_sg, p_logits)
-      tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
-      if cfg.backup == "max":
+      if not cfg.bootstraps:  # pure Monte Carlo: the bootstrap terms are multiplied by 0
+        r_within = jnp.zeros(tokens.shape, jnp.float32)
+        r_next = jnp.zeros(tokens.shape[:1], jnp.float32)
+      elif cfg.backup == "max":
+        tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
         r_within = targets.support_ratio_max(pi_sg, tgt_now_l, self.valid, cfg.eps)
         r_next = targets.support_ratio_max(pi_next[:, 0], tgt_next[:, 0], self.valid[0], cfg.eps)
       else:
+        tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
         r_within = targets.behavior_value(tgt_now_l, self.valid)
         r_next = targets.behavior_value(tgt_next[:, 0], self.valid[0])
       w, td_mask = targets.bellman_weights(
           r_within, r_next, batch["reward"], batch["terminal"], batch["has_next"], cfg.gamma,
           cfg.clip_weights,
-          return_to_go=batch["return_to_go"] if cfg.mc_lower_bound else None)
+          return_to_go=batch["return_to_go"] if cfg.mc_lower_bound else None,
+          mixed_return=batch["return_to_go"] if cfg.mc_mix else None, mc_mix=cfg.mc_mix)
       loss_p, wmetrics = losses.weighted_cross_entropy(
           p_logits, tokens, w, residual=cfg.residual, dummy_id=self.dummy_id,
           valid_mask=self.valid, mask=td_mask)

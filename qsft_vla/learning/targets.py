@@ -80,7 +80,7 @@ def behavior_value(p_target_logits, valid_mask):
 
 
 def bellman_weights(R_within, R_next_first, reward, terminal, has_next, gamma, clip=True,  # pylint: disable=invalid-name
-                    return_to_go=None):
+                    return_to_go=None, mixed_return=None, mc_mix=0.0):
   """Per-token Q-SFT weights w[B, D] and the mask of tokens that have a target.
 
   Args:
@@ -101,6 +101,12 @@ def bellman_weights(R_within, R_next_first, reward, terminal, has_next, gamma, c
       (QSFT.md, "Optional"): every token's weight becomes max(w, G_t), before
       clipping. It also applies where the bootstrap is dropped (truncated
       ends), but those tokens stay masked.
+    mixed_return: optional float[B], G_t again, for the mixed Monte-Carlo
+      target (Ostrovski et al. 2017, "mixed Monte Carlo"): every token's
+      weight becomes (1 - mc_mix) * w + mc_mix * G_t, before the lower bound
+      and the clip. mc_mix = 1 is the pure Monte-Carlo target (no
+      bootstrapping): p -> pi_beta * E[G | s, a].
+    mc_mix: the mixing coefficient in [0, 1]; 0 (default) is the paper.
 
   Returns:
     w: float32[B, D], stop-gradient.
@@ -120,6 +126,10 @@ def bellman_weights(R_within, R_next_first, reward, terminal, has_next, gamma, c
   # where, not multiply: a stale R_next_first (e.g. inf) must not leak via 0 * inf.
   last = reward + jnp.where(bootstrap, gamma * jnp.asarray(R_next_first, jnp.float32), 0.0)
   w = jnp.concatenate([r_within[:, 1:], last[:, None]], axis=1)
+  if mixed_return is not None and mc_mix:
+    g = jnp.broadcast_to(jnp.asarray(mixed_return, jnp.float32)[:, None], w.shape)
+    # At mc_mix = 1 the bootstrap is not read at all (a stale inf must not give 0 * inf).
+    w = g if mc_mix >= 1.0 else (1.0 - mc_mix) * w + mc_mix * g
   if return_to_go is not None:
     w = jnp.maximum(w, jnp.asarray(return_to_go, jnp.float32)[:, None])
   if clip:
