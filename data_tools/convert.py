@@ -445,7 +445,7 @@ def convert(input_path: str, fmt: str, robot_spec, out: str,
                 "format": fmt, "keys": opt.keys, "terminal": terminal, "resize": resize,
                 "hdf5_root": hdf5_root}
   with RLDSWriter(out, spec, name=name, provenance=provenance, overwrite=overwrite,
-                  episodes_per_shard=episodes_per_shard,
+                  protect=[input_path], episodes_per_shard=episodes_per_shard,
                   description=f"Converted from {fmt} by data_tools.convert") as writer:
     with contextlib.closing(sources):
       for src in tqdm.tqdm(sources, total=total, unit="ep", desc="convert", disable=not progress):

@@ -188,8 +188,11 @@ def generate(env_id: str, episodes: int, noise_levels: Sequence[float] | None, s
   _check_args(env_id, episodes, noise_levels, seed, max_steps, workers, image_encoding)
   jobs = plan(env_id, episodes, seed, noise_levels, behavior)
   out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:  # before any work; the writer checks again
-    raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+  if os.path.lexists(out):  # before any work; the writer checks again
+    if not overwrite:
+      raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    from qsft_vla.data.rlds_writer import check_replaceable  # pylint: disable=g-import-not-at-top
+    check_replaceable(out)
   workers = min(workers or default_workers(), episodes)
   spec = envs.robot_spec_for(env_id)
   per_behavior = {b.label: {"episodes": 0, "successes": 0, "steps": 0, "return": 0.0}

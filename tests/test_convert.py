@@ -108,6 +108,44 @@ def test_npz_round_trip_babyai(tmp_path, monkeypatch):
   assert cached["terminal_rate"] == pytest.approx(2 / 3)
 
 
+def test_overwrite_replaces_only_our_own_dataset(tmp_path):
+  """--overwrite never deletes the input, a folder holding it, or a folder of the
+  user's files; it replaces an earlier dataset of ours, and nothing else changes."""
+  rng = np.random.default_rng(1)
+  src = tmp_path / "in"
+  save_npz(src, "ep.npz", **babyai_episode(rng, 4))
+  spec = spec_of(BABYAI)
+  snapshot = lambda p: sorted((q.relative_to(p), q.read_bytes()) for q in p.rglob("*")
+                              if q.is_file())
+  before = snapshot(tmp_path)
+  for out, match in [(src, "holds the input"), (tmp_path, "holds the input"),
+                     (src / "ep.npz", "not a dataset directory")]:
+    with pytest.raises(FileExistsError, match=match):
+      convert_lib.convert(str(src), "npz", spec, str(out), overwrite=True, progress=False)
+    assert snapshot(tmp_path) == before
+  user = tmp_path / "user"
+  user.mkdir()
+  (user / "notes.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="notes.txt"):
+    convert_lib.convert(str(src), "npz", spec, str(user), overwrite=True, progress=False)
+  assert (user / "notes.txt").read_text() == "mine"
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  with pytest.raises(FileExistsError, match="not a dataset directory"):
+    convert_lib.convert(str(src), "npz", spec, str(a_file), overwrite=True, progress=False)
+  # Our own dataset (with its statistics cache) is replaced, only once complete.
+  out = tmp_path / "out"
+  convert_lib.convert(str(src), "npz", spec, str(out), progress=False)
+  save_npz(src, "ep2.npz", **babyai_episode(rng, 3))
+  summary = convert_lib.convert(str(src), "npz", spec, str(out), overwrite=True, progress=False)
+  assert summary["episodes"] == 2 and len(read_back(out, spec)) == 2
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "in", "out", "user"]
+  (out / "extra.txt").write_text("added by the user")
+  with pytest.raises(FileExistsError, match="extra.txt"):
+    convert_lib.convert(str(src), "npz", spec, str(out), overwrite=True, progress=False)
+  assert (out / "extra.txt").exists() and len(read_back(out, spec)) == 2
+
+
 def test_hdf5_key_mapping_state_and_clip_counts(tmp_path):
   rng = np.random.default_rng(1)
   path = tmp_path / "in" / "demos.hdf5"

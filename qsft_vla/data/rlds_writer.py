@@ -4,10 +4,16 @@ The dataset is a TFDS directory (dataset_info.json, features.json, TFRecord
 shards) readable with `tfds.builder_from_directory(out)`. It is written under a
 temporary name beside `out` and renamed only when complete, so a failed or
 killed run never leaves a half-written dataset under the final name.
+
+Overwriting replaces only what is recognisably a dataset this module wrote
+(its provenance file, TFDS files and statistics caches, nothing else) and
+never a folder that holds the data being converted: anything else at `out`
+is refused, naming it, before any work is done.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -23,6 +29,37 @@ from qsft_vla.robot import RobotSpec
 # Written beside the TFDS files: the robot the data was checked against and how
 # it was made (generator flags, converter input), for provenance.
 PROVENANCE_FILE = "qsft_provenance.json"
+# What a dataset written here may hold: TFDS's files and shards, our provenance,
+# the statistics caches (data/statistics.py) and their lock files.
+_OWN_FILES = ("dataset_info.json", "features.json", PROVENANCE_FILE, "*.tfrecord-*",
+              "qsft_stats.json*")
+
+
+def check_replaceable(out: str, protect=()) -> None:
+  """Raises FileExistsError unless `out` may be replaced by a new dataset: an empty
+  directory, or one holding only files this writer makes (with its provenance file), and
+  neither equal to nor a parent of any path in `protect` (e.g. the input)."""
+  out = os.path.realpath(out)
+  for p in protect:
+    p = os.path.realpath(p)
+    if p == out or p.startswith(out.rstrip(os.sep) + os.sep):
+      raise FileExistsError(f"--out {out} holds the input {p}; refusing to overwrite it "
+                            "(choose another --out)")
+  if not os.path.isdir(out) or os.path.islink(out):
+    raise FileExistsError(f"--out {out} exists and is not a dataset directory; refusing to "
+                          "overwrite it (choose another --out)")
+  names = os.listdir(out)
+  if not names:
+    return  # an empty folder: nothing to lose
+  foreign = sorted(n for n in names
+                   if not any(fnmatch.fnmatch(n, pat) for pat in _OWN_FILES)
+                   or not os.path.isfile(os.path.join(out, n)))
+  if PROVENANCE_FILE not in names or foreign:
+    why = (f"it holds {len(foreign)} file(s) a dataset of ours does not: "
+           f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}" if foreign else
+           f"it has no {PROVENANCE_FILE}, so this package did not write it")
+    raise FileExistsError(f"--out {out} is not a dataset written by data_tools ({why}); "
+                          "--overwrite replaces only those; choose another --out")
 
 
 def episode_features(spec: RobotSpec, image_encoding: str = "png") -> tfds.features.FeaturesDict:
@@ -67,8 +104,9 @@ class RLDSWriter:
   def __init__(self, out: str, spec: RobotSpec, *, name: str, description: str = "",
                provenance: dict[str, Any] | None = None, split: str = "train",
                episodes_per_shard: int = 100, image_encoding: str = "png",
-               overwrite: bool = False):
+               overwrite: bool = False, protect=()):
     self.out = os.path.abspath(out)
+    self.protect = tuple(protect)   # paths that must survive an overwrite (the input)
     self.spec = spec
     self.name = name
     self.description = description
@@ -83,8 +121,10 @@ class RLDSWriter:
     self._writer = None
 
   def __enter__(self) -> "RLDSWriter":
-    if os.path.exists(self.out) and not self.overwrite:
-      raise FileExistsError(f"{self.out} already exists; choose another --out or remove it")
+    if os.path.lexists(self.out):
+      if not self.overwrite:
+        raise FileExistsError(f"{self.out} already exists; choose another --out or remove it")
+      check_replaceable(self.out, self.protect)
     parent = os.path.dirname(self.out)
     os.makedirs(parent, exist_ok=True)
     self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=parent)
@@ -137,10 +177,15 @@ class RLDSWriter:
           json.dump({"name": self.name, "num_episodes": self.num_episodes,
                      "num_steps": self.num_steps, **self.spec.to_dict(),
                      "provenance": self.provenance}, f, indent=2)
-        if os.path.exists(self.out):  # overwrite=True: replace only once complete
-          shutil.rmtree(self.out)
+        old = None
+        if os.path.lexists(self.out):  # overwrite=True: replace only once complete
+          check_replaceable(self.out, self.protect)  # again: it may have changed meanwhile
+          old = self._tmp + ".old"
+          os.rename(self.out, old)   # never a moment without a whole dataset or its backup
         os.rename(self._tmp, self.out)
         self._tmp = None
+        if old is not None:
+          shutil.rmtree(old, ignore_errors=True)
     finally:
       if self._tmp is not None:
         shutil.rmtree(self._tmp, ignore_errors=True)
