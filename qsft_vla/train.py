@@ -207,13 +207,17 @@ def evaluate_in_sim(setup: Setup, state, step: int, workdir: str) -> dict[str, f
                                             "mean_length") if k in summary}
 
 
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def train(cfg, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the metrics of the last logged step."""
   qconfig.validate(cfg, where="config")
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
-    f.write(cfg.to_json(indent=2))
   setup = build(cfg)
   tcfg = cfg.train
   spc = setup.learner_config.steps_per_call
@@ -245,6 +249,9 @@ def train(cfg, workdir: str) -> dict[str, Any]:
         extra={data_iterator.ITEM: data_iterator.DataIteratorRestore(it)})
     state = _from_items(restored)
     logging.info("resumed %s at step %d (params, optimiser, data position)", workdir, start)
+  # Only now, with the config accepted for this workdir: a refused config must never
+  # replace the description of the checkpoints already there.
+  _write_atomic(os.path.join(workdir, CONFIG_JSON), cfg.to_json(indent=2))
   step = int(state.step)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=step)
   progress = metrics_lib.Progress(step, tcfg.num_steps)

@@ -123,8 +123,11 @@ def test_variants_train(dataset, tmp_path, variant, extra):
 
 def test_other_config_does_not_resume(dataset, tmp_path):
   train.train(_config(dataset, **{"train.num_steps": 2}), str(tmp_path))
+  saved = (tmp_path / train.CONFIG_JSON).read_bytes()
   with pytest.raises(checkpoints.CheckpointError, match="different model"):
     train.train(_config(dataset, **{"train.num_steps": 4, "model.rt1_small.width": 48}), str(tmp_path))
+  # The refused config did not replace the one that describes the checkpoints.
+  assert (tmp_path / train.CONFIG_JSON).read_bytes() == saved
 
 
 def _run_binary(args, **kwargs):
@@ -140,10 +143,12 @@ def test_binary_rejects_unknown_field(dataset, tmp_path):
 
 
 def test_binary_rejects_bad_value(dataset, tmp_path):
-  r = _run_binary([f"--config={BABYAI}:qsft", f"--workdir={tmp_path}",
+  workdir = tmp_path / "run"
+  r = _run_binary([f"--config={BABYAI}:qsft", f"--workdir={workdir}",
                    f"--config.data.dir={dataset}", "--config.learner.residual=spread"],
                   timeout=120)
   assert r.returncode != 0 and "residual" in r.stderr
+  assert not workdir.exists()  # a refused config leaves no workdir behind
 
 
 @pytest.mark.slow
