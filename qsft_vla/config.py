@@ -193,6 +193,9 @@ def train_defaults() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3        # the last k are kept
   t.log_every = 50              # metrics.jsonl, TensorBoard, progress line
   t.validate_data = True        # full pass over the non-image data before training
+  # Steps with a non-finite loss or gradient are skipped (nothing changes); more
+  # than this many stop training with an error. 0: stop at the first.
+  t.max_nonfinite_steps = 0
   return t
 
 
@@ -347,11 +350,12 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
 
 
 def _validate_train(t, where):
-  for name in ("num_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+  for name in ("num_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
+               "max_nonfinite_steps"):
     v = t[name]
-    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "num_steps" else 1):
-      raise ConfigError(f"{where}: train.{name} must be an integer >= "
-                        f"{0 if name == 'num_steps' else 1}, got {v!r}")
+    low = 0 if name in ("num_steps", "max_nonfinite_steps") else 1
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+      raise ConfigError(f"{where}: train.{name} must be an integer >= {low}, got {v!r}")
 
 
 def _validate_eval(e, where):

@@ -28,6 +28,7 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from jax.sharding import Mesh
@@ -207,6 +208,66 @@ def evaluate_in_sim(setup: Setup, state, step: int, workdir: str) -> dict[str, f
                                             "mean_length") if k in summary}
 
 
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. the loss became non-finite); the message says why."""
+
+
+@jax.jit
+def _params_finite(state) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves((state.params_pi, state.params_p, state.params_target))
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
+                            if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.asarray(True)]))
+
+
+class _NonFiniteGuard:
+  """Stops training at the first step with a non-finite loss or gradient beyond
+  `allowed` (train.max_nonfinite_steps). The learner already skips such a step
+  (nothing changes), so the last checkpoint and the state are intact; a
+  checkpoint is written only if every parameter is finite.
+
+  Each call's flag is read one call late, so the host never waits on the step it
+  has just dispatched (jax dispatch stays asynchronous)."""
+
+  def __init__(self, allowed: int, workdir: str, mngr):
+    self.allowed, self.workdir, self.mngr = allowed, workdir, mngr
+    self.count = 0
+    self._pending = None   # (step, metrics) of the previous call
+
+  def observe(self, step: int, metrics) -> None:
+    previous, self._pending = self._pending, (step, metrics)
+    if previous is not None:
+      self._check(*previous)
+
+  def _check(self, step: int, metrics) -> None:
+    bad = int(np.sum(jax.device_get(metrics["nonfinite"])))
+    if not bad:
+      return
+    self.count += bad
+    values = {k: float(np.ravel(jax.device_get(metrics[k]))[-1]) for k in
+              ("loss_pi", "loss_p", "grad_norm_pi", "grad_norm_p") if k in metrics}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+    if self.count > self.allowed:
+      latest = self.mngr.latest_step()
+      kept = (f"the last checkpoint (step {latest}) is intact" if latest is not None
+              else "no checkpoint was written")
+      raise TrainingError(
+          f"non-finite loss or gradient at step {step} ({shown}); stopped after {self.count} "
+          f"such step(s) (train.max_nonfinite_steps={self.allowed}). Nothing non-finite was "
+          f"applied or saved: {kept} in {self.workdir}. Lower the learning rates "
+          "(learner.lr_pi / learner.lr_p) or check the data.")
+    logging.warning("step %d: non-finite loss or gradient (%s), step skipped (%d of %d "
+                    "allowed)", step, shown, self.count, self.allowed)
+
+  def before_save(self, step: int, state) -> None:
+    if self._pending is not None:
+      self._check(*self._pending)
+      self._pending = None
+    if not bool(_params_finite(state)):
+      raise TrainingError(f"parameters became non-finite before step {step}; the checkpoint "
+                          f"was not written (the last one, step {self.mngr.latest_step()}, is "
+                          "intact). Lower the learning rates.")
+
+
 def _write_atomic(path: str, text: str) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
@@ -261,12 +322,14 @@ def train(cfg, workdir: str) -> dict[str, Any]:
 
   def save(at_step):
     progress.pause()
+    guard.before_save(at_step, state)
     checkpoints.save(mngr, at_step, _state_items(state), meta, setup.text_tokenizer,
                      extra={data_iterator.ITEM: data_iterator.DataIteratorSave(it)})
     progress.resume()
 
   last = {}
   data_time = 0.0
+  guard = _NonFiniteGuard(tcfg.max_nonfinite_steps, workdir, mngr)
   try:
     while step < tcfg.num_steps:
       t0 = time.perf_counter()
@@ -275,6 +338,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
       batch = micro[0] if spc == 1 else batches_lib.stack(micro)
       state, metrics = setup.learner.step(state, batch)
       step += spc
+      guard.observe(step, metrics)
       if step % tcfg.log_every == 0 or step == tcfg.num_steps:
         metrics = jax.device_get(metrics)
         if spc > 1:  # per-step metrics [S]: report the logged step's own values
@@ -335,7 +399,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
     summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (qconfig.ConfigError, checkpoints.CheckpointError) as e:
+  except (qconfig.ConfigError, checkpoints.CheckpointError, TrainingError) as e:
     raise app.UsageError(str(e)) from None
   logging.info("done: %s", json.dumps(summary))
 

@@ -308,6 +308,28 @@ def test_backup_and_monte_carlo_bound_reach_the_weights(backup, mc):
     assert float(metrics["weight_mean"]) >= float(m0["weight_mean"])
 
 
+@pytest.mark.parametrize("algorithm", ["qsft", "bc"])
+def test_non_finite_step_changes_nothing(algorithm):
+  """A NaN parameter makes the loss NaN: the state comes back bit for bit (but the step
+  counter) and metrics["nonfinite"] says so; a finite step reports 0."""
+  lrn = make_learner(**MAIN, algorithm=algorithm)
+  batch = make_batch(seed=6)
+  state = init_state(lrn, batch)
+  _, m_ok = lrn.step(state, batch)
+  assert float(m_ok["nonfinite"]) == 0.0
+  leaves, treedef = jax.tree_util.tree_flatten(state.params_pi)
+  leaves = [jnp.full_like(x, jnp.nan) for x in leaves]
+  state = state.replace(params_pi=jax.tree_util.tree_unflatten(treedef, leaves))
+  new, metrics = lrn.step(state, batch)
+  assert float(metrics["nonfinite"]) == 1.0
+  for a, b in zip(jax.tree_util.tree_leaves((state.params_pi, state.params_p,
+                                            state.params_target, state.opt_pi, state.opt_p)),
+                  jax.tree_util.tree_leaves((new.params_pi, new.params_p, new.params_target,
+                                            new.opt_pi, new.opt_p))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(new.step) == int(state.step) + 1
+
+
 @pytest.mark.parametrize("architecture", ["separate", "shared"])
 def test_pure_monte_carlo_target_never_reads_the_target_network(architecture):
   """mc_mix = 1: every token's weight is the example's G_t, and the step never evaluates

@@ -121,6 +121,31 @@ def test_variants_train(dataset, tmp_path, variant, extra):
     assert set(checkpoints.load_inference(str(tmp_path)).params) == {"shared"}
 
 
+def test_non_finite_steps_stop_training_and_nothing_non_finite_is_saved(dataset, tmp_path,
+                                                                        monkeypatch):
+  """From step 5 on every step is non-finite (the learner skips those: its own test):
+  with max_nonfinite_steps=1 the first is logged and skipped, the second stops the run
+  with a clear error; the checkpoints on disk are the finite ones of steps 2 and 4."""
+  from qsft_vla.learning import learner as learner_lib  # pylint: disable=g-import-not-at-top
+  real_step = learner_lib.Learner.step
+
+  def failing_step(self, state, batch):
+    new, metrics = real_step(self, state, batch)
+    if int(state.step) >= 4:
+      metrics = dict(metrics, nonfinite=np.float32(1.0), loss_p=np.float32(np.nan))
+    return new, metrics
+
+  monkeypatch.setattr(learner_lib.Learner, "step", failing_step)
+  cfg = _config(dataset, **{"train.num_steps": 10, "train.max_nonfinite_steps": 1})
+  with pytest.raises(train.TrainingError, match=r"non-finite loss or gradient at step 6.*"
+                     r"loss_p=nan.*last checkpoint \(step 4\) is intact"):
+    train.train(cfg, str(tmp_path))
+  mngr = checkpoints.manager(checkpoints.directory(str(tmp_path)), read_only=True)
+  assert list(mngr.all_steps()) == [2, 4]
+  for line in (tmp_path / metrics_lib.JSONL).read_text().splitlines():
+    assert "NaN" not in line  # strict JSON: null
+
+
 def test_other_config_does_not_resume(dataset, tmp_path):
   train.train(_config(dataset, **{"train.num_steps": 2}), str(tmp_path))
   saved = (tmp_path / train.CONFIG_JSON).read_bytes()

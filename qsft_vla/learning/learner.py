@@ -436,6 +436,14 @@ class Learner:
 
     (_, aux), (g_pi, g_p) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params_pi, state.params_p)
+    # A step whose losses or gradients are not all finite changes nothing (the
+    # params, optimiser states and target stay bit for bit) and says so in
+    # metrics["nonfinite"]; the training loop decides whether to stop.
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in
+                                (aux["loss_pi"], aux.get("loss_p", 0.0),
+                                 optax.global_norm(g_pi), optax.global_norm(g_p))]))
+    train_pi = train_pi & finite
+    train_p = train_p & finite
 
     upd, new_opt_pi = self.opt_pi.update(g_pi, state.opt_pi, state.params_pi)
     new_pi = optax.apply_updates(state.params_pi, upd)
@@ -458,6 +466,7 @@ class Learner:
       metrics["lr_p"] = w_p * cfg.lr_p
     if cfg.algorithm == "filtered_bc":
       metrics["kept_fraction"] = jnp.mean(ex_mask)
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params_pi=new_pi, params_p=new_p,
                               params_target=new_target, opt_pi=new_opt_pi, opt_p=new_opt_p)
     return new_state, metrics

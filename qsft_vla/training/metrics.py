@@ -69,7 +69,9 @@ class MetricsWriter:
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     row = {"step": int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._file.write(json.dumps(row) + "\n")
+    # Strict JSON: a non-finite value is null (json.dumps would write bare NaN).
+    strict = {k: (v if np.isfinite(v) else None) for k, v in row.items()}
+    self._file.write(json.dumps(strict, allow_nan=False) + "\n")
     self._file.flush()
     if self._tb is not None:
       with self._tb.as_default(step=int(step)):
