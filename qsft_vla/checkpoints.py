@@ -205,6 +205,17 @@ def param_groups(abstract, learner_cfg: learner_lib.LearnerConfig) -> dict[str, 
   return {"params_pi": abstract, "params_p": {}, "params_target": {}}
 
 
+def _check_finite(tree, where: str) -> None:
+  """A checkpoint with a NaN or inf parameter is refused, naming the first one."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    x = np.asarray(leaf)
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+      raise CheckpointError(f"{where}: parameter {jax.tree_util.keystr(path)} holds "
+                            f"{int((~np.isfinite(x)).sum())} non-finite value(s); refusing to "
+                            "load it (train stops before saving such a checkpoint: this one "
+                            "was written by something else or damaged)")
+
+
 def load_inference(path: str, step: Optional[int] = None) -> InferenceCheckpoint:
   """Reads pi_phi (and p_theta) with everything needed to act. TF-free."""
   ckpt_dir, step = resolve(path, step)
@@ -231,6 +242,7 @@ def load_inference(path: str, step: Optional[int] = None) -> InferenceCheckpoint
   out = restore(mngr, step, wanted, extra={TEXT_TOKENIZER: ocp.args.JsonRestore()})
   text_tokenizer = TextTokenizer.from_str(json.dumps(out[TEXT_TOKENIZER]),
                                           where=f"{where}/{TEXT_TOKENIZER}")
+  _check_finite({"params_pi": out["params_pi"], "params_p": out["params_p"]}, where)
   if learner_cfg.num_output_heads == 2:
     params = {"shared": learner_lib.merge_shared(out["params_pi"], out["params_p"])}
   elif learner_cfg.uses_p:

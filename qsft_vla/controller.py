@@ -312,10 +312,13 @@ class Controller:
       self._frames = self._frames[1:] + [frame]
     self._valid = min(self._valid + 1, self._model_config.window)
     obs, history_mask = self._window()
-    tokens = self._act_fn(self._params, obs, history_mask, *self._text,
-                          np.float32(self._beta), np.float32(self._temperature), self._key,
-                          np.uint32(self._draws))
+    tokens, finite = self._act_fn(self._params, obs, history_mask, *self._text,
+                                  np.float32(self._beta), np.float32(self._temperature),
+                                  self._key, np.uint32(self._draws))
     self._draws += 1
+    if not bool(finite):  # argmax of NaN logits is a valid-looking bin: never act on it
+      raise ControllerError("refusing to act: the policy's logits are not finite for this "
+                            "observation (non-finite parameters or an overflow)")
     action = self._guard(self._action_tokenizer.decode(np.asarray(tokens)))
     self._latencies_ms.append((time.perf_counter() - start) * 1e3)
     self._calls += 1
@@ -469,11 +472,13 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
         p_logits = policy.mask_logits(p_logits, p_ok)
       logits = policy.reweighted_logits(pi_logits, p_logits, beta, pi_ok, extraction, ratio_eps)
       tok = policy.select(logits, temperature, jax.random.fold_in(call_key, j))
-      return (tok, caches), tok[0]
+      finite = jnp.all(jnp.where(pi_ok, jnp.isfinite(pi_logits) & jnp.isfinite(p_logits)
+                                 & jnp.isfinite(logits), True))
+      return (tok, caches), (tok[0], finite)
 
     prev = jnp.zeros((1,), jnp.int32)
-    _, tokens = jax.lax.scan(token, (prev, caches), jnp.arange(mc.num_action_dims))
-    return tokens
+    _, (tokens, finite) = jax.lax.scan(token, (prev, caches), jnp.arange(mc.num_action_dims))
+    return tokens, jnp.all(finite)
 
   return jax.jit(instruct_fn), jax.jit(act_fn)
 

@@ -31,13 +31,15 @@ def _jitted_init(name, model_cfg):
 
 
 def write_checkpoint(workdir, robot_name="babyai", algorithm="qsft", architecture="separate",
-                     seed=0, step=1, tiny=True, image_size=None, **config_overrides):
+                     seed=0, step=1, tiny=True, image_size=None, nan_params=False,
+                     **config_overrides):
   """Writes a random-init model's checkpoint under workdir/checkpoints/<step>/.
 
   robot_name: "babyai" | "metaworld" (robot_configs/<name>.py); algorithm: a
   config variant ("qsft", "bc", "filtered_bc"); architecture: "separate" |
   "shared". tiny: small model sizes (else the config file's). image_size:
   (h, w) the model sees (config data.image_size), None = camera size.
+  nan_params: one NaN in pi_phi's output layer (what a damaged file would hold).
   config_overrides: "section.field" -> value, e.g. {"learner.beta": 2.0}.
   Returns workdir.
   """
@@ -77,6 +79,10 @@ def write_checkpoint(workdir, robot_name="babyai", algorithm="qsft", architectur
   else:
     params_pi, params_p, params_target = variables, {}, {}
 
+  if nan_params:
+    params_pi = jax.tree_util.tree_map(lambda x: x, params_pi)
+    head = params_pi["params"]["head"]
+    head["kernel"] = head["kernel"].at[0, 0].set(float("nan"))
   meta = checkpoints.make_meta(qconfig.as_dict(cfg), cfg.model.name, model_cfg, learner_cfg,
                                tokenizer, spec, sizes, [])
   mngr = checkpoints.manager(checkpoints.directory(workdir), keep=None)

@@ -394,6 +394,21 @@ def test_in_memory_params_give_the_same_actions(ckpt_dir):
                ck.action_tokenizer, ck.text_tokenizer, ck.spec, ck.image_sizes, warmup=False)
 
 
+def test_non_finite_params_are_refused_at_load_and_never_act(tmp_path):
+  """A checkpoint with a NaN parameter is refused by name; params handed over in memory
+  that make the logits NaN make act() raise instead of returning argmax(NaN) = bin 0."""
+  path = write_checkpoint(tmp_path / "nan", "babyai", "bc", nan_params=True)
+  with pytest.raises(checkpoints.CheckpointError, match=r"\['head'\]\['kernel'\].*non-finite"):
+    Controller.load(path)
+  clean = checkpoints.load_inference(write_checkpoint(tmp_path / "ok", "babyai", "bc"))
+  nan = jax.tree_util.tree_map(lambda x: np.full_like(x, np.nan), jax.device_get(clean.params))
+  ctrl = Controller(clean.model, clean.model_config, nan, clean.learner, clean.action_tokenizer,
+                    clean.text_tokenizer, clean.spec, clean.image_sizes, warmup=False)
+  ctrl.reset(INSTRUCTION)
+  with pytest.raises(ControllerError, match="not finite"):
+    ctrl.act(random_observation(clean.spec, np.random.RandomState(0)))
+
+
 def test_controller_is_tensorflow_free(ckpt_dir):
   path = ckpt_dir("metaworld", "qsft", "shared")
   out = run_without_tensorflow(f"""
