@@ -60,6 +60,11 @@ from qsft_vla.learning import policy
 LATENCY_WINDOW = 100_000
 
 
+# Ranges the setters accept: beta * p and logits / temperature stay finite in float32.
+MAX_BETA = 1e6
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+
+
 class ObservationError(ValueError):
   """An observation given to Controller.act is malformed; the message names the key."""
 
@@ -254,8 +259,8 @@ class Controller:
   @beta.setter
   def beta(self, value: float) -> None:
     b = _finite_float(value, "beta")
-    if b < 0:
-      raise ValueError(f"beta must be >= 0, got {b}")
+    if not 0.0 <= b <= MAX_BETA:  # float32 must hold beta * p without overflow
+      raise ValueError(f"beta must be in [0, {MAX_BETA:g}], got {b}")
     if b != 0 and not self._has_p:
       raise ValueError(f"beta={b} needs p_theta, but this checkpoint "
                        f"(algorithm={self._learner.algorithm!r}) has only pi_phi: "
@@ -270,8 +275,9 @@ class Controller:
   @temperature.setter
   def temperature(self, value: float) -> None:
     t = _finite_float(value, "temperature")
-    if t < 0:
-      raise ValueError(f"temperature must be >= 0 (0 = argmax), got {t}")
+    if not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):  # logits / t stay finite
+      raise ValueError(f"temperature must be 0 (argmax) or in [{MIN_TEMPERATURE:g}, "
+                       f"{MAX_TEMPERATURE:g}], got {t}")
     self._temperature = t
 
   # ---------------------------------------------------------------- episode
@@ -289,8 +295,9 @@ class Controller:
       instruction = self._spec.instruction_text
     if not isinstance(instruction, str):
       raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
-    if not instruction.strip():
-      raise ValueError(f"instruction must be non-empty text, got {instruction!r}")
+    if not any(ch.isalnum() for ch in instruction):  # blank, or only invisible marks
+      raise ValueError(f"instruction must be text with at least one letter or digit, got "
+                       f"{instruction!r}")
     ids, mask = self._text_tokenizer.encode_batch([instruction], self._model_config.max_text_len)
     # Encoded once per episode (e.g. MiniLM: most of an RT-1 act() otherwise);
     # fetched to host so act() keeps taking numpy inputs only.

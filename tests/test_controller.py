@@ -302,8 +302,8 @@ def test_instruction_and_order_checks(ckpt_dir):
   obs = random_observation(ctrl.spec, np.random.RandomState(7))
   with pytest.raises(ControllerError, match="before reset"):
     ctrl.act(obs)
-  for bad in ("", "   \n"):
-    with pytest.raises(ValueError, match="non-empty"):
+  for bad in ("", "   \n", "\u200b\u200b", "\u200d \ufeff"):  # blank or only invisible marks
+    with pytest.raises(ValueError, match="letter or digit"):
       ctrl.reset(bad)
   for bad in (None, 3, b"bytes"):
     with pytest.raises(TypeError, match="str"):
@@ -322,8 +322,8 @@ def test_instruction_and_order_checks(ckpt_dir):
   fixed_ctrl = Controller.from_checkpoint(dataclasses.replace(ck, spec=fixed), warmup=False)
   fixed_ctrl.reset()  # a robot with a fixed instruction (as its training data had)
   assert fixed_ctrl.instruction == "tidy up"
-  for name, bad in (("beta", -1.0), ("beta", math.nan), ("temperature", -0.5),
-                    ("temperature", math.inf)):
+  for name, bad in (("beta", -1.0), ("beta", math.nan), ("beta", 1e39), ("temperature", -0.5),
+                    ("temperature", math.inf), ("temperature", 1e39), ("temperature", 1e-45)):
     with pytest.raises(ValueError, match=name):
       setattr(ctrl, name, bad)
     with pytest.raises(ValueError, match=name):
