@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Mapping, Optional
 
 import jax
@@ -54,6 +55,23 @@ class CheckpointError(ValueError):
 
 def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(os.fspath(workdir)), SUBDIR)
+
+
+def remove_interrupted_saves(ckpt_dir: str) -> list[str]:
+  """Deletes what an interrupted save (kill, disk full) left: orbax's
+  `*.orbax-checkpoint-tmp-*` step folders, which are never complete checkpoints and
+  make the next save of that step fail. Returns the removed names. Only the one
+  training process of a workdir may call this (it owns the folder)."""
+  if not os.path.isdir(ckpt_dir):
+    return []
+  removed = sorted(n for n in os.listdir(ckpt_dir) if ".orbax-checkpoint-tmp-" in n)
+  for name in removed:
+    path = os.path.join(ckpt_dir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+  return removed
 
 
 def manager(ckpt_dir: str, keep: Optional[int] = None,

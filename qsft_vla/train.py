@@ -299,6 +299,10 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   probe = q_gap.maybe_probe(
       cfg, setup, batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len))
   meta = setup.meta()
+  stale = checkpoints.remove_interrupted_saves(checkpoints.directory(workdir))
+  if stale:
+    logging.warning("removed %d unfinished checkpoint save(s) left by an interrupted run: %s",
+                    len(stale), ", ".join(stale))
   mngr = checkpoints.manager(checkpoints.directory(workdir), keep=tcfg.keep_checkpoints,
                              item_handlers=None)
   state = setup.init_state()

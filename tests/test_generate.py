@@ -114,6 +114,20 @@ def test_writer_failure_with_workers_leaves_nothing(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
+def test_a_rerun_removes_what_a_killed_run_left(tmp_path):
+  """A killed writer's temporary folder (its pid gone) is removed by the next run; a
+  live writer's (here: this process) is not touched."""
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  stale = tmp_path / f".data.tmp-{dead.pid}-abc123"
+  live = tmp_path / f".data.tmp-{os.getpid()}-def456"
+  for d in (stale, live):
+    d.mkdir()
+    (d / "shard").write_bytes(b"x")
+  run(tmp_path / "data", workers=1, episodes=1)
+  assert sorted(os.listdir(tmp_path)) == sorted(["data", live.name])
+
+
 def test_existing_out_needs_overwrite(tmp_path):
   out = tmp_path / "data"
   out.mkdir()

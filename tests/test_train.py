@@ -53,7 +53,12 @@ def _flags(overrides):
 
 def test_checkpoints_describe_themselves(dataset, tmp_path):
   cfg = _config(dataset, **{"train.num_steps": 4, "train.keep_checkpoints": 1})
+  # What a save killed midway leaves (it would make the save of step 4 fail): removed.
+  stale = tmp_path / checkpoints.SUBDIR / "4.orbax-checkpoint-tmp-1700000000"
+  stale.mkdir(parents=True)
+  (stale / "partial").write_bytes(b"\0" * 10)
   summary = train.train(cfg, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / checkpoints.SUBDIR)) == ["4"]
   assert summary["step"] == 4 and np.isfinite(summary["loss_p"])
   rows = metrics_lib.read_jsonl(str(tmp_path))
   assert [r["step"] for r in rows] == [2, 4]

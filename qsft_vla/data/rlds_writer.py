@@ -35,6 +35,33 @@ _OWN_FILES = ("dataset_info.json", "features.json", PROVENANCE_FILE, "*.tfrecord
               "qsft_stats.json*")
 
 
+def _tmp_prefix(out: str) -> str:
+  return f".{os.path.basename(out)}.tmp-"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # someone else's live process
+  return True
+
+
+def remove_stale_temporaries(out: str) -> list[str]:
+  """Deletes the temporary folders that killed writers of `out` left beside it
+  (`.<name>.tmp-<pid>-*` whose process is gone); a live writer's stays."""
+  parent, prefix = os.path.dirname(os.path.abspath(out)), _tmp_prefix(out)
+  removed = []
+  for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+    pid = name[len(prefix):].split("-", 1)[0]
+    if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      removed.append(name)
+  return removed
+
+
 def check_replaceable(out: str, protect=()) -> None:
   """Raises FileExistsError unless `out` may be replaced by a new dataset: an empty
   directory, or one holding only files this writer makes (with its provenance file), and
@@ -127,7 +154,8 @@ class RLDSWriter:
       check_replaceable(self.out, self.protect)
     parent = os.path.dirname(self.out)
     os.makedirs(parent, exist_ok=True)
-    self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=parent)
+    remove_stale_temporaries(self.out)
+    self._tmp = tempfile.mkdtemp(prefix=f"{_tmp_prefix(self.out)}{os.getpid()}-", dir=parent)
     info = tfds.core.DatasetInfo(
         builder=tfds.core.dataset_info.DatasetIdentity(
             name=self.name, data_dir=self._tmp, module_name="", version="1.0.0"),
