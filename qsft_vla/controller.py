@@ -107,13 +107,17 @@ class Controller:
     seed: seeds the sampling rng (act() number n samples from fold_in(key(seed), n)).
     warmup: compile now, on zeros, so the first act() runs at full speed.
     step, path: what checkpoint this is (reporting only).
+    robot: the robot host's own RobotSpec (or its config file,
+      "robot_configs/<x>.py[:variant]"): a checkpoint whose action space differs
+      is refused, naming the dimension, and every action is guarded against the
+      host's bounds and values rather than the checkpoint's.
   """
 
   def __init__(self, model, model_config, params: Mapping[str, Any], learner_config,
                action_tokenizer, text_tokenizer, spec, image_sizes: Mapping[str, Any],
                beta: Optional[float] = None, temperature: float = 0.0, seed: int = 0,
                warmup: bool = True, step: Optional[int] = None, path: Optional[str] = None,
-               extraction: Optional[str] = None):
+               extraction: Optional[str] = None, robot=None):
     self._model = model
     self._model_config = model_config
     self._learner = learner_config
@@ -150,6 +154,8 @@ class Controller:
     self._low, self._high = action_tokenizer.bounds
     self._discrete = [(i, np.asarray(d.values, np.float32))
                       for i, d in enumerate(action_tokenizer.dims) if d.kind == "discrete"]
+    if robot is not None:  # the host's own action space, not the checkpoint's word for it
+      self._low, self._high, self._discrete = _host_action_space(robot, action_tokenizer, path)
     self._instruct_fn, self._act_fn = _compiled_fns(
         model, tuple(action_tokenizer.bins_per_dim), learner_config.residual,
         bool(learner_config.mask_invalid_logits), tuple(sorted(self._image_sizes.items())),
@@ -168,22 +174,25 @@ class Controller:
   @classmethod
   def load(cls, workdir_or_checkpoint: str, beta: Optional[float] = None,
            temperature: float = 0.0, seed: int = 0, step: Optional[int] = None,
-           warmup: bool = True, extraction: Optional[str] = None) -> "Controller":
+           warmup: bool = True, extraction: Optional[str] = None, robot=None) -> "Controller":
     """From a workdir, its checkpoints/ directory or one step directory (the
     latest step unless `step`). beta None: the run's beta for the extraction
-    (0 for BC); extraction None: the run's learner.extraction."""
+    (0 for BC); extraction None: the run's learner.extraction; robot: the host's
+    own RobotSpec or robot config file (see the class docstring)."""
     return cls.from_checkpoint(checkpoints.load_inference(workdir_or_checkpoint, step),
                                beta=beta, temperature=temperature, seed=seed, warmup=warmup,
-                               extraction=extraction)
+                               extraction=extraction, robot=robot)
 
   @classmethod
   def from_checkpoint(cls, ck: checkpoints.InferenceCheckpoint, beta: Optional[float] = None,
                       temperature: float = 0.0, seed: int = 0,
-                      warmup: bool = True, extraction: Optional[str] = None) -> "Controller":
+                      warmup: bool = True, extraction: Optional[str] = None,
+                      robot=None) -> "Controller":
     """From an already loaded checkpoints.InferenceCheckpoint."""
     return cls(ck.model, ck.model_config, ck.params, ck.learner, ck.action_tokenizer,
                ck.text_tokenizer, ck.spec, ck.image_sizes, beta=beta, temperature=temperature,
-               seed=seed, warmup=warmup, step=ck.step, path=ck.path, extraction=extraction)
+               seed=seed, warmup=warmup, step=ck.step, path=ck.path, extraction=extraction,
+               robot=robot)
 
   @property
   def extraction(self) -> str:
@@ -488,6 +497,40 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
     return tokens, jnp.all(finite)
 
   return jax.jit(instruct_fn), jax.jit(act_fn)
+
+
+def _host_action_space(robot, action_tokenizer, path: Optional[str]):
+  """(low, high, discrete) of the HOST's robot for the guard, after checking that
+  the checkpoint's action tokenizer decodes into exactly that action space."""
+  if isinstance(robot, str):
+    from qsft_vla.config import load_config_file  # pylint: disable=g-import-not-at-top
+    from qsft_vla.robot import RobotSpec  # pylint: disable=g-import-not-at-top
+    robot = RobotSpec.from_config(load_config_file(robot).robot, where=robot)
+  where = path or "the checkpoint"
+  host, ours = robot.action_dims, action_tokenizer.dims
+  if [d.name for d in host] != [d.name for d in ours]:
+    raise checkpoints.CheckpointError(
+        f"{where} acts in dimensions {[d.name for d in ours]}, the robot {robot.name!r} in "
+        f"{[d.name for d in host]}: refusing to drive it")
+  low, high = action_tokenizer.bounds
+  discrete = []
+  for i, (h, d) in enumerate(zip(host, ours)):
+    at = f"{where}: action dimension {h.name!r} (index {i})"
+    if h.kind != d.kind or h.bins != d.bins:
+      raise checkpoints.CheckpointError(f"{at} is {d.kind} with {d.bins} bins in the checkpoint, "
+                                        f"{h.kind} with {h.bins} bins on the robot")
+    if h.kind == "discrete":
+      if tuple(float(v) for v in d.values) != tuple(h.values):
+        raise checkpoints.CheckpointError(f"{at} takes values {list(d.values)} in the "
+                                          f"checkpoint, {list(h.values)} on the robot")
+      low[i], high[i] = h.values[0], h.values[-1]
+      discrete.append((i, np.asarray(h.values, np.float32)))
+    elif h.low is not None:  # bounds from dataset quantiles (None) are the run's to say
+      if not (np.float32(h.low) <= low[i] and high[i] <= np.float32(h.high)):
+        raise checkpoints.CheckpointError(f"{at} decodes into [{low[i]}, {high[i]}], outside the "
+                                          f"robot's [{h.low}, {h.high}]")
+      low[i], high[i] = h.low, h.high
+  return low, high, discrete
 
 
 def _finite_float(value, name: str) -> float:

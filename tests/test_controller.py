@@ -2,13 +2,14 @@
 
 import dataclasses
 import math
+import os
 
 import jax
 import numpy as np
 import pytest
 
 from checkpoint_fixture import write_checkpoint
-from conftest import run_without_tensorflow
+from conftest import REPO, run_without_tensorflow
 from qsft_vla import checkpoints
 from qsft_vla.controller import Controller, ControllerError, ObservationError, resize_images
 
@@ -407,6 +408,32 @@ def test_non_finite_params_are_refused_at_load_and_never_act(tmp_path):
   ctrl.reset(INSTRUCTION)
   with pytest.raises(ControllerError, match="not finite"):
     ctrl.act(random_observation(clean.spec, np.random.RandomState(0)))
+
+
+def test_the_robot_host_guards_with_its_own_action_space(ckpt_dir):
+  """A checkpoint whose action values were edited (1000..1006 for BabyAI's 0..6) acts
+  1000+ when trusted; with the host's robot config it is refused, naming the
+  dimension. The real checkpoint loads and acts under the host's config."""
+  from qsft_vla.tokenizers.action import ActionTokenizer  # pylint: disable=g-import-not-at-top
+  babyai = os.path.join(REPO, "robot_configs", "babyai.py")
+  path = ckpt_dir("babyai", "bc")
+  ctrl = Controller.load(path, robot=babyai, warmup=False)
+  ctrl.reset(INSTRUCTION)
+  action = ctrl.act(random_observation(ctrl.spec, np.random.RandomState(3)))
+  assert 0 <= action[0] <= 6
+  ck = checkpoints.load_inference(path)
+  spec = ck.action_tokenizer.to_spec()
+  for d in spec["dims"]:
+    d["values"] = [v + 1000.0 for v in d["values"]]
+  edited = dataclasses.replace(ck, action_tokenizer=ActionTokenizer.from_spec(spec))
+  trusting = Controller.from_checkpoint(edited, warmup=False)
+  trusting.reset(INSTRUCTION)
+  assert trusting.act(random_observation(ck.spec, np.random.RandomState(3)))[0] >= 1000
+  with pytest.raises(checkpoints.CheckpointError, match=r"action dimension 'action'.*1000"):
+    Controller.from_checkpoint(edited, warmup=False, robot=ck.spec)
+  metaworld = os.path.join(REPO, "robot_configs", "metaworld.py")
+  with pytest.raises(checkpoints.CheckpointError, match="dimensions"):
+    Controller.load(path, robot=metaworld, warmup=False)
 
 
 def test_controller_is_tensorflow_free(ckpt_dir):
