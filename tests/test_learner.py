@@ -141,7 +141,7 @@ def test_bc_updates_only_pi_and_filtered_bc_masks_examples():
   assert state.params_p == {} and state.params_target == {}
   new, m = lrn.step(state, batch)
   assert tree_changed(state.params_pi, new.params_pi)
-  assert set(m) == {"loss_pi", "grad_norm_pi", "lr_pi"}
+  assert set(m) == {"loss_pi", "grad_norm_pi", "lr_pi", "nonfinite"}
 
   flt = make_learner(algorithm="filtered_bc")
   with pytest.raises(ValueError, match="episode_return"):
