@@ -308,6 +308,25 @@ def test_backup_and_monte_carlo_bound_reach_the_weights(backup, mc):
     assert float(metrics["weight_mean"]) >= float(m0["weight_mean"])
 
 
+@pytest.mark.parametrize("dims,mc_mix,expected", [(2, 0.0, 4), (1, 0.0, 3), (1, 1.0, 2)])
+def test_network_passes_per_step(dims, mc_mix, expected, monkeypatch):
+  """Forward passes one Q-SFT step traces ("mean" backup, separate nets): pi and p on
+  the batch, the target at s' and, only with D > 1 (inside-step weights), at s; the pure
+  Monte-Carlo target needs neither target pass."""
+  cfg = dataclasses.replace(TINY, num_action_dims=dims)
+  lrn = L.Learner(RT1Small(cfg), L.LearnerConfig(**MAIN, backup="mean", mc_mix=mc_mix),
+                  VALID[:dims])
+  batch = make_batch(cfg, seed=7)
+  batch["return_to_go"] = np.full(8, 0.5, np.float32)
+  state = lrn.init(jax.random.PRNGKey(0), batch)
+  calls = []
+  real = L.Learner._apply
+  monkeypatch.setattr(L.Learner, "_apply",
+                      lambda self, *a: calls.append(1) or real(self, *a))
+  jax.make_jaxpr(lrn.train_step)(state, lrn._select(batch))
+  assert len(calls) == expected
+
+
 @pytest.mark.parametrize("algorithm", ["qsft", "bc"])
 def test_non_finite_step_changes_nothing(algorithm):
   """A NaN parameter makes the loss NaN: the state comes back bit for bit (but the step

@@ -375,17 +375,17 @@ class Learner:
       # The "mean" backup needs no pi_phi at the next state (one forward pass less),
       # unless p_theta's logits are built on pi_phi's.
       need_pi_next = cfg.backup == "max" or cfg.p_parametrization == "residual"
-      if shared:
-        online = merge_shared(state.params_pi, state.params_p)
-        if need_pi_next:
-          pi_next = self._apply(online, nobs, nhm, ti, tm, next_tokens, None)[0]
-        tgt_now = self._apply(state.params_target, obs, hm, ti, tm, tokens, None)[1]
-        tgt_next = self._apply(state.params_target, nobs, nhm, ti, tm, next_tokens, None)[1]
-      else:
-        if need_pi_next:
-          pi_next = self._apply(state.params_pi, nobs, nhm, ti, tm, next_tokens, None)
-        tgt_now = self._apply(state.params_target, obs, hm, ti, tm, tokens, None)
-        tgt_next = self._apply(state.params_target, nobs, nhm, ti, tm, next_tokens, None)
+      # The target at the current state only gives the inside-step weights of tokens
+      # 0..D-2: with one action dimension there are none (one forward pass less).
+      need_now = tokens.shape[-1] > 1
+      head = (lambda x: x[1]) if shared else (lambda x: x)
+      if need_pi_next:
+        online = merge_shared(state.params_pi, state.params_p) if shared else state.params_pi
+        pi_next = self._apply(online, nobs, nhm, ti, tm, next_tokens, None)
+        pi_next = pi_next[0] if shared else pi_next
+      if need_now:
+        tgt_now = head(self._apply(state.params_target, obs, hm, ti, tm, tokens, None))
+      tgt_next = head(self._apply(state.params_target, nobs, nhm, ti, tm, next_tokens, None))
       if need_pi_next:
         pi_next = self.mask_pi_logits(pi_next)
         tgt_next = self.p_logits_from(pi_next, tgt_next)
@@ -406,16 +406,18 @@ class Learner:
         return loss_pi, aux
       pi_sg = jax.lax.stop_gradient(pi_logits)
       p_logits = self.p_logits_from(pi_sg, p_logits)
+      r_within = jnp.zeros(tokens.shape, jnp.float32)  # read only at columns 1..D-1
       if not cfg.bootstraps:  # pure Monte Carlo: the bootstrap terms are multiplied by 0
-        r_within = jnp.zeros(tokens.shape, jnp.float32)
         r_next = jnp.zeros(tokens.shape[:1], jnp.float32)
       elif cfg.backup == "max":
-        tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
-        r_within = targets.support_ratio_max(pi_sg, tgt_now_l, self.valid, cfg.eps)
+        if need_now:
+          tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
+          r_within = targets.support_ratio_max(pi_sg, tgt_now_l, self.valid, cfg.eps)
         r_next = targets.support_ratio_max(pi_next[:, 0], tgt_next[:, 0], self.valid[0], cfg.eps)
       else:
-        tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
-        r_within = targets.behavior_value(tgt_now_l, self.valid)
+        if need_now:
+          tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
+          r_within = targets.behavior_value(tgt_now_l, self.valid)
         r_next = targets.behavior_value(tgt_next[:, 0], self.valid[0])
       w, td_mask = targets.bellman_weights(
           r_within, r_next, batch["reward"], batch["terminal"], batch["has_next"], cfg.gamma,
