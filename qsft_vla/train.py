@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from jax.sharding import Mesh
+import ml_collections
 from ml_collections import config_flags
 
 from qsft_vla import checkpoints
@@ -408,6 +409,37 @@ def main(argv):
   logging.info("done: %s", json.dumps(summary))
 
 
+def check_override_names(argv) -> Optional[str]:
+  """The message for the first `--config.a.b=...` that names no field of the config
+  file given by `--config=`, else None. ml_collections finds these while absl parses
+  the flags and raises a raw AttributeError there, before main() can say anything."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None:
+    return None
+  try:
+    cfg = qconfig.load_config_file(path)
+  except Exception:  # pylint: disable=broad-except
+    return None  # a bad config file is reported by the flag parser itself
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    parts = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(parts[:i]) or "the config"
+        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        return (f"{arg}: {'.'.join(parts[:i + 1])} is not a field of {path} "
+                f"({where} has: {', '.join(known) or 'no sub-fields'})")
+      node = node[part]
+  return None
+
+
 if __name__ == "__main__":
   _define_flags()
+  import sys  # pylint: disable=g-import-not-at-top
+  unknown = check_override_names(sys.argv[1:])
+  if unknown:
+    print(f"train: error: {unknown}", file=sys.stderr)
+    sys.exit(2)
   app.run(main)
