@@ -39,6 +39,16 @@ learned start embedding (never a token), and the prefix-LM mask lets it
 attend only to the observation prefix and itself, so tokens fed at positions
 >= 1 cannot reach it. We feed zeros.
 
+Targets (LearnerConfig.backup, mc_lower_bound, mc_mix): the paper's in-support
+max of p_theta_bar / pi_phi at the next state, or the behaviour's value
+sum_b p_theta_bar(b); optionally bounded below by the return-to-go G_t and/or
+mixed with it. With mc_mix = 1 the target is G_t alone and the target network is
+never evaluated; with one action dimension it is evaluated at the next state only.
+
+A step whose losses or gradients are not all finite changes nothing (params,
+optimiser states and target are kept bit for bit) and reports
+metrics["nonfinite"] = 1; the training loop decides whether to stop.
+
 Logits of ids that are not allowed at a position are replaced by a large
 negative constant before every softmax (LearnerConfig.mask_invalid_logits):
 pi_phi may put mass only on the valid bins of that dimension, p_theta on those
