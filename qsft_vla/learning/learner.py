@@ -451,9 +451,10 @@ class Learner:
     # A step whose losses or gradients are not all finite changes nothing (the
     # params, optimiser states and target stay bit for bit) and says so in
     # metrics["nonfinite"]; the training loop decides whether to stop.
+    grad_norm_pi, grad_norm_p = optax.global_norm(g_pi), optax.global_norm(g_p)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in
                                 (aux["loss_pi"], aux.get("loss_p", 0.0),
-                                 optax.global_norm(g_pi), optax.global_norm(g_p))]))
+                                 grad_norm_pi, grad_norm_p)]))
     train_pi = train_pi & finite
     train_p = train_p & finite
 
@@ -462,7 +463,7 @@ class Learner:
     new_pi = _tree_where(train_pi, new_pi, state.params_pi)
     new_opt_pi = _tree_where(train_pi, new_opt_pi, state.opt_pi)
     metrics = dict(aux)
-    metrics["grad_norm_pi"] = optax.global_norm(g_pi)
+    metrics["grad_norm_pi"] = grad_norm_pi
     metrics["lr_pi"] = w_pi * cfg.lr_pi
     new_p, new_opt_p, new_target = state.params_p, state.opt_p, state.params_target
     if cfg.uses_p:
@@ -474,7 +475,7 @@ class Learner:
       new_target = _tree_where(
           train_p, polyak.polyak_update(state.params_target, online_p, cfg.polyak_alpha),
           state.params_target)
-      metrics["grad_norm_p"] = optax.global_norm(g_p)
+      metrics["grad_norm_p"] = grad_norm_p
       metrics["lr_p"] = w_p * cfg.lr_p
     if cfg.algorithm == "filtered_bc":
       metrics["kept_fraction"] = jnp.mean(ex_mask)
