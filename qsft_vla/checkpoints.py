@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qsft_vla import robot
-from qsft_vla.learning import learner as learner_lib
+from qsft_vla.learning import spec as learner_spec
 from qsft_vla.models import registry
 from qsft_vla.tokenizers.action import ActionTokenizer
 from qsft_vla.tokenizers.text import TextTokenizer
@@ -128,7 +128,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_items: Mapping[str,
 
 
 def make_meta(config: Mapping[str, Any], model_name: str, model_cfg,
-              learner_cfg: learner_lib.LearnerConfig, action_tokenizer: ActionTokenizer,
+              learner_cfg: learner_spec.LearnerConfig, action_tokenizer: ActionTokenizer,
               spec: robot.RobotSpec, image_sizes: Mapping[str, tuple[int, int]],
               datasets: list[dict[str, Any]]) -> dict[str, Any]:
   """Everything needed to use a checkpoint without the run's config file or data.
@@ -198,7 +198,7 @@ class InferenceCheckpoint:
   meta: dict[str, Any]
   model: Any
   model_config: Any
-  learner: learner_lib.LearnerConfig
+  learner: learner_spec.LearnerConfig
   params: dict[str, Any]
   action_tokenizer: ActionTokenizer
   text_tokenizer: TextTokenizer
@@ -212,15 +212,9 @@ def abstract_variables(model, model_cfg, image_sizes):
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs, False))
 
 
-def param_groups(abstract, learner_cfg: learner_lib.LearnerConfig) -> dict[str, Any]:
+def param_groups(abstract, learner_cfg: learner_spec.LearnerConfig) -> dict[str, Any]:
   """The abstract params_pi / params_p / params_target of a model's variables."""
-  abstract = jax.tree_util.tree_map(lambda x: x, dict(abstract))
-  if learner_cfg.num_output_heads == 2:
-    pi, p = learner_lib.split_shared(abstract)
-    return {"params_pi": pi, "params_p": p, "params_target": abstract}
-  if learner_cfg.uses_p:
-    return {"params_pi": abstract, "params_p": abstract, "params_target": abstract}
-  return {"params_pi": abstract, "params_p": {}, "params_target": {}}
+  return learner_spec.param_groups(abstract, learner_cfg)
 
 
 def _check_finite(tree, where: str) -> None:
@@ -241,7 +235,7 @@ def load_inference(path: str, step: Optional[int] = None) -> InferenceCheckpoint
   meta = read_meta(ckpt_dir, step)
   try:
     model, model_cfg = registry.from_description(meta["model"])
-    learner_cfg = learner_lib.LearnerConfig.from_dict(meta["learner"])
+    learner_cfg = learner_spec.LearnerConfig.from_dict(meta["learner"])
     action_tokenizer = ActionTokenizer.from_spec(meta["action_tokenizer"])
     spec = robot.RobotSpec.from_config(meta["robot"], where=where)
     image_sizes = {k: tuple(v) for k, v in meta["image_sizes"].items()}
@@ -261,12 +255,7 @@ def load_inference(path: str, step: Optional[int] = None) -> InferenceCheckpoint
   text_tokenizer = TextTokenizer.from_str(json.dumps(out[TEXT_TOKENIZER]),
                                           where=f"{where}/{TEXT_TOKENIZER}")
   _check_finite({"params_pi": out["params_pi"], "params_p": out["params_p"]}, where)
-  if learner_cfg.num_output_heads == 2:
-    params = {"shared": learner_lib.merge_shared(out["params_pi"], out["params_p"])}
-  elif learner_cfg.uses_p:
-    params = {"pi": out["params_pi"], "p": out["params_p"]}
-  else:
-    params = {"pi": out["params_pi"]}
+  params = learner_spec.inference_params(learner_cfg, out["params_pi"], out["params_p"])
   return InferenceCheckpoint(path=where, step=step, meta=meta, model=model,
                              model_config=model_cfg, learner=learner_cfg, params=params,
                              action_tokenizer=action_tokenizer, text_tokenizer=text_tokenizer,

@@ -54,6 +54,7 @@ import numpy as np
 
 from qsft_vla import checkpoints
 from qsft_vla.learning import policy
+from qsft_vla.learning import spec as learner_spec
 
 # Latency statistics cover at most this many recent act() calls (a robot host
 # may run for days at tens of Hz).
@@ -203,9 +204,7 @@ class Controller:
 
   def _check_params(self):
     keys = set(self._params)
-    heads = self._model_config.num_output_heads
-    expected = ({"shared"} if heads == 2 else
-                {"pi", "p"} if self._learner.uses_p else {"pi"})
+    expected = learner_spec.inference_keys(self._learner)
     if keys != expected:
       raise ValueError(f"params: algorithm={self._learner.algorithm!r}, "
                        f"architecture={self._learner.architecture!r} needs keys "

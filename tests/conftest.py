@@ -73,27 +73,37 @@ def make_episode(spec: RobotSpec, length: int, seed: int = 0, terminal: bool = T
 
 # Modules a robot host (and a new-jax GPU host) does not have.
 TF_MODULES = ("tensorflow", "tensorflow_datasets", "reverb", "rlds")
-
-# "Not installed" as a robot host sees it: a None entry in sys.modules makes
-# `import` raise ModuleNotFoundError and importlib.util.find_spec return None
-# (orbax, through etils.epath, asks find_spec whether TF is installed).
-_TF_ABSENT = textwrap.dedent(f"""
-    import sys
-    for _name in {TF_MODULES!r}:
-      sys.modules[_name] = None
-""")
-
-_NO_TF_LOADED = textwrap.dedent(f"""
-    _loaded = [m for m, mod in sys.modules.items()
-               if mod is not None and m.split(".")[0] in {TF_MODULES!r}]
-    assert not _loaded, _loaded
-""")
+# The robot host's import path (Controller, evaluation) also leaves out the
+# training-only optimiser library.
+ROBOT_HOST_ABSENT = TF_MODULES + ("optax",)
 
 
-def run_without_tensorflow(code: str, timeout: float = 300) -> str:
-  """Runs `code` in a fresh interpreter that sees TF, TFDS, Reverb and rlds as
-  not installed, then checks none of them got loaded; returns its stdout."""
-  proc = subprocess.run([sys.executable, "-c", _TF_ABSENT + textwrap.dedent(code) + _NO_TF_LOADED],
+def _absent(modules) -> str:
+  """Code that marks `modules` not installed, as a robot host sees them: a None
+  entry in sys.modules makes `import` raise ModuleNotFoundError and
+  importlib.util.find_spec return None (orbax, through etils.epath, asks
+  find_spec whether TF is installed)."""
+  return textwrap.dedent(f"""
+      import sys
+      for _name in {tuple(modules)!r}:
+        sys.modules[_name] = None
+  """)
+
+
+def _none_loaded(modules) -> str:
+  return textwrap.dedent(f"""
+      _loaded = [m for m, mod in sys.modules.items()
+                 if mod is not None and m.split(".")[0] in {tuple(modules)!r}]
+      assert not _loaded, _loaded
+  """)
+
+
+def run_without_tensorflow(code: str, timeout: float = 300, absent=TF_MODULES) -> str:
+  """Runs `code` in a fresh interpreter that sees `absent` (TF, TFDS, Reverb and
+  rlds; ROBOT_HOST_ABSENT adds optax) as not installed, then checks none of them
+  got loaded; returns its stdout."""
+  proc = subprocess.run([sys.executable, "-c", _absent(absent) + textwrap.dedent(code)
+                         + _none_loaded(absent)],
                         cwd=REPO, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout

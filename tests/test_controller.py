@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from checkpoint_fixture import write_checkpoint
-from conftest import REPO, run_without_tensorflow
+from conftest import REPO, ROBOT_HOST_ABSENT, run_without_tensorflow
 from qsft_vla import checkpoints
 from qsft_vla.controller import Controller, ControllerError, ObservationError, resize_images
 
@@ -436,7 +436,8 @@ def test_the_robot_host_guards_with_its_own_action_space(ckpt_dir):
     Controller.load(path, robot=metaworld, warmup=False)
 
 
-def test_controller_is_tensorflow_free(ckpt_dir):
+def test_controller_is_tensorflow_and_optax_free(ckpt_dir):
+  """The robot host's import path: no TF, TFDS, Reverb, rlds, nor optax."""
   path = ckpt_dir("metaworld", "qsft", "shared")
   out = run_without_tensorflow(f"""
       import numpy as np
@@ -445,5 +446,5 @@ def test_controller_is_tensorflow_free(ckpt_dir):
       ctrl.reset("pick up the puck")
       obs = {{"image": np.zeros((64, 64, 3), np.uint8), "state": np.zeros(39, np.float32)}}
       print(ctrl.act(obs).shape, ctrl.latency_stats()["calls"])
-  """)
+  """, absent=ROBOT_HOST_ABSENT)
   assert out.strip() == "(4,) 1"

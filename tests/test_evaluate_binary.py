@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from checkpoint_fixture import REPO, write_checkpoint
-from conftest import run_without_tensorflow
+from conftest import ROBOT_HOST_ABSENT, run_without_tensorflow
 from qsft_vla import config as qconfig
 from qsft_vla import evaluate
 
@@ -33,7 +33,7 @@ def test_binary_writes_results_and_videos_without_tensorflow(workdir):
         app.run(evaluate.main)
       except SystemExit as e:
         assert e.code in (0, None), e.code
-  """)
+  """, absent=ROBOT_HOST_ABSENT)
   beta = qconfig.load_config_file(os.path.join(REPO, "robot_configs", "babyai.py")).learner.beta
   assert f"qsft (beta={beta!r})" in out and f"{TASK}-seed3.json" in out  # the table, the path
 

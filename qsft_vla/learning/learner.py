@@ -70,8 +70,7 @@ batch axis.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import flax
 import jax
@@ -80,103 +79,18 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qsft_vla.config import check_dataclass_fields
-from qsft_vla.learning import losses, policy, polyak, targets
+from qsft_vla.learning import losses, policy, polyak, spec, targets
+# The schema and the parameter layout live in spec.py (optax-free, shared with
+# the checkpoint loader and the Controller); re-exported for training code.
+from qsft_vla.learning.spec import (ALGORITHMS, ARCHITECTURES, BACKUPS, P_HEAD,  # noqa: F401
+                                    SCHEDULES, LearnerConfig, merge_shared, model_config_for,
+                                    split_shared)
 
-ALGORITHMS = ("qsft", "bc", "filtered_bc")
-BACKUPS = ("max", "mean")
 RESIDUAL_DUMMY_BIAS = 20.0
-SCHEDULES = ("joint", "sequential")
-ARCHITECTURES = ("separate", "shared")
-P_HEAD = "head_1"
 NEG_INF = policy.NEG_INF
 BATCH_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
               "text_ids", "text_mask", "action_tokens", "reward", "terminal", "has_next",
               "return_to_go", "episode_return", "keep")
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnerConfig:
-  """Defaults from QSFT.md / the paper (Table 4, chess/wordle column)."""
-  algorithm: str = "qsft"
-  beta: float = 1.0                 # inference only; stored for the controller
-  extraction: str = "p"             # inference: "p" (paper) | "ratio" (policy.reweighted_logits)
-  ratio_beta: float = 1.0           # inference: beta of the "ratio" extraction
-  ratio_eps: float = 0.01           # inference: support threshold of the "ratio" extraction
-  gamma: float = 0.99
-  eps: float = targets.DEFAULT_EPS  # support threshold on pi_phi
-  clip_weights: bool = True
-  mc_lower_bound: bool = False      # w = max(Bellman target, return-to-go G_t) (QSFT.md)
-  mc_mix: float = 0.0               # w = (1 - mc_mix) * Bellman target + mc_mix * G_t
-  backup: str = "max"               # "max" (paper: in-support max of p_bar / pi) | "mean"
-  p_parametrization: str = "independent"  # p_theta's own logits (paper) | "residual" (policy.py)
-  residual: str = "dummy"
-  polyak_alpha: float = 0.005
-  lr_pi: float = 1e-4
-  lr_p: float = 1e-4
-  schedule: str = "joint"
-  pi_steps: int = 0                 # sequential: length of the pi_phi phase
-  architecture: str = "separate"
-  grad_clip_norm: Optional[float] = 1.0   # None: no clipping
-  steps_per_call: int = 1
-  filter_threshold: float = 0.5     # filtered_bc: keep episode_return >= this
-  mask_invalid_logits: bool = True
-  donate_state: bool = False        # step donates the input state's buffers
-
-  def __post_init__(self):
-    for name, allowed in (("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
-                          ("architecture", ARCHITECTURES), ("residual", losses.RESIDUALS),
-                          ("extraction", policy.EXTRACTIONS), ("backup", BACKUPS),
-                          ("p_parametrization", policy.P_PARAMETRIZATIONS)):
-      if getattr(self, name) not in allowed:
-        raise ValueError(f"LearnerConfig.{name} must be one of {allowed}, "
-                         f"got {getattr(self, name)!r}")
-    if self.steps_per_call < 1:
-      raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
-    if not 0.0 <= self.polyak_alpha <= 1.0:
-      raise ValueError(f"polyak_alpha must be in [0, 1], got {self.polyak_alpha}")
-    if self.pi_steps < 0:
-      raise ValueError(f"pi_steps must be >= 0, got {self.pi_steps}")
-    for name in ("beta", "ratio_beta"):
-      v = getattr(self, name)
-      if not (np.isfinite(v) and 0.0 <= v <= 1e6):
-        raise ValueError(f"{name} must be a finite number in [0, 1e6], got {v}")
-    if not (np.isfinite(self.mc_mix) and 0.0 <= self.mc_mix <= 1.0):
-      raise ValueError(f"mc_mix must be in [0, 1], got {self.mc_mix}")
-    if not 0.0 <= self.ratio_eps < 1.0:
-      raise ValueError(f"ratio_eps must be in [0, 1), got {self.ratio_eps}")
-
-  @property
-  def inference_beta(self) -> float:
-    """The beta of the configured extraction."""
-    return self.ratio_beta if self.extraction == "ratio" else self.beta
-
-  @property
-  def uses_p(self) -> bool:
-    return self.algorithm == "qsft"
-
-  @property
-  def bootstraps(self) -> bool:
-    """False for the pure Monte-Carlo target (mc_mix = 1): no target network pass."""
-    return self.mc_mix < 1.0
-
-  @property
-  def num_output_heads(self) -> int:
-    """Heads the model must have: 2 for Q-SFT with a shared trunk, else 1."""
-    return 2 if self.uses_p and self.architecture == "shared" else 1
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "LearnerConfig":
-    check_dataclass_fields(cls, d)
-    return cls(**d)
-
-
-def model_config_for(model_config, learner_config: LearnerConfig):
-  """The model config with the number of output heads the learner needs."""
-  return dataclasses.replace(model_config, num_output_heads=learner_config.num_output_heads)
 
 
 @flax.struct.dataclass
@@ -195,18 +109,6 @@ class TrainState:
 
 def _tree_where(cond, a, b):
   return jax.tree_util.tree_map(lambda x, y: jnp.where(cond, x, y), a, b)
-
-
-def split_shared(variables):
-  """Full shared variables -> (trunk + pi head, {"params": {"head_1": ...}})."""
-  params = dict(variables["params"])
-  head_p = params.pop(P_HEAD)
-  rest = {k: v for k, v in variables.items() if k != "params"}
-  return {**rest, "params": params}, {"params": {P_HEAD: head_p}}
-
-
-def merge_shared(group_pi, group_p):
-  return {**group_pi, "params": {**group_pi["params"], **group_p["params"]}}
 
 
 class Learner:
@@ -273,12 +175,7 @@ class Learner:
   def inference_params(self, state: TrainState):
     """{"pi": variables, "p": variables} for separate backbones (p absent for BC),
     {"shared": variables} (head 0 = pi, head 1 = p) for the shared trunk."""
-    if self.config.num_output_heads == 2:
-      return {"shared": merge_shared(state.params_pi, state.params_p)}
-    out = {"pi": state.params_pi}
-    if self.config.uses_p:
-      out["p"] = state.params_p
-    return out
+    return spec.inference_params(self.config, state.params_pi, state.params_p)
 
   # -------------------------------------------------------------------- init
   def init(self, rng, example_batch, variables=None) -> TrainState:
@@ -295,27 +192,26 @@ class Learner:
           batch["text_mask"], batch["action_tokens"], False)
     variables = jax.tree_util.tree_map(jnp.asarray, flax.core.unfreeze(variables))
     residual = self.config.p_parametrization == "residual"
-    if self.config.num_output_heads == 2:
+    shared = self.config.num_output_heads == 2
+    if shared:
       params = dict(variables["params"])
       params[P_HEAD] = jax.tree_util.tree_map(jnp.array, params["head"])  # p starts as pi
       if residual:
         params[P_HEAD] = self._residual_head(params[P_HEAD])
       variables = {**variables, "params": params}
-      group_pi, group_p = split_shared(variables)
-      target = jax.tree_util.tree_map(jnp.array, variables)
-    elif self.config.uses_p:
-      group_pi = variables
-      group_p = jax.tree_util.tree_map(jnp.array, variables)
-      if residual:
-        if "head" not in group_p.get("params", {}):
-          raise ValueError('p_parametrization="residual" needs a model whose output layer is '
-                           f'a parameter "head" (rt1_small); {type(self.model).__name__} has '
-                           f'{sorted(group_p.get("params", {}))}')
-        group_p = {**group_p, "params": {**group_p["params"],
-                                         "head": self._residual_head(group_p["params"]["head"])}}
-      target = jax.tree_util.tree_map(jnp.array, group_p)
-    else:
-      group_pi, group_p, target = variables, {}, {}
+    groups = spec.param_groups(variables, self.config)
+    group_pi = groups["params_pi"]
+    # Separate backbones: p_theta gets its own buffers (the shared split already has them).
+    group_p = groups["params_p"] if shared else jax.tree_util.tree_map(jnp.array,
+                                                                        groups["params_p"])
+    if residual and not shared and self.config.uses_p:
+      if "head" not in group_p.get("params", {}):
+        raise ValueError('p_parametrization="residual" needs a model whose output layer is '
+                         f'a parameter "head" (rt1_small); {type(self.model).__name__} has '
+                         f'{sorted(group_p.get("params", {}))}')
+      group_p = {**group_p, "params": {**group_p["params"],
+                                       "head": self._residual_head(group_p["params"]["head"])}}
+    target = jax.tree_util.tree_map(jnp.array, variables if shared else group_p)
     state = TrainState(step=jnp.zeros((), jnp.int32), params_pi=group_pi, params_p=group_p,
                        params_target=target, opt_pi=self.opt_pi.init(group_pi),
                        opt_p=self.opt_p.init(group_p), rng=state_rng)

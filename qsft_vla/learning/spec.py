@@ -1,0 +1,157 @@
+"""What a learner is, without the training machinery: LearnerConfig and the parameter layout.
+
+The checkpoint loader and the robot-host Controller need to know which
+networks a run trained and how their parameters are grouped, but not how they
+were optimised; this module is that knowledge, free of optax and TF, so the
+robot-host import path stays light. learner.py (training) builds on it.
+
+Parameter groups (per algorithm and architecture, defined here once):
+  training (TrainState, checkpoints): params_pi, params_p, params_target
+    separate Q-SFT: three full variable dicts (p and target start as pi)
+    shared Q-SFT:   params_pi = trunk + head 0, params_p = {"params": {"head_1"}},
+                    params_target = the whole shared variables
+    BC, filtered BC: params_pi only (params_p and params_target are {})
+  inference (Controller, evaluation): {"pi", "p"}, {"pi"} or {"shared"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from qsft_vla.config import check_dataclass_fields
+from qsft_vla.learning import losses, policy, targets
+
+ALGORITHMS = ("qsft", "bc", "filtered_bc")
+BACKUPS = ("max", "mean")
+SCHEDULES = ("joint", "sequential")
+ARCHITECTURES = ("separate", "shared")
+P_HEAD = "head_1"
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+  """Defaults from QSFT.md / the paper (Table 4, chess/wordle column)."""
+  algorithm: str = "qsft"
+  beta: float = 1.0                 # inference only; stored for the controller
+  extraction: str = "p"             # inference: "p" (paper) | "ratio" (policy.reweighted_logits)
+  ratio_beta: float = 1.0           # inference: beta of the "ratio" extraction
+  ratio_eps: float = 0.01           # inference: support threshold of the "ratio" extraction
+  gamma: float = 0.99
+  eps: float = targets.DEFAULT_EPS  # support threshold on pi_phi
+  clip_weights: bool = True
+  mc_lower_bound: bool = False      # w = max(Bellman target, return-to-go G_t) (QSFT.md)
+  mc_mix: float = 0.0               # w = (1 - mc_mix) * Bellman target + mc_mix * G_t
+  backup: str = "max"               # "max" (paper: in-support max of p_bar / pi) | "mean"
+  p_parametrization: str = "independent"  # p_theta's own logits (paper) | "residual" (policy.py)
+  residual: str = "dummy"
+  polyak_alpha: float = 0.005
+  lr_pi: float = 1e-4
+  lr_p: float = 1e-4
+  schedule: str = "joint"
+  pi_steps: int = 0                 # sequential: length of the pi_phi phase
+  architecture: str = "separate"
+  grad_clip_norm: Optional[float] = 1.0   # None: no clipping
+  steps_per_call: int = 1
+  filter_threshold: float = 0.5     # filtered_bc: keep episode_return >= this
+  mask_invalid_logits: bool = True
+  donate_state: bool = False        # step donates the input state's buffers
+
+  def __post_init__(self):
+    for name, allowed in (("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
+                          ("architecture", ARCHITECTURES), ("residual", losses.RESIDUALS),
+                          ("extraction", policy.EXTRACTIONS), ("backup", BACKUPS),
+                          ("p_parametrization", policy.P_PARAMETRIZATIONS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"LearnerConfig.{name} must be one of {allowed}, "
+                         f"got {getattr(self, name)!r}")
+    if self.steps_per_call < 1:
+      raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
+    if not 0.0 <= self.polyak_alpha <= 1.0:
+      raise ValueError(f"polyak_alpha must be in [0, 1], got {self.polyak_alpha}")
+    if self.pi_steps < 0:
+      raise ValueError(f"pi_steps must be >= 0, got {self.pi_steps}")
+    for name in ("beta", "ratio_beta"):
+      v = getattr(self, name)
+      if not (np.isfinite(v) and 0.0 <= v <= 1e6):
+        raise ValueError(f"{name} must be a finite number in [0, 1e6], got {v}")
+    if not (np.isfinite(self.mc_mix) and 0.0 <= self.mc_mix <= 1.0):
+      raise ValueError(f"mc_mix must be in [0, 1], got {self.mc_mix}")
+    if not 0.0 <= self.ratio_eps < 1.0:
+      raise ValueError(f"ratio_eps must be in [0, 1), got {self.ratio_eps}")
+
+  @property
+  def inference_beta(self) -> float:
+    """The beta of the configured extraction."""
+    return self.ratio_beta if self.extraction == "ratio" else self.beta
+
+  @property
+  def uses_p(self) -> bool:
+    return self.algorithm == "qsft"
+
+  @property
+  def bootstraps(self) -> bool:
+    """False for the pure Monte-Carlo target (mc_mix = 1): no target network pass."""
+    return self.mc_mix < 1.0
+
+  @property
+  def num_output_heads(self) -> int:
+    """Heads the model must have: 2 for Q-SFT with a shared trunk, else 1."""
+    return 2 if self.uses_p and self.architecture == "shared" else 1
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "LearnerConfig":
+    check_dataclass_fields(cls, d)
+    return cls(**d)
+
+
+def model_config_for(model_config, learner_config: LearnerConfig):
+  """The model config with the number of output heads the learner needs."""
+  return dataclasses.replace(model_config, num_output_heads=learner_config.num_output_heads)
+
+
+def split_shared(variables):
+  """Full shared variables -> (trunk + pi head, {"params": {"head_1": ...}})."""
+  params = dict(variables["params"])
+  head_p = params.pop(P_HEAD)
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  return {**rest, "params": params}, {"params": {P_HEAD: head_p}}
+
+
+def merge_shared(group_pi, group_p):
+  return {**group_pi, "params": {**group_pi["params"], **group_p["params"]}}
+
+
+def param_groups(variables, config: LearnerConfig) -> dict[str, Any]:
+  """The training groups of a model's full variables (concrete or abstract):
+  {"params_pi", "params_p", "params_target"}, as in the module docstring. The
+  groups share leaves with `variables`: copy them before updating in place."""
+  variables = dict(variables)
+  if config.num_output_heads == 2:
+    pi, p = split_shared(variables)
+    return {"params_pi": pi, "params_p": p, "params_target": variables}
+  if config.uses_p:
+    return {"params_pi": variables, "params_p": variables, "params_target": variables}
+  return {"params_pi": variables, "params_p": {}, "params_target": {}}
+
+
+def inference_params(config: LearnerConfig, params_pi, params_p) -> dict[str, Any]:
+  """The networks to act with: {"shared"} (head 0 = pi_phi, head 1 = p_theta),
+  {"pi", "p"} (separate backbones) or {"pi"} (no p_theta)."""
+  if config.num_output_heads == 2:
+    return {"shared": merge_shared(params_pi, params_p)}
+  if config.uses_p:
+    return {"pi": params_pi, "p": params_p}
+  return {"pi": params_pi}
+
+
+def inference_keys(config: LearnerConfig) -> set[str]:
+  """The keys inference_params returns for this config."""
+  if config.num_output_heads == 2:
+    return {"shared"}
+  return {"pi", "p"} if config.uses_p else {"pi"}
