@@ -134,6 +134,8 @@ def vlm_defaults() -> ml_collections.ConfigDict:
   # A Hugging Face Llama folder (config.json, safetensors, tokenizer.json);
   # None: the packaged SmolLM2-135M-Instruct, converted from GGUF on first use.
   m.lm_folder = ml_collections.FieldReference(None, field_type=str)
+  # The first N decoder layers only (None: all); a cheaper, weaker model.
+  m.lm_layers = ml_collections.FieldReference(None, field_type=int)
   m.image_tokens_per_frame = 4  # per camera: EfficientNet features pooled to this many
   m.projector_hidden = 1024
   m.freeze_vision = False

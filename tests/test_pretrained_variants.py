@@ -16,10 +16,12 @@ from conftest import BABYAI_CONFIG, babyai_dataset
 SMALL = {
     "rt1_pretrained": {"model.rt1_small.width": 32, "model.rt1_small.depth": 1,
                        "model.rt1_small.num_heads": 2, "train.batch_size": 4},
-    # The 30-layer LM dominates the suite's time on 2 cores: one trunk with two heads
-    # and the Monte-Carlo target compile one forward/backward pass instead of five
-    # passes; the separate-backbone and bootstrapped paths are tested on rt1_small.
+    # The 30-layer LM dominates the suite's time on 2 cores: the first 2 of its
+    # layers (the full LM: test_vlm_smollm2.py), one trunk with two heads and the
+    # Monte-Carlo target (one forward/backward pass instead of five); the
+    # separate-backbone and bootstrapped paths are tested on rt1_small.
     "vlm_smollm2": {"model.vlm.max_text_len": 8, "train.batch_size": 2,
+                    "model.vlm.lm_layers": 2,
                     "learner.architecture": "shared", "learner.mc_mix": 1.0},
 }
 

@@ -297,6 +297,24 @@ def test_init_variables_pretrained_plus_fresh_new_layers(tiny_folder):
   assert not np.asarray(fc1["bias"]).any() and 0 < float(np.std(fc1["kernel"])) < 0.1
 
 
+def test_lm_layers_keeps_the_first_layers_of_the_pretrained_lm(tiny_folder):
+  # The tiny LM has 2 layers: lm_layers=1 keeps layer 0's weights and drops layer 1.
+  cfg = tiny_config(tiny_folder, window=1, cameras=("image",), lm_layers=1)
+  assert cfg.lm().num_hidden_layers == 1
+  v = init_variables(VLM(cfg), jax.random.PRNGKey(0), *make_inputs(cfg, batch=1))
+  lm = v["params"]["lm"]
+  assert "layers_0" in lm and "layers_1" not in lm
+  np.testing.assert_array_equal(
+      np.asarray(lm["layers_0"]["self_attn"]["q_proj"]["kernel"]),
+      tiny_llama_tensors()["model.layers.0.self_attn.q_proj.weight"].T)
+  full = tiny_config(tiny_folder, window=1, cameras=("image",))
+  assert full.lm().num_hidden_layers == 2
+  with pytest.raises(ValueError, match="lm_layers=3, but the LM has only 2"):
+    tiny_config(tiny_folder, lm_layers=3).lm()
+  with pytest.raises(ValueError, match="lm_layers must be >= 1"):
+    tiny_config(tiny_folder, lm_layers=0)
+
+
 def test_bfloat16_compute(tiny_folder):
   cfg = tiny_config(tiny_folder, window=1, cameras=("image",), compute_dtype="bfloat16")
   f32 = dataclasses.replace(cfg, compute_dtype="float32")

@@ -127,6 +127,9 @@ class VLMConfig(PolicyConfig):
   num_output_heads: int = 1
   dropout: float = 0.0                 # on the projected image/state tokens
   lm_folder: Optional[str] = None      # HF Llama folder; None = packaged SmolLM2-135M
+  # Keep only the first N decoder layers of the pretrained LM (None: all). A
+  # cheaper, weaker model; the end-to-end smoke tests use it to stay fast.
+  lm_layers: Optional[int] = None
   action_id_offset: Optional[int] = None  # None: vocab_size - 256 (the last 256 ids)
   dummy_vocab_id: int = 16             # SmolLM2 "<empty_output>"
   start_vocab_id: int = 1              # SmolLM2 "<|im_start|>": input of action position 0
@@ -154,6 +157,8 @@ class VLMConfig(PolicyConfig):
                        f"got {self.compute_dtype!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"VLMConfig.dropout must be in [0, 1), got {self.dropout}")
+    if self.lm_layers is not None and self.lm_layers < 1:
+      raise ValueError(f"VLMConfig.lm_layers must be >= 1 or None (all), got {self.lm_layers}")
 
   uses_pretrained = True  # init_variables loads the LM and EfficientNet weights
 
@@ -169,7 +174,14 @@ class VLMConfig(PolicyConfig):
 
   # ---- vocabulary ids (need the LM's config)
   def lm(self) -> LlamaConfig:
-    return lm_config(self.lm_folder)
+    """The LM's config, truncated to lm_layers decoder layers if set."""
+    c = lm_config(self.lm_folder)
+    if self.lm_layers is None:
+      return c
+    if self.lm_layers > c.num_hidden_layers:
+      raise ValueError(f"VLMConfig.lm_layers={self.lm_layers}, but the LM has only "
+                       f"{c.num_hidden_layers} layers")
+    return dataclasses.replace(c, num_hidden_layers=self.lm_layers)
 
   def output_vocab_ids(self) -> np.ndarray:
     """int32[K + 1]: vocab id of bin k at index k, the dummy's at index K. Validated."""
@@ -390,7 +402,7 @@ def pretrained_variables(model_cfg: VLMConfig, variables, lm_tensors=None, visio
   c = model_cfg.lm()
   if lm_tensors is None:
     lm_tensors = hf.load_folder(resolve_lm_folder(model_cfg.lm_folder), dtype=np.float32).tensors
-  new = {"lm": params_from_hf(lm_tensors, c)}
+  new = {"lm": params_from_hf(_first_layers(lm_tensors, c.num_hidden_layers), c)}
   new["vision"] = (film_efficientnet.pretrained_params() if vision_params is None
                    else vision_params)
   if model_cfg.num_output_heads > 1:
@@ -405,6 +417,14 @@ def pretrained_variables(model_cfg: VLMConfig, variables, lm_tensors=None, visio
   params.update(new)
   out = {**variables, "params": params}
   return jax.tree_util.tree_map(lambda ref, x: jnp.asarray(x, ref.dtype), variables, out)
+
+
+def _first_layers(tensors, n: int):
+  """HF tensors without the decoder layers n, n+1, ... (VLMConfig.lm_layers)."""
+  def layer(name):
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else -1
+  return {k: v for k, v in tensors.items() if layer(k) < n}
 
 
 def _check_like(ref, new, where):
