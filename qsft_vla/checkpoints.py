@@ -14,6 +14,11 @@ killed run never leaves a half checkpoint under a step's name), with items
   text_tokenizer JSON: the instruction tokenizer's tokenizer.json document
   data_iterator  training only: the tf.data iterator position
                  (training/data_iterator.py; needs TensorFlow)
+and qsft_checksums.json: size and sha256 of every file of those items, written
+after the save completes and checked before any item is read back (read_meta,
+restore), so a truncated or bit-flipped checkpoint is refused, naming the file,
+instead of acting. Costs ~1 s per GB read (checksums.py); a step without the
+manifest (written before it existed) loads unchecked.
 
 Arrays are orbax/tensorstore, everything else JSON: nothing is unpickled, so
 loading a checkpoint cannot run code. This module is TF-free: the controller
@@ -34,7 +39,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qsft_vla import robot
+from qsft_vla import checksums, robot
 from qsft_vla.learning import spec as learner_spec
 from qsft_vla.models import registry
 from qsft_vla.tokenizers.action import ActionTokenizer
@@ -47,6 +52,7 @@ META = "meta"
 TEXT_TOKENIZER = "text_tokenizer"
 PARAM_ITEMS = ("params_pi", "params_p", "params_target")
 OPT = "opt"
+CHECKSUMS = "qsft_checksums.json"
 
 
 class CheckpointError(ValueError):
@@ -102,6 +108,42 @@ def save(mngr: ocp.CheckpointManager, step: int, state_items: Mapping[str, Any],
   args.update(extra or {})
   mngr.save(int(step), args=ocp.args.Composite(**args), force=True)
   mngr.wait_until_finished()
+  write_checksums(os.path.join(os.fspath(mngr.directory), str(int(step))))
+
+
+def write_checksums(step_dir: str) -> None:
+  """The manifest of a complete step directory, written atomically."""
+  doc = {"algorithm": "sha256", "files": checksums.manifest(step_dir)}
+  tmp = os.path.join(step_dir, f".{CHECKSUMS}.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(doc, f)
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def verify(ckpt_dir: str, step: int, items) -> bool:
+  """Checks the files of `items` of one step against its manifest. True when
+  checked, False when the step has no manifest; raises CheckpointError naming
+  what differs (and the other steps there are) otherwise."""
+  ckpt_dir = os.fspath(ckpt_dir)
+  step_dir = os.path.join(ckpt_dir, str(int(step)))
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      expected = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{step_dir}: unreadable checksum manifest {path}: {e}") from e
+  problems = checksums.mismatches(step_dir, expected, items)
+  if problems:
+    others = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit() and int(n) != step)
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    hint = (f"other checkpoints there: steps {others} (load one by its step; to resume "
+            f"training from the newest of them, move {step_dir} out of {ckpt_dir})"
+            if others else "no other checkpoint there")
+    raise CheckpointError(f"{step_dir}: damaged since it was saved, refusing to load it: "
+                          + "; ".join(problems[:5]) + more + f". {hint}")
+  return True
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_items: Mapping[str, Any],
@@ -112,6 +154,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_items: Mapping[str,
           if _has_leaves(tree)}
   args[META] = ocp.args.JsonRestore()
   args.update(extra or {})
+  verify(mngr.directory, step, args)
   try:
     out = mngr.restore(int(step), args=ocp.args.Composite(**args))
   except (ValueError, KeyError, FileNotFoundError) as e:
@@ -175,6 +218,7 @@ def resolve(path: str, step: Optional[int] = None) -> tuple[str, int]:
 
 
 def read_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
+  verify(ckpt_dir, step, (META,))
   path = os.path.join(ckpt_dir, str(step), META, "metadata")
   try:
     with open(path) as f:

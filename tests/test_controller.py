@@ -3,6 +3,8 @@
 import dataclasses
 import math
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
@@ -408,6 +410,53 @@ def test_non_finite_params_are_refused_at_load_and_never_act(tmp_path):
   ctrl.reset(INSTRUCTION)
   with pytest.raises(ControllerError, match="not finite"):
     ctrl.act(random_observation(clean.spec, np.random.RandomState(0)))
+
+
+def _largest_file(folder):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def test_damaged_checkpoints_are_refused_naming_the_file(ckpt_dir, tmp_path):
+  """A bit flip, a truncation or an edited meta file is refused before anything is
+  read back, naming the file and the other steps; without a manifest (older
+  checkpoints) it loads unchecked."""
+  src = ckpt_dir("babyai", "qsft", "shared")
+  for damage in ("flip", "truncate", "meta"):
+    work = tmp_path / damage
+    shutil.copytree(src, work)
+    ck_dir, step = checkpoints.resolve(str(work))
+    step_dir = os.path.join(ck_dir, str(step))
+    if damage == "meta":
+      target = os.path.join(step_dir, "meta", "metadata")
+      with open(target) as f:
+        text = f.read()
+      with open(target, "w") as f:
+        f.write(text.replace('"qsft"', '"qsfT"'))  # same size, other content
+    else:
+      target = _largest_file(os.path.join(step_dir, "params_pi"))
+      with open(target, "r+b") as f:
+        if damage == "flip":
+          f.seek(os.path.getsize(target) // 2)
+          byte = f.read(1)
+          f.seek(-1, os.SEEK_CUR)
+          f.write(bytes([byte[0] ^ 0x10]))
+        else:
+          f.truncate(os.path.getsize(target) - 7)
+    rel = os.path.relpath(target, step_dir)
+    why = {"flip": "sha256 differs", "truncate": "bytes, written with",
+           "meta": "sha256 differs"}[damage]
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=rf"damaged since it was saved.*{re.escape(rel)}: .*{why}"):
+      Controller.load(str(work), warmup=False)
+  # A manifest-less step (written before checksums existed) still loads.
+  work = tmp_path / "old"
+  shutil.copytree(src, work)
+  ck_dir, step = checkpoints.resolve(str(work))
+  os.remove(os.path.join(ck_dir, str(step), checkpoints.CHECKSUMS))
+  assert not checkpoints.verify(ck_dir, step, None)
+  Controller.load(str(work), warmup=False)
+  assert checkpoints.verify(*checkpoints.resolve(str(src)), None)
 
 
 def test_the_robot_host_guards_with_its_own_action_space(ckpt_dir):

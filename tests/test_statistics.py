@@ -173,6 +173,17 @@ def test_cache_hit_and_invalidation(tmp_path, spec, monkeypatch):
   assert statistics.fingerprint(str(out), spec) != statistics.fingerprint(
       str(out), spec, split="test")
 
+  # One bit of one shard flips (same names, same sizes): another fingerprint.
+  shard = max((os.path.join(out, f) for f in os.listdir(out) if ".tfrecord" in f),
+              key=os.path.getsize)
+  before = statistics.fingerprint(str(out), spec)
+  with open(shard, "r+b") as f:
+    f.seek(os.path.getsize(shard) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 1]))
+  assert statistics.fingerprint(str(out), spec) != before
+
   # The dataset changes under the same name: the cache is stale and recomputed.
   write(out, spec, scale=2.0, overwrite=True, episodes=2)
   assert not path.exists() or json.loads(path.read_text())["fingerprint"] != \

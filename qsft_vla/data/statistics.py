@@ -2,8 +2,8 @@
 
 `load_or_compute(data_dir, spec)` returns the statistics of an RLDS dataset,
 reading `<data_dir>/qsft_stats.json` when its fingerprint still matches the
-dataset (dataset_info.json, the files and their sizes, the split, and how the
-robot config maps and shapes the keys) and recomputing otherwise. Layout:
+dataset (dataset_info.json, the files' names, sizes and sha256, the split, and
+how the robot config maps and shapes the keys) and recomputing otherwise. Layout:
 
   {"version": 1, "fingerprint": str, "num_episodes": int, "num_steps": int,
    "action": {"names", "q01", "q99", "min", "max", "mean", "std"},   # per dimension
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from qsft_vla import checksums
 from qsft_vla.data import rlds_reader
 from qsft_vla.data.episode import DataError
 from qsft_vla.robot import RobotSpec
@@ -67,8 +68,11 @@ def fingerprint(data_dir: str, spec: RobotSpec, split: str = "train") -> str:
     raise DataError(data_dir, "not a TFDS dataset directory (no dataset_info.json)")
   with open(info_path, "rb") as f:
     info_hash = hashlib.sha256(f.read()).hexdigest()
-  # Our own cache files are beside the data but are not the data.
-  files = sorted((e.name, e.stat().st_size) for e in os.scandir(data_dir)
+  # Our own cache files are beside the data but are not the data. Every file's
+  # bytes count (sha256, ~1 s per GB): a bit-flipped shard of the same size and
+  # name is another dataset, and its cached statistics must not be reused.
+  files = sorted((e.name, e.stat().st_size, checksums.file_sha256(e.path))
+                 for e in os.scandir(data_dir)
                  if e.is_file() and not e.name.startswith(STATS_FILE)
                  and not e.name.startswith("." + STATS_FILE))
   desc = {"version": VERSION, "split": split, "dataset_info": info_hash, "files": files,
