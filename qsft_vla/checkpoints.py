@@ -53,6 +53,7 @@ TEXT_TOKENIZER = "text_tokenizer"
 PARAM_ITEMS = ("params_pi", "params_p", "params_target")
 OPT = "opt"
 CHECKSUMS = "qsft_checksums.json"
+INFERENCE_ITEMS = ("params_pi", "params_p", META, TEXT_TOKENIZER)  # what load_inference reads
 
 
 class CheckpointError(ValueError):
@@ -215,6 +216,38 @@ def resolve(path: str, step: Optional[int] = None) -> tuple[str, int]:
   if step not in steps:
     raise CheckpointError(f"{ckpt_dir}: no checkpoint at step {step}; have {sorted(steps)}")
   return ckpt_dir, int(step)
+
+
+def newest_intact(path: str, items=None) -> tuple[int, list[str]]:
+  """(newest step of a workdir / checkpoints dir whose `items` match their
+  manifest, one message per newer damaged step). Raises CheckpointError when
+  none is intact. For training and evaluation, which may fall back; the
+  Controller refuses a damaged step instead."""
+  ckpt_dir, latest = resolve(path)
+  if os.path.basename(os.path.abspath(os.fspath(path))).isdigit():
+    verify(ckpt_dir, latest, items)   # one step named explicitly: no fallback
+    return latest, []
+  skipped = []
+  for step in sorted(manager(ckpt_dir, read_only=True).all_steps(), reverse=True):
+    if step > latest:
+      continue
+    try:
+      verify(ckpt_dir, step, items)
+      return int(step), skipped
+    except CheckpointError as e:
+      skipped.append(str(e))
+  raise CheckpointError(f"{ckpt_dir}: no intact checkpoint: " + " | ".join(skipped))
+
+
+def set_aside(ckpt_dir: str, step: int) -> str:
+  """Renames a damaged step folder to <step>.damaged-<n> (orbax no longer sees it,
+  nothing is deleted) and returns the new path."""
+  src = os.path.join(os.fspath(ckpt_dir), str(int(step)))
+  n = 0
+  while os.path.exists(f"{src}.damaged-{n}"):
+    n += 1
+  os.rename(src, f"{src}.damaged-{n}")
+  return f"{src}.damaged-{n}"
 
 
 def read_meta(ckpt_dir: str, step: int) -> dict[str, Any]:

@@ -72,6 +72,11 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
   written ("json", "video_dir").
   """
   start = time.time()
+  if checkpoint_step is None:
+    # The latest step unless it is damaged: then the newest intact one, with a warning.
+    checkpoint_step, skipped = checkpoints.newest_intact(workdir, checkpoints.INFERENCE_ITEMS)
+    for message in skipped:
+      print(f"WARNING: skipping a damaged checkpoint: {message}", file=sys.stderr)
   ck = checkpoints.load_inference(workdir, checkpoint_step)
   eval_cfg = {**_EVAL_FALLBACKS, **(ck.meta.get("config", {}).get("eval") or {})}
   env = env or eval_cfg.get("env")

@@ -10,6 +10,7 @@ import pytest
 
 from checkpoint_fixture import REPO, write_checkpoint
 from conftest import ROBOT_HOST_ABSENT, run_without_tensorflow
+from qsft_vla import checkpoints
 from qsft_vla import config as qconfig
 from qsft_vla import evaluate
 
@@ -96,3 +97,16 @@ def test_bad_requests_fail_clearly(workdir, tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().startswith("evaluate: error:") and "nothing" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_a_damaged_latest_step_falls_back_to_the_newest_intact_one(tmp_path, capsys):
+  work = write_checkpoint(tmp_path / "run", "babyai", "bc", step=3)
+  write_checkpoint(work, "babyai", "bc", step=7)
+  meta = os.path.join(work, "checkpoints", "7", "meta", "metadata")
+  with open(meta, "a") as f:
+    f.write(" ")
+  result = evaluate.run(str(work), episodes=1, max_steps=4, video_episodes=0, progress=False)
+  assert result["checkpoint_step"] == 3
+  assert "skipping a damaged checkpoint" in capsys.readouterr().err
+  with pytest.raises(checkpoints.CheckpointError, match="7: damaged"):  # an explicit step stays
+    evaluate.run(str(work), checkpoint_step=7, episodes=1, max_steps=4, progress=False)

@@ -106,6 +106,24 @@ def test_resume_continues_exactly(dataset, tmp_path):
     for key in ("loss_pi", "loss_p", "weight_mean", "grad_norm_p"):
       assert ra[key] == rb[key], (ra["step"], key)
 
+  # A damaged latest step: inference refuses it by name, evaluation falls back to
+  # the newest intact step, and training sets it aside (nothing deleted) and
+  # resumes exactly from that step.
+  c = tmp_path / "c"
+  train.train(_config(dataset, **{"train.num_steps": 4}), str(c))
+  params = c / "checkpoints" / "4" / "params_pi"
+  target = max((os.path.join(d, f) for d, _, fs in os.walk(params) for f in fs),
+               key=os.path.getsize)
+  with open(target, "r+b") as f:
+    f.truncate(os.path.getsize(target) // 2)
+  with pytest.raises(checkpoints.CheckpointError, match=r"4: damaged.*params_pi/.*bytes"):
+    checkpoints.load_inference(str(c))
+  assert checkpoints.newest_intact(str(c), checkpoints.INFERENCE_ITEMS)[0] == 2
+  train.train(_config(dataset, **{"train.num_steps": 6}), str(c))
+  assert (c / "checkpoints" / "4.damaged-0" / "params_pi").is_dir()
+  final = metrics_lib.read_jsonl(str(c))[-1]
+  assert final["step"] == 6 and final["loss_p"] == b[-1]["loss_p"]
+
 
 @pytest.mark.parametrize("variant,extra", [
     ("bc", {}),
