@@ -51,6 +51,9 @@ import dataclasses
 import glob
 import os
 import re
+import stat
+import zipfile
+import zlib
 from typing import Any, Callable, Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (CLI noise)
@@ -122,46 +125,81 @@ class _Source:
   names: Callable[[], list[str]]        # keys present (for error messages)
 
 
-def _npz_files(input_path: str) -> list[str]:
-  if os.path.isfile(input_path):
-    return [input_path]
-  if not os.path.isdir(input_path):
+def _regular(path: str) -> str:
+  """`path` if it is a regular file; a FIFO, device or socket is refused (reading
+  one would hang or never end)."""
+  if not stat.S_ISREG(os.stat(path).st_mode):
+    raise DataError(path, "not a regular file (a FIFO, device or socket); refusing to read it")
+  return path
+
+
+def _input_files(input_path: str, matches, what: str) -> list[str]:
+  if not os.path.exists(input_path):
     raise DataError(input_path, "input does not exist")
-  files = sorted(glob.glob(os.path.join(input_path, "*.npz")))
+  if not os.path.isdir(input_path):
+    return [_regular(input_path)]
+  files = sorted(f for f in glob.glob(os.path.join(input_path, "*")) if matches(f))
   if not files:
-    raise DataError(input_path, "no .npz files in this folder")
-  return files
+    raise DataError(input_path, f"no {what} files in this folder")
+  return [_regular(f) for f in files]
+
+
+def _npz_files(input_path: str) -> list[str]:
+  return _input_files(input_path, lambda f: f.endswith(".npz"), ".npz")
 
 
 def _hdf5_files(input_path: str) -> list[str]:
-  if os.path.isfile(input_path):
-    return [input_path]
-  if not os.path.isdir(input_path):
-    raise DataError(input_path, "input does not exist")
-  files = sorted(f for f in glob.glob(os.path.join(input_path, "*"))
-                 if f.endswith((".h5", ".hdf5")))
-  if not files:
-    raise DataError(input_path, "no .h5/.hdf5 files in this folder")
-  return files
+  return _input_files(input_path, lambda f: f.endswith((".h5", ".hdf5")), ".h5/.hdf5")
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _npz_member(z, key: str, path: str):
+  """z[key], after checking what its .npy header declares against the bytes the
+  archive holds (a header may claim terabytes): never allocates more than the
+  member holds, never unpickles, and a bad CRC or a short member is a DataError."""
+  try:
+    info = z.zip.getinfo(key + ".npy")
+    with z.zip.open(info) as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
+      header = f.tell()
+  except (ValueError, KeyError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+    raise DataError(path, f"not a readable .npy member: {e}", key=key) from e
+  if dtype.hasobject:
+    raise DataError(path, "holds Python objects, which cannot be loaded without pickle; save "
+                    "strings as a unicode array, e.g. np.array('pick up the block')", key=key)
+  declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+  held = info.file_size - header
+  if declared != held:
+    raise DataError(path, f"its header declares a {dtype} array of shape {shape} "
+                    f"({declared} bytes) but the member holds {held} bytes", key=key)
+  try:
+    return z[key]
+  except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+    raise DataError(path, f"corrupt archive member: {e}", key=key) from e
 
 
 def _npz_sources(files: list[str]) -> Iterator[_Source]:
   for path in files:
+    with open(path, "rb") as f:
+      magic = f.read(6)
+    if magic.startswith(_NPY_MAGIC[:6]):
+      raise DataError(path, "a single array (.npy), not an .npz archive of named arrays")
+    if not magic.startswith(_ZIP_MAGIC):
+      raise DataError(path, "not an .npz archive (no zip signature; the file starts with "
+                      f"{magic!r})")
     try:
       z = np.load(path, allow_pickle=False)
     except Exception as e:  # pylint: disable=broad-except
       raise DataError(path, f"cannot read as .npz: {e}") from e
-    if not hasattr(z, "files"):
-      raise DataError(path, "a single array, not an .npz archive of named arrays")
     with z:
       def get(key, z=z, path=path):
-        if key not in z.files:
-          return None
-        try:
-          return z[key]
-        except ValueError as e:  # object arrays need pickle, which we never load
-          raise DataError(path, f"cannot load without pickle ({e}); save strings as a "
-                          "unicode array, e.g. np.array('pick up the block')", key=key) from e
+        return _npz_member(z, key, path) if key in z.files else None
       yield _Source(path, os.path.splitext(os.path.basename(path))[0], path, get,
                     lambda z=z: sorted(z.files))
 
@@ -172,10 +210,16 @@ def _hdf5_groups(path: str, root: str):
     f = h5py.File(path, "r")
   except OSError as e:
     raise DataError(path, f"cannot open as HDF5: {e}") from e
-  if root not in f or not isinstance(f[root], h5py.Group):
+  try:
+    if root not in f or not isinstance(f[root], h5py.Group):
+      f.close()
+      raise DataError(path, f"no group {root!r} (set --hdf5_root to the group holding the "
+                      "episodes)")
+    names = sorted(k for k in f[root] if f[root].get(k, getclass=True, getlink=False)
+                   is h5py.Group)
+  except (KeyError, OSError, RuntimeError) as e:
     f.close()
-    raise DataError(path, f"no group {root!r} (set --hdf5_root to the group holding the episodes)")
-  names = sorted(k for k, v in f[root].items() if isinstance(v, h5py.Group))
+    raise DataError(path, f"cannot read the HDF5 structure under {root!r}: {e}") from e
   if not names:
     f.close()
     raise DataError(path, f"no episode groups under {root!r}")
@@ -202,12 +246,17 @@ def _hdf5_sources(files: list[str], root: str) -> Iterator[_Source]:
         where = f"{path}, group {name!r}"
 
         def get(key, group=group, where=where):
-          if key in group:
-            obj = group[key]
-            if not isinstance(obj, h5py.Dataset):
-              raise DataError(where, "is a group, expected a dataset", key=key)
-            return obj[()]
-          return group.attrs.get(key)  # scalars may be attributes of the group
+          # A dangling external/soft link or a damaged file raises KeyError /
+          # OSError / RuntimeError deep in h5py: one line naming the place instead.
+          try:
+            if key in group:
+              obj = group[key]
+              if not isinstance(obj, h5py.Dataset):
+                raise DataError(where, "is a group, expected a dataset", key=key)
+              return obj[()]
+            return group.attrs.get(key)  # scalars may be attributes of the group
+          except (KeyError, OSError, RuntimeError) as e:
+            raise DataError(where, f"cannot read: {e}", key=key) from e
 
         def names_fn(group=group):
           found = []

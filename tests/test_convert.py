@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import zipfile
 
 import h5py
 import numpy as np
@@ -335,3 +336,82 @@ def test_binary_converts(tmp_path):
   assert r.returncode == 0, r.stdout + r.stderr
   assert "episodes 1, steps 4" in r.stdout and "cast action: int64 -> float32" in r.stdout
   assert (tmp_path / "out" / statistics.STATS_FILE).exists()
+
+
+def _damaged_npz(folder, case, rng):
+  """Writes a.npz (good) and b.npz damaged as `case`; returns the message parts."""
+  save_npz(folder, "a.npz", **babyai_episode(rng, 6))
+  b = os.path.join(folder, "b.npz")
+  if case == "bad_crc":   # one flipped byte inside the stored image member
+    save_npz(folder, "b.npz", **babyai_episode(rng, 6))
+    with zipfile.ZipFile(b) as z:
+      info = z.getinfo("image.npy")
+    with open(b, "r+b") as f:
+      f.seek(info.header_offset + 30 + len(info.filename) + info.file_size // 2)
+      byte = f.read(1)
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte[0] ^ 0xFF]))
+    return ["b.npz", "'image'", "corrupt archive member", "CRC"]
+  if case == "huge_header":  # a header claiming ~14.6 TiB over a few bytes of data
+    ep = babyai_episode(rng, 6)
+    with zipfile.ZipFile(b, "w") as z:
+      for key, value in ep.items():
+        with z.open(key + ".npy", "w") as f:
+          if key == "image":
+            header = np.lib.format.header_data_from_array_1_0(value)
+            header["shape"] = (4_000_000, 4_000_000)
+            np.lib.format.write_array_header_1_0(f, header)
+            f.write(b"\0" * 64)
+          else:
+            np.lib.format.write_array(f, np.asarray(value))
+    return ["b.npz", "'image'", "declares", "(4000000, 4000000)", "holds 64 bytes"]
+  if case in ("zeros", "random"):
+    with open(b, "wb") as f:
+      f.write(bytes(4096) if case == "zeros" else rng.bytes(4096))
+    return ["b.npz", "not an .npz archive"]
+  if case == "npy":
+    with open(b, "wb") as f:
+      np.save(f, np.zeros(3))
+    return ["b.npz", "single array"]
+  if case == "fifo":
+    os.mkfifo(b)
+    return ["b.npz", "not a regular file"]
+  raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["bad_crc", "huge_header", "zeros", "random", "npy", "fifo"])
+def test_damaged_npz_files_refused_and_nothing_left(tmp_path, case):
+  """Damaged or hostile files are one DataError naming the file (and key), never a
+  traceback, a multi-terabyte allocation or a hang; nothing is written."""
+  parts = _damaged_npz(tmp_path / "in", case, np.random.default_rng(5))
+  with pytest.raises(DataError) as e:
+    convert_lib.convert(str(tmp_path / "in"), "npz", spec_of(BABYAI), str(tmp_path / "out"),
+                        progress=False)
+  for part in parts:
+    assert part in str(e.value), (part, str(e.value))
+  assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["episode", "key"])
+def test_hdf5_dangling_external_link_is_named(tmp_path, where):
+  rng = np.random.default_rng(6)
+  path = tmp_path / "in" / "d.h5"
+  path.parent.mkdir()
+  with h5py.File(path, "w") as f:
+    g = f.create_group("ep0")
+    ep = metaworld_episode(rng, 5)
+    g.attrs["language_instruction"] = str(ep.pop("language_instruction"))
+    for k, v in ep.items():
+      if where == "key" and k == "state":
+        g[k] = h5py.ExternalLink("missing.h5", "/state")
+      else:
+        g[k] = v
+    if where == "episode":
+      f["ep1"] = h5py.ExternalLink("missing.h5", "/ep")
+  with pytest.raises(DataError) as e:
+    convert_lib.convert(str(path), "hdf5", spec_of(METAWORLD), str(tmp_path / "out"),
+                        progress=False)
+  assert "d.h5" in str(e.value)
+  if where == "key":
+    assert "group 'ep0'" in str(e.value) and "'state'" in str(e.value)
+  assert_nothing_written(tmp_path)
