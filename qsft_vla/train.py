@@ -39,6 +39,7 @@ from qsft_vla import checkpoints
 from qsft_vla import config as qconfig
 from qsft_vla.learning import learner as learner_lib
 from qsft_vla.models import registry
+from qsft_vla.data.episode import DataError
 from qsft_vla.robot import RobotSpec
 from qsft_vla.tokenizers.action import ActionTokenizer
 from qsft_vla.tokenizers.text import TextTokenizer
@@ -276,6 +277,17 @@ def _write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def _check_workdir(workdir: str) -> None:
+  """A workdir (or its nearest existing parent) must be a writable folder."""
+  path = workdir
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise TrainingError(f"--workdir {workdir}: {path} is a file, not a folder")
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise TrainingError(f"--workdir {workdir}: {path} is not writable")
+
+
 def train(cfg, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the metrics of the last logged step."""
   qconfig.validate(cfg, where="config")
@@ -290,6 +302,12 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   if cfg.eval.every % spc:
     raise qconfig.ConfigError(f"eval.every={cfg.eval.every} must be a multiple of "
                               f"learner.steps_per_call={spc}")
+  examples = sum(int(s["num_steps"]) for s in setup.stats if s)
+  if all(setup.stats) and tcfg.batch_size > examples:
+    raise qconfig.ConfigError(f"train.batch_size={tcfg.batch_size} exceeds the {examples} "
+                              f"training examples (steps) of {', '.join(setup.data_dirs)} "
+                              f"(split {cfg.data.split!r}): every batch would repeat them")
+  _check_workdir(workdir)
 
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
   it = pipeline.as_numpy_batches(cfg, setup.spec, setup.action_tokenizer,
@@ -415,7 +433,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
     summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (qconfig.ConfigError, checkpoints.CheckpointError, TrainingError) as e:
+  except (qconfig.ConfigError, checkpoints.CheckpointError, TrainingError, DataError) as e:
     raise app.UsageError(str(e)) from None
   logging.info("done: %s", json.dumps(summary))
 

@@ -128,6 +128,13 @@ def test_a_rerun_removes_what_a_killed_run_left(tmp_path):
   assert sorted(os.listdir(tmp_path)) == sorted(["data", live.name])
 
 
+def test_out_under_a_file_is_named(tmp_path):
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder"):
+    run(tmp_path / "notes.txt" / "data", workers=1, episodes=1)
+  assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
 def test_existing_out_needs_overwrite(tmp_path):
   out = tmp_path / "data"
   out.mkdir()

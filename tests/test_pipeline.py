@@ -404,3 +404,31 @@ def test_fixed_instruction_comes_from_the_robot_config(hand_dir):
   fixed = dataclasses.replace(SPEC, instruction_source="fixed", instruction_text="open it")
   b = _all_eval(_cfg(hand_dir, reward_rescale="none"), spec=fixed)
   assert list(b["instruction"]) == [b"open it"] * 9
+
+
+def _flip_middle_byte(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_damaged_files_are_named(hand_dir, tmp_path):
+  """A bit-flipped shard and a broken dataset_info.json are one DataError naming
+  the file, from the statistics and from the training batches alike."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
+  shard_dir = shutil.copytree(hand_dir, tmp_path / "shard")
+  shard = sorted(p for p in os.listdir(shard_dir) if ".tfrecord" in p)[0]
+  _flip_middle_byte(os.path.join(shard_dir, shard))
+  with pytest.raises(DataError, match=rf"{shard}: damaged record file \(corrupted record at"):
+    statistics.compute(str(shard_dir), SPEC)
+  with pytest.raises(DataError, match=rf"{shard}: damaged record file"):
+    _first_batches(_cfg(str(shard_dir)), 1)
+
+  info_dir = shutil.copytree(hand_dir, tmp_path / "info")
+  with open(os.path.join(info_dir, "dataset_info.json"), "w") as f:
+    f.write("{broken")
+  with pytest.raises(DataError, match=r"dataset_info.json: unreadable \(JSONDecodeError"):
+    _first_batches(_cfg(str(info_dir)), 1)

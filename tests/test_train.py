@@ -172,6 +172,18 @@ def test_non_finite_steps_stop_training_and_nothing_non_finite_is_saved(dataset,
     assert "NaN" not in line  # strict JSON: null
 
 
+def test_workdir_and_batch_size_are_checked_before_anything_is_written(dataset, tmp_path):
+  (tmp_path / "file").write_text("mine")
+  with pytest.raises(train.TrainingError, match=r"file is a file, not a folder"):
+    train.train(_config(dataset, **{"train.num_steps": 2}), str(tmp_path / "file" / "run"))
+  assert (tmp_path / "file").read_text() == "mine"
+  with pytest.raises(qconfig.ConfigError, match=r"train.batch_size=100000 exceeds the \d+ "
+                     r"training examples"):
+    train.train(_config(dataset, **{"train.num_steps": 2, "train.batch_size": 100_000}),
+                str(tmp_path / "big"))
+  assert not (tmp_path / "big").exists()
+
+
 def test_other_config_does_not_resume(dataset, tmp_path):
   train.train(_config(dataset, **{"train.num_steps": 2}), str(tmp_path))
   saved = (tmp_path / train.CONFIG_JSON).read_bytes()

@@ -378,6 +378,8 @@ def validate_datasets(cfg, spec: RobotSpec, tokenizer, members=None) -> int:
       total += int(count.reduce(np.int64(0), lambda a, b: a + b))
     except tf.errors.InvalidArgumentError as e:
       raise _as_data_error(e) from None
+    except tf.errors.DataLossError as e:
+      raise rlds_reader.damaged_shard_error(m.dir, e) from None
   return total
 
 
@@ -460,8 +462,9 @@ class BatchIterator:
   with a tf.train.Checkpoint of the underlying tf.data iterator.
   """
 
-  def __init__(self, dataset: tf.data.Dataset):
+  def __init__(self, dataset: tf.data.Dataset, data_dirs: tuple[str, ...] = ()):
     self.dataset = dataset
+    self.data_dirs = tuple(data_dirs)   # to name a damaged shard
     self._it = iter(dataset)
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -472,6 +475,8 @@ class BatchIterator:
       batch = next(self._it)
     except tf.errors.InvalidArgumentError as e:
       raise _as_data_error(e) from None
+    except tf.errors.DataLossError as e:
+      raise rlds_reader.damaged_shard_error(self.data_dirs, e) from None
     return tf.nest.map_structure(lambda x: x.numpy(), batch)
 
   def save_iterator_state(self, path: str) -> None:
@@ -520,4 +525,4 @@ def as_numpy_batches(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: 
                      train: bool = True, validate: bool = True) -> BatchIterator:
   """`make_dataset(...)` wrapped in a BatchIterator."""
   return BatchIterator(make_dataset(cfg, spec, tokenizer, batch_size=batch_size, seed=seed,
-                                    train=train, validate=validate))
+                                    train=train, validate=validate), _data_dirs(cfg)[0])

@@ -8,7 +8,10 @@ validator, the statistics and the input pipeline.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import re
 from typing import Any, Iterator
 
 import numpy as np
@@ -26,10 +29,39 @@ def open_builder(data_dir: str):
   if not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
     raise DataError(data_dir, "not a TFDS dataset directory (no dataset_info.json); "
                     "make one with `python -m data_tools.convert` or `data_tools.generate`")
-  builder = tfds.builder_from_directory(data_dir)
+  info = os.path.join(data_dir, "dataset_info.json")
+  try:
+    with open(info, encoding="utf-8") as f:
+      json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(info, f"unreadable ({type(e).__name__}: {e}); the dataset's description is "
+                    "damaged: restore it or regenerate the dataset") from e
+  try:
+    builder = tfds.builder_from_directory(data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(data_dir, f"cannot open as a TFDS dataset: {type(e).__name__}: {e}") from e
   if "steps" not in builder.info.features:
     raise DataError(data_dir, "not an RLDS dataset: episodes have no 'steps'", key="steps")
   return builder
+
+
+def damaged_shard_error(data_dirs, error: Exception) -> Exception:
+  """A DataError naming the damaged record file of `data_dirs` that raised `error`
+  (TF's DataLossError names only a byte offset). Each shard is read raw, without
+  parsing: cheap next to the failure it explains. `error` itself if none fails."""
+  if isinstance(data_dirs, str):
+    data_dirs = [data_dirs]
+  for data_dir in data_dirs:
+    for path in sorted(glob.glob(os.path.join(data_dir, "*.tfrecord*"))):
+      try:
+        for _ in tf.data.TFRecordDataset(path):
+          pass
+      except tf.errors.OpError as e:
+        found = re.search(r"corrupted record at \d+|truncated record at \d+", e.message or "")
+        what = found.group(0) if found else type(e).__name__
+        return DataError(path, f"damaged record file ({what}); restore it or regenerate the "
+                         "dataset")
+  return error
 
 
 def _get(tree: dict[str, Any], path: str, where: str):
@@ -119,7 +151,14 @@ def iterate_episodes(data_dir: str, spec: RobotSpec, split: str = "train"
   steps_ds = ds.enumerate().flat_map(tagged_steps)
   _, step_spec, _ = steps_ds.element_spec
   current, rows, metadata = 0, [], {}
-  for index, step, md in steps_ds.as_numpy_iterator():
+  steps_it = steps_ds.as_numpy_iterator()
+  while True:
+    try:
+      index, step, md = next(steps_it)
+    except StopIteration:
+      break
+    except tf.errors.DataLossError as e:
+      raise damaged_shard_error(data_dir, e) from e
     while index > current:  # episode `current` is complete (or had no steps at all)
       yield current, _episode(rows, metadata, step_spec, spec)
       current, rows, metadata = current + 1, [], {}

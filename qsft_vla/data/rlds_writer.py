@@ -153,6 +153,11 @@ class RLDSWriter:
         raise FileExistsError(f"{self.out} already exists; choose another --out or remove it")
       check_replaceable(self.out, self.protect)
     parent = os.path.dirname(self.out)
+    existing = parent
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(f"--out {self.out}: {existing} is a file, not a folder")
     os.makedirs(parent, exist_ok=True)
     remove_stale_temporaries(self.out)
     self._tmp = tempfile.mkdtemp(prefix=f"{_tmp_prefix(self.out)}{os.getpid()}-", dir=parent)
