@@ -303,6 +303,11 @@ class Controller:
       instruction = self._spec.instruction_text
     if not isinstance(instruction, str):
       raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
+    try:
+      instruction.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (e.g. from a bad decode upstream)
+      raise ValueError(f"instruction is not valid Unicode text ({e.reason} at index "
+                       f"{e.start}): {instruction!r}") from None
     if not any(ch.isalnum() for ch in instruction):  # blank, or only invisible marks
       raise ValueError(f"instruction must be text with at least one letter or digit, got "
                        f"{instruction!r}")

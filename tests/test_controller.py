@@ -311,6 +311,9 @@ def test_instruction_and_order_checks(ckpt_dir):
   for bad in (None, 3, b"bytes"):
     with pytest.raises(TypeError, match="str"):
       ctrl.reset(bad)
+  with pytest.raises(ValueError, match=r"not valid Unicode text \(surrogates not allowed at "
+                     r"index 6\)"):
+    ctrl.reset("go to \ud800 ball")   # a lone surrogate, e.g. from a bad decode upstream
   with pytest.raises(ControllerError, match="before reset"):
     ctrl.act(obs)  # failed resets start nothing
   ctrl.reset(INSTRUCTION)
