@@ -321,11 +321,16 @@ class Controller:
     self._valid = 0  # real (not padding) frames in the window
 
   def act(self, observation: Mapping[str, Any]) -> np.ndarray:
-    """The action float32[D] for this observation (appended to the history)."""
+    """The action float32[D] for this observation (appended to the history).
+
+    Raises ObservationError for a malformed observation, ControllerError when the
+    policy's logits come out non-finite (e.g. a finite state so large the network
+    overflows); neither leaves the observation in the history."""
     start = time.perf_counter()
     if self._text is None:
       raise ControllerError("act() before reset(instruction): start an episode first")
     frame = self._checked(observation)
+    before = (self._frames, self._valid)
     if not self._frames:
       self._frames = [frame] * self._model_config.window  # start padding: frame 0 repeated
     else:
@@ -337,6 +342,7 @@ class Controller:
                                   self._key, np.uint32(self._draws))
     self._draws += 1
     if not bool(finite):  # argmax of NaN logits is a valid-looking bin: never act on it
+      self._frames, self._valid = before  # the refused frame does not enter the history
       raise ControllerError("refusing to act: the policy's logits are not finite for this "
                             "observation (non-finite parameters or an overflow)")
     action = self._guard(self._action_tokenizer.decode(np.asarray(tokens)))
