@@ -357,8 +357,16 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   def save(at_step):
     progress.pause()
     guard.before_save(at_step, state)
-    checkpoints.save(mngr, at_step, _state_items(state), meta, setup.text_tokenizer,
-                     extra={data_iterator.ITEM: data_iterator.DataIteratorSave(it)})
+    try:
+      checkpoints.save(mngr, at_step, _state_items(state), meta, setup.text_tokenizer,
+                       extra={data_iterator.ITEM: data_iterator.DataIteratorSave(it)})
+    except (OSError, ValueError, RuntimeError) as e:  # disk full, permissions, I/O errors
+      previous = [s for s in mngr.all_steps() if s < at_step]
+      kept = (f"the checkpoint of step {max(previous)} is intact" if previous
+              else "no earlier checkpoint")
+      raise TrainingError(f"saving the checkpoint of step {at_step} in {workdir} failed "
+                          f"({type(e).__name__}: {e}); {kept}, and the next run removes the "
+                          "unfinished save") from e
     progress.resume()
 
   last = {}

@@ -184,6 +184,21 @@ def test_workdir_and_batch_size_are_checked_before_anything_is_written(dataset, 
   assert not (tmp_path / "big").exists()
 
 
+def test_a_failed_save_stops_with_a_clear_error(dataset, tmp_path, monkeypatch):
+  """Disk full while saving: one TrainingError naming the step and the intact one."""
+  real_save = checkpoints.save
+
+  def full_disk(mngr, step, *args, **kwargs):
+    if step >= 4:
+      raise OSError(28, "No space left on device")
+    return real_save(mngr, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoints, "save", full_disk)
+  with pytest.raises(train.TrainingError, match=r"step 4 .* failed \(OSError: \[Errno 28\] "
+                     r"No space left on device\); the checkpoint of step 2 is intact"):
+    train.train(_config(dataset, **{"train.num_steps": 6}), str(tmp_path))
+
+
 def test_other_config_does_not_resume(dataset, tmp_path):
   train.train(_config(dataset, **{"train.num_steps": 2}), str(tmp_path))
   saved = (tmp_path / train.CONFIG_JSON).read_bytes()
