@@ -55,7 +55,8 @@ def synthetic_batch(setup, batch_size: int, seed: int = 0):
   return {"observation": obs, "history_mask": hm, "next_observation": obs,
           "next_history_mask": hm, "text_ids": ti, "text_mask": tm, "action_tokens": tok,
           "reward": (rng.random(batch_size) < 0.1).astype(np.float32),
-          "terminal": rng.random(batch_size) < 0.1, "has_next": rng.random(batch_size) < 0.9}
+          "terminal": rng.random(batch_size) < 0.1, "has_next": rng.random(batch_size) < 0.9,
+          "return_to_go": rng.random(batch_size).astype(np.float32)}  # mc_mix / mc_lower_bound
 
 
 def _config(algorithm: str):
@@ -90,6 +91,19 @@ def _time(setup, state, batch, n):
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   return state, times
+
+
+def _what_a_qsft_step_does(lcfg, action_dims: int) -> str:
+  """One sentence on the passes a Q-SFT step of this learner config runs."""
+  trained = ("one trunk with two heads" if lcfg.architecture == "shared"
+             else "two networks")
+  if not lcfg.bootstraps:
+    extra = "no extra forward pass (the Monte-Carlo target, mc_mix=1, needs no bootstrap)"
+  else:
+    target = "s'" if action_dims == 1 else "s and s'"
+    extra = (f"extra forward passes of pi_phi at s' and of the Polyak target at {target} for "
+             "the Bellman weights")
+  return f"A Q-SFT step trains {trained} with {extra}; BC trains one network."
 
 
 def main(argv):
@@ -130,9 +144,7 @@ def main(argv):
   if round_ratios:
     lines += [f"Q-SFT / BC: {med['qsft'] / med['bc']:.2f}x (ratio of medians); median of "
               f"per-round ratios {float(np.median(round_ratios)):.2f}x.", ""]
-  lines += ["A Q-SFT step runs pi_phi at s' and the Polyak target at s and s' (three "
-            "forward passes for the Bellman weights) and trains two networks; BC trains one.",
-            ""]
+  lines += [_what_a_qsft_step_does(train.learner_config(cfg), m.num_action_dims), ""]
   text = "\n".join(lines)
   report.emit(text, _OUT.value)
 
