@@ -172,6 +172,18 @@ class Learner:
       return self.model.apply(variables, obs, hm, ti, tm, tokens, False)
     return self.model.apply(variables, obs, hm, ti, tm, tokens, True, rngs={"dropout": rng})
 
+  def policy_logits(self, params, obs, hm, ti, tm, tokens):
+    """Masked logits [B, D, V] of pi_phi and p_theta (None without p_theta) for
+    inference params (spec.inference_params), teacher-forced on `tokens`, no dropout."""
+    if "shared" in params:
+      out = self._apply(params["shared"], obs, hm, ti, tm, tokens, None)
+      pi_raw, p_raw = out[0], out[1]
+    else:
+      pi_raw = self._apply(params["pi"], obs, hm, ti, tm, tokens, None)
+      p_raw = self._apply(params["p"], obs, hm, ti, tm, tokens, None) if "p" in params else None
+    pi_logits = self.mask_pi_logits(pi_raw)
+    return pi_logits, (None if p_raw is None else self.p_logits_from(pi_logits, p_raw))
+
   def inference_params(self, state: TrainState):
     """{"pi": variables, "p": variables} for separate backbones (p absent for BC),
     {"shared": variables} (head 0 = pi, head 1 = p) for the shared trunk."""

@@ -85,29 +85,22 @@ class QGapProbe:
     return bool(self.batches)
 
   def _per_step(self, params, batch):
-    lrn = self.learner
-    args = (batch["observation"], batch["history_mask"], batch["text_ids"], batch["text_mask"],
-            batch["action_tokens"], None)
-    if "shared" in params:
-      out = lrn._apply(params["shared"], *args)  # pylint: disable=protected-access
-      pi_logits, p_logits = out[0], out[1]
-    else:
-      pi_logits = lrn._apply(params["pi"], *args)  # pylint: disable=protected-access
-      # BC / filtered BC: no p_theta; only agree_pi means anything then.
-      p_logits = lrn._apply(params["p"], *args) if "p" in params else None  # pylint: disable=protected-access
-    pi_logits = lrn.mask_pi_logits(pi_logits)
-    p_logits = lrn.p_logits_from(pi_logits, p_logits) if p_logits is not None else pi_logits
+    pi_logits, p_logits = self.learner.policy_logits(
+        params, batch["observation"], batch["history_mask"], batch["text_ids"],
+        batch["text_mask"], batch["action_tokens"])
+    if p_logits is None:  # BC / filtered BC: no p_theta; only agree_pi means anything then
+      p_logits = pi_logits
     tok = jnp.asarray(batch["action_tokens"], jnp.int32)[..., None]
     log_pi = jnp.take_along_axis(jax.nn.log_softmax(pi_logits, -1), tok, -1)[..., 0]
     log_p = jnp.take_along_axis(jax.nn.log_softmax(p_logits, -1), tok, -1)[..., 0]
     q = jnp.mean(jnp.exp(log_p - log_pi), axis=-1)                           # [B]
     agree_pi = jnp.all(jnp.argmax(pi_logits, -1) == tok[..., 0], axis=-1)
-    logits = policy.reweighted_logits(pi_logits, p_logits, self._beta, lrn.valid,
+    logits = policy.reweighted_logits(pi_logits, p_logits, self._beta, self.learner.valid,
                                       self._extraction, self._eps)
     agree_policy = jnp.all(jnp.argmax(logits, -1) == tok[..., 0], axis=-1)
     # The implied Q alone (the ratio extraction at an infinite beta): does it rank the
     # expert's action first among the supported ones?
-    q_only = policy.reweighted_logits(pi_logits, p_logits, 1.0, lrn.valid, "ratio", self._eps)
+    q_only = policy.reweighted_logits(pi_logits, p_logits, 1.0, self.learner.valid, "ratio", self._eps)
     q_only = q_only - jax.nn.log_softmax(pi_logits, -1)
     agree_q = jnp.all(jnp.argmax(q_only, -1) == tok[..., 0], axis=-1)
     return q, agree_pi, agree_policy, agree_q
