@@ -310,11 +310,14 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   _check_workdir(workdir)
 
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
+  thresholds = _filter_thresholds(setup)
+  # Filtered BC: the data is filtered before batching (full batches of kept steps);
+  # the learner's mask stays as the exact check.
   it = pipeline.as_numpy_batches(cfg, setup.spec, setup.action_tokenizer,
                                  batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
-                                 validate=tcfg.validate_data)
+                                 validate=tcfg.validate_data, keep_returns=thresholds)
   prepare = batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len,
-                                      _filter_thresholds(setup))
+                                      thresholds)
   probe = q_gap.maybe_probe(
       cfg, setup, batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len))
   meta = setup.meta()

@@ -432,3 +432,16 @@ def test_damaged_files_are_named(hand_dir, tmp_path):
     f.write("{broken")
   with pytest.raises(DataError, match=r"dataset_info.json: unreadable \(JSONDecodeError"):
     _first_batches(_cfg(str(info_dir)), 1)
+
+
+def test_keep_returns_filters_episodes_before_batching(sparse_dir):
+  """Filtered BC's data: only the successful episode (return 1 of {1, 0}) reaches the
+  batches, which are full (16 examples of its 3 steps, repeated)."""
+  cfg = _cfg(sparse_dir)
+  it = pipeline.as_numpy_batches(cfg, SPEC, TOKENIZER, batch_size=16, seed=0, validate=False,
+                                 keep_returns=[0.5])
+  for _ in range(3):
+    b = next(it)
+    assert b["episode_return"].shape == (16,) and (b["episode_return"] == 1.0).all()
+    assert set(b["episode_index"].tolist()) == {0}
+

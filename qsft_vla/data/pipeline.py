@@ -38,7 +38,7 @@ import json
 import os
 import re
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -388,8 +388,18 @@ def _parallel_calls(cfg) -> int:
   return tf.data.AUTOTUNE if n in (-1, None) else int(n)
 
 
+def _keep_episode(threshold: float):
+  """Predicate on an episode's examples: its return >= threshold. The float32 return
+  the pipeline sums may round below the statistics' float64 one: a relative 1e-6
+  tolerance keeps that episode (the learner's own mask then decides exactly)."""
+  t = np.float32(threshold)
+  t = np.float32(t - 1e-6 * max(1.0, abs(float(t))))
+  return lambda ex: ex["episode_return"][0] >= t
+
+
 def make_dataset(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
-                 train: bool = True, validate: bool = True) -> tf.data.Dataset:
+                 train: bool = True, validate: bool = True,
+                 keep_returns: Optional[Sequence[float]] = None) -> tf.data.Dataset:
   """The batched tf.data pipeline (see the module docstring for one example).
 
   train=True: every member repeats forever with shuffled files, members are
@@ -401,6 +411,11 @@ def make_dataset(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
   shuffles, so the same config and seed give identical batches.
   validate: run `validate_datasets` first (a full read of the non-image data),
   so bad data fails before training rather than hours into it.
+  keep_returns: per mixture member, keep only episodes whose return is at least
+  this (filtered BC), before shuffling and batching, so every batch is full of
+  kept steps. Each threshold must be met by some episode (statistics.
+  filter_threshold never exceeds the largest return), or a repeating member
+  would search forever.
   """
   members, weights = _members(cfg, spec, tokenizer)
   if any(m.encoded != members[0].encoded for m in members):
@@ -419,6 +434,8 @@ def make_dataset(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
     if train:
       ds = ds.repeat()
     ds = ds.map(m.episode_fn, num_parallel_calls=parallel, deterministic=deterministic)
+    if keep_returns is not None:
+      ds = ds.filter(_keep_episode(keep_returns[m.index]))
     streams.append(ds.unbatch())
   if train:
     if len(streams) == 1:
@@ -522,7 +539,9 @@ def _remove_state_files(path: str, keep: str | None) -> None:
 
 
 def as_numpy_batches(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
-                     train: bool = True, validate: bool = True) -> BatchIterator:
+                     train: bool = True, validate: bool = True,
+                     keep_returns: Optional[Sequence[float]] = None) -> BatchIterator:
   """`make_dataset(...)` wrapped in a BatchIterator."""
   return BatchIterator(make_dataset(cfg, spec, tokenizer, batch_size=batch_size, seed=seed,
-                                    train=train, validate=validate), _data_dirs(cfg)[0])
+                                    train=train, validate=validate, keep_returns=keep_returns),
+                       _data_dirs(cfg)[0])
