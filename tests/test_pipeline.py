@@ -434,12 +434,14 @@ def test_damaged_files_are_named(hand_dir, tmp_path):
     _first_batches(_cfg(str(info_dir)), 1)
 
 
-def test_keep_returns_filters_episodes_before_batching(sparse_dir):
+@pytest.mark.parametrize("threshold", [0.5, float(np.nextafter(np.float32(0), np.float32(1)))])
+def test_keep_returns_filters_episodes_before_batching(sparse_dir, threshold):
   """Filtered BC's data: only the successful episode (return 1 of {1, 0}) reaches the
-  batches, which are full (16 examples of its 3 steps, repeated)."""
+  batches, which are full (16 examples of its 3 steps, repeated). The second
+  threshold is statistics.filter_threshold's for this data: just above 0."""
   cfg = _cfg(sparse_dir)
   it = pipeline.as_numpy_batches(cfg, SPEC, TOKENIZER, batch_size=16, seed=0, validate=False,
-                                 keep_returns=[0.5])
+                                 keep_returns=[threshold])
   for _ in range(3):
     b = next(it)
     assert b["episode_return"].shape == (16,) and (b["episode_return"] == 1.0).all()

@@ -390,11 +390,14 @@ def _parallel_calls(cfg) -> int:
 
 def _keep_episode(threshold: float):
   """Predicate on an episode's examples: its return >= threshold. The float32 return
-  the pipeline sums may round below the statistics' float64 one: a relative 1e-6
-  tolerance keeps that episode (the learner's own mask then decides exactly)."""
-  t = np.float32(threshold)
-  t = np.float32(t - 1e-6 * max(1.0, abs(float(t))))
-  return lambda ex: ex["episode_return"][0] >= t
+  the pipeline sums may round below the statistics' float64 one: a tolerance of
+  1e-6 of the threshold keeps that episode (the learner's own mask then decides
+  exactly). Relative only, and compared in float64: the threshold just above a
+  lowest return of 0 is the smallest float32 above 0, a denormal that float32
+  kernels flush to 0 (and an absolute tolerance would keep the zeros too)."""
+  t = float(np.float32(threshold))
+  t = tf.constant(t - 1e-6 * abs(t), tf.float64)
+  return lambda ex: tf.cast(ex["episode_return"][0], tf.float64) >= t
 
 
 def make_dataset(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
