@@ -274,7 +274,7 @@ def plots(results: list[dict[str, Any]], prefix: str) -> list[str]:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   paths = []
   cols = [m for m in METHODS if m in FLAGS.methods]
-  fig, ax = plt.subplots(figsize=(1.8 * len(results) + 2, 3.5))
+  fig, ax = plt.subplots(figsize=(max(5.5, 1.8 * len(results) + 2), 3.5))  # room for the title
   width = 0.8 / (len(cols) + 1)
   for k, m in enumerate(cols + ["expert"]):
     ps = [r["expert"] if m == "expert" else r["methods"][m]["test"] for r in results]
