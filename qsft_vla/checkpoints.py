@@ -60,6 +60,10 @@ class CheckpointError(ValueError):
   """A checkpoint is missing, incomplete or does not match what loads it."""
 
 
+class DamagedCheckpointError(CheckpointError):
+  """A step's files differ from the checksum manifest written when it was saved."""
+
+
 def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(os.fspath(workdir)), SUBDIR)
 
@@ -134,7 +138,7 @@ def verify(ckpt_dir: str, step: int, items) -> bool:
     with open(path) as f:
       expected = json.load(f)["files"]
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{step_dir}: unreadable checksum manifest {path}: {e}") from e
+    raise DamagedCheckpointError(f"{step_dir}: unreadable checksum manifest {path}: {e}") from e
   problems = checksums.mismatches(step_dir, expected, items)
   if problems:
     others = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit() and int(n) != step)
@@ -142,8 +146,9 @@ def verify(ckpt_dir: str, step: int, items) -> bool:
     hint = (f"other checkpoints there: steps {others} (load one by its step; to resume "
             f"training from the newest of them, move {step_dir} out of {ckpt_dir})"
             if others else "no other checkpoint there")
-    raise CheckpointError(f"{step_dir}: damaged since it was saved, refusing to load it: "
-                          + "; ".join(problems[:5]) + more + f". {hint}")
+    raise DamagedCheckpointError(
+        f"{step_dir}: damaged since it was saved, refusing to load it: "
+        + "; ".join(problems[:5]) + more + f". {hint}")
   return True
 
 
@@ -234,7 +239,7 @@ def newest_intact(path: str, items=None) -> tuple[int, list[str]]:
     try:
       verify(ckpt_dir, step, items)
       return int(step), skipped
-    except CheckpointError as e:
+    except DamagedCheckpointError as e:
       skipped.append(str(e))
   raise CheckpointError(f"{ckpt_dir}: no intact checkpoint: " + " | ".join(skipped))
 
@@ -289,11 +294,6 @@ def abstract_variables(model, model_cfg, image_sizes):
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs, False))
 
 
-def param_groups(abstract, learner_cfg: learner_spec.LearnerConfig) -> dict[str, Any]:
-  """The abstract params_pi / params_p / params_target of a model's variables."""
-  return learner_spec.param_groups(abstract, learner_cfg)
-
-
 def _check_finite(tree, where: str) -> None:
   """A checkpoint with a NaN or inf parameter is refused, naming the first one."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -323,7 +323,8 @@ def load_inference(path: str, step: Optional[int] = None) -> InferenceCheckpoint
                           f"the model {model_cfg.action_vocab}")
 
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  groups = param_groups(abstract_variables(model, model_cfg, image_sizes), learner_cfg)
+  groups = learner_spec.param_groups(abstract_variables(model, model_cfg, image_sizes),
+                                     learner_cfg)
   wanted = {"params_pi": groups["params_pi"], "params_p": groups["params_p"]}
   wanted = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)

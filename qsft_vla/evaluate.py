@@ -72,12 +72,16 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
   written ("json", "video_dir").
   """
   start = time.time()
-  if checkpoint_step is None:
-    # The latest step unless it is damaged: then the newest intact one, with a warning.
-    checkpoint_step, skipped = checkpoints.newest_intact(workdir, checkpoints.INFERENCE_ITEMS)
+  try:
+    ck = checkpoints.load_inference(workdir, checkpoint_step)
+  except checkpoints.DamagedCheckpointError:
+    if checkpoint_step is not None:
+      raise  # a step asked for by name is never replaced
+    # The latest step is damaged: the newest intact one, with a warning.
+    step, skipped = checkpoints.newest_intact(workdir, checkpoints.INFERENCE_ITEMS)
     for message in skipped:
       print(f"WARNING: skipping a damaged checkpoint: {message}", file=sys.stderr)
-  ck = checkpoints.load_inference(workdir, checkpoint_step)
+    ck = checkpoints.load_inference(workdir, step)
   eval_cfg = {**_EVAL_FALLBACKS, **(ck.meta.get("config", {}).get("eval") or {})}
   env = env or eval_cfg.get("env")
   if not env:

@@ -330,21 +330,24 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   state = setup.init_state()
   start = mngr.latest_step()
   if start is not None:
-    # A damaged latest step (checked against its checksums) is set aside, not
-    # deleted, and the run resumes from the newest intact one.
-    start, skipped = checkpoints.newest_intact(mngr.directory)
-    for message in skipped:
-      logging.warning("damaged checkpoint: %s", message)
-    if skipped:
+    def resume(at):
+      _check_same_run(checkpoints.read_meta(mngr.directory, at), meta, workdir)
+      return checkpoints.restore(mngr, at, _state_items(state),
+                                 extra={data_iterator.ITEM: data_iterator.DataIteratorRestore(it)})
+    try:
+      restored = resume(start)
+    except checkpoints.DamagedCheckpointError:
+      # A damaged latest step (checked against its checksums) is set aside, not
+      # deleted, and the run resumes from the newest intact one.
+      start, skipped = checkpoints.newest_intact(mngr.directory)
+      for message in skipped:
+        logging.warning("damaged checkpoint: %s", message)
       for bad in [s for s in mngr.all_steps() if s > start]:
         logging.warning("set aside as %s; resuming from step %d",
                         checkpoints.set_aside(mngr.directory, bad), start)
       mngr = checkpoints.manager(checkpoints.directory(workdir), keep=tcfg.keep_checkpoints,
                                  item_handlers=None)
-    _check_same_run(checkpoints.read_meta(mngr.directory, start), meta, workdir)
-    restored = checkpoints.restore(
-        mngr, start, _state_items(state),
-        extra={data_iterator.ITEM: data_iterator.DataIteratorRestore(it)})
+      restored = resume(start)
     state = _from_items(restored)
     logging.info("resumed %s at step %d (params, optimiser, data position)", workdir, start)
   # Only now, with the config accepted for this workdir: a refused config must never
