@@ -96,7 +96,7 @@ class Setup:
 
 
 def learner_config(cfg) -> learner_lib.LearnerConfig:
-  fields = {k: v for k, v in cfg.learner.items() if k != "filter_quantile"}
+  fields = dict(cfg.learner.items())
   # Donation saves a copy of the state on accelerators; the CPU backend cannot donate.
   fields["donate_state"] = jax.default_backend() != "cpu"
   try:
@@ -170,7 +170,10 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) 
           f"--workdir (or the original config) to resume.\n saved:   {a}\n current: {b}")
 
 
-def _filter_thresholds(setup: Setup) -> Optional[list[float]]:
+def filter_thresholds(setup: Setup) -> Optional[list[float]]:
+  """Filtered BC's one filter: per dataset, the return at or above which an episode
+  is kept (statistics.filter_threshold of learner.filter_quantile); the pipeline
+  drops the other episodes before batching. None for the other algorithms."""
   cfg = setup.config
   if cfg.learner.algorithm != "filtered_bc":
     return None
@@ -310,16 +313,12 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   _check_workdir(workdir)
 
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
-  thresholds = _filter_thresholds(setup)
-  # Filtered BC: the data is filtered before batching (full batches of kept steps);
-  # the learner's mask stays as the exact check.
+  thresholds = filter_thresholds(setup)
   it = pipeline.as_numpy_batches(cfg, setup.spec, setup.action_tokenizer,
                                  batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
                                  validate=tcfg.validate_data, keep_returns=thresholds)
-  prepare = batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len,
-                                      thresholds)
-  probe = q_gap.maybe_probe(
-      cfg, setup, batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len))
+  prepare = batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len)
+  probe = q_gap.maybe_probe(cfg, setup, prepare)
   meta = setup.meta()
   stale = checkpoints.remove_interrupted_saves(checkpoints.directory(workdir))
   if stale:

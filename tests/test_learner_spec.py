@@ -44,3 +44,16 @@ def test_shared_architecture_without_p_is_one_head():
   # BC has no p_theta: "shared" asks for nothing more than pi_phi.
   cfg = spec.LearnerConfig(algorithm="bc", architecture="shared")
   assert cfg.num_output_heads == 1 and spec.inference_keys(cfg) == {"pi"}
+
+
+def test_learner_config_from_a_checkpoint_written_before_filter_quantile():
+  """Old checkpoints store filter_threshold (a learner-side filter nothing set): it is
+  dropped on reading, filter_quantile takes its default; unknown fields still fail."""
+  old = {**spec.LearnerConfig(algorithm="filtered_bc").to_dict(), "filter_threshold": 0.5}
+  del old["filter_quantile"]
+  cfg = spec.LearnerConfig.from_dict(old)
+  assert cfg.algorithm == "filtered_bc" and cfg.filter_quantile == 0.5
+  with pytest.raises(ValueError, match="filter_treshold"):
+    spec.LearnerConfig.from_dict({**old, "filter_treshold": 0.5})
+  with pytest.raises(ValueError, match="filter_quantile"):
+    spec.LearnerConfig(filter_quantile=1.5)

@@ -5,11 +5,11 @@ Algorithms (LearnerConfig.algorithm):
                  pi_phi and the Polyak target p_theta_bar), Polyak update of
                  the target after every p_theta step.
   "bc":          pi_phi with L_CE only (no p_theta, no target).
-  "filtered_bc": L_CE on pi_phi over the kept examples only: a batch field
-                 `episode_return` (kept where >= filter_threshold) if present,
-                 else a boolean batch field `keep` the data side computes (the
-                 pipeline's per-step `return_to_go` is not the episode's
-                 return, so the learner never filters on it).
+  "filtered_bc": L_CE on pi_phi, as "bc": the data side keeps only the episodes
+                 at or above filter_quantile of their dataset's returns and drops
+                 the rest before batching (train.filter_thresholds ->
+                 data.pipeline keep_returns), so every batch is full of kept
+                 steps and the learner has nothing to filter.
 
 Architectures (LearnerConfig.architecture):
   "separate": pi_phi and p_theta are two copies of a single-head model
@@ -60,8 +60,8 @@ Batch (leading axis B; with steps_per_call S > 1 every leaf has a leading
 microbatch axis [S, B, ...] and S optimiser steps run in one call via
 lax.scan): observation, history_mask, next_observation, next_history_mask,
 text_ids int32[B, L], text_mask bool[B, L] (tokenised outside), action_tokens
-int32[B, D], reward, terminal, has_next (and episode_return or keep for
-filtered BC). Other keys (instruction bytes, indices) are dropped.
+int32[B, D], reward, terminal, has_next (and return_to_go for the Monte-Carlo
+targets). Other keys (instruction bytes, indices) are dropped.
 
 Everything is TF-free; `step` is jit-compiled on a jax.sharding.Mesh with one
 axis "data": params and optimiser state replicated, the batch sharded on its
@@ -90,7 +90,7 @@ RESIDUAL_DUMMY_BIAS = 20.0
 NEG_INF = policy.NEG_INF
 BATCH_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
               "text_ids", "text_mask", "action_tokens", "reward", "terminal", "has_next",
-              "return_to_go", "episode_return", "keep")
+              "return_to_go")
 
 
 @flax.struct.dataclass
@@ -194,7 +194,7 @@ class Learner:
     """All networks start from the same weights: `variables` (e.g. pretrained)
     or a fresh model.init(rng, ...) on example_batch (leading axis B; with
     steps_per_call > 1 the [S, B, ...] batch is accepted too)."""
-    batch = self._select(example_batch, check_filter=False)
+    batch = self._select(example_batch, check_targets=False)
     if self.config.steps_per_call > 1 and np.ndim(batch["reward"]) == 2:
       batch = jax.tree_util.tree_map(lambda x: x[0], batch)
     init_rng, state_rng = jax.random.split(rng)
@@ -238,17 +238,14 @@ class Learner:
     return zero
 
   # -------------------------------------------------------------------- step
-  def _select(self, batch, check_filter=True):
+  def _select(self, batch, check_targets=True):
     out = {k: batch[k] for k in BATCH_KEYS if k in batch}
     missing = [k for k in BATCH_KEYS[:10] if k not in out]
     if missing:
       raise ValueError(f"batch misses keys {missing}; got {sorted(batch)}")
-    if check_filter and self.config.uses_p and (self.config.mc_lower_bound or self.config.mc_mix) \
+    if check_targets and self.config.uses_p and (self.config.mc_lower_bound or self.config.mc_mix) \
         and "return_to_go" not in out:
       raise ValueError("mc_lower_bound / mc_mix need a batch field 'return_to_go'")
-    filtered = check_filter and self.config.algorithm == "filtered_bc"
-    if filtered and not ("episode_return" in out or "keep" in out):
-      raise ValueError("filtered_bc needs a batch field 'episode_return' or 'keep'")
     return out
 
   def _active(self, step):
@@ -260,16 +257,6 @@ class Learner:
       return jnp.asarray(True), jnp.asarray(True)
     in_pi_phase = step < cfg.pi_steps
     return in_pi_phase, ~in_pi_phase
-
-  def _example_mask(self, batch):
-    b = batch["action_tokens"].shape[0]
-    if self.config.algorithm != "filtered_bc":
-      return jnp.ones((b, 1), jnp.float32)
-    if "episode_return" in batch:
-      keep = jnp.asarray(batch["episode_return"], jnp.float32) >= self.config.filter_threshold
-    else:
-      keep = jnp.asarray(batch["keep"], bool)
-    return keep.astype(jnp.float32)[:, None]
 
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     """One optimiser step on one batch [B, ...] (plain function; `step` jits it)."""
@@ -284,7 +271,6 @@ class Learner:
     if self.model.config.dropout > 0:
       rng_pi, rng_p = jax.random.split(jax.random.fold_in(state.rng, state.step))
     shared = cfg.num_output_heads == 2
-    ex_mask = self._example_mask(batch)
 
     if cfg.uses_p and cfg.bootstraps:
       # Targets: constants computed before the update, from the current pi_phi and p_theta_bar.
@@ -318,7 +304,7 @@ class Learner:
         pi_logits = self._apply(group_pi, obs, hm, ti, tm, tokens, rng_pi)
         p_logits = (self._apply(group_p, obs, hm, ti, tm, tokens, rng_p) if cfg.uses_p else None)
       pi_logits = self.mask_pi_logits(pi_logits)
-      loss_pi = losses.cross_entropy(pi_logits, tokens, jnp.broadcast_to(ex_mask, tokens.shape))
+      loss_pi = losses.cross_entropy(pi_logits, tokens)
       aux = {"loss_pi": loss_pi}
       if not cfg.uses_p:
         return loss_pi, aux
@@ -385,8 +371,6 @@ class Learner:
           state.params_target)
       metrics["grad_norm_p"] = grad_norm_p
       metrics["lr_p"] = w_p * cfg.lr_p
-    if cfg.algorithm == "filtered_bc":
-      metrics["kept_fraction"] = jnp.mean(ex_mask)
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params_pi=new_pi, params_p=new_p,
                               params_target=new_target, opt_pi=new_opt_pi, opt_p=new_opt_p)

@@ -29,6 +29,7 @@ BACKUPS = ("max", "mean")
 SCHEDULES = ("joint", "sequential")
 ARCHITECTURES = ("separate", "shared")
 P_HEAD = "head_1"
+RETIRED_FIELDS = ("filter_threshold",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,10 @@ class LearnerConfig:
   architecture: str = "separate"
   grad_clip_norm: Optional[float] = 1.0   # None: no clipping
   steps_per_call: int = 1
-  filter_threshold: float = 0.5     # filtered_bc: keep episode_return >= this
+  # filtered_bc: keep the episodes whose return is at or above this quantile of
+  # their dataset's returns (data.statistics.filter_threshold). The data side drops
+  # the others before batching; the learner trains on what it is given.
+  filter_quantile: float = 0.5
   mask_invalid_logits: bool = True
   donate_state: bool = False        # step donates the input state's buffers
 
@@ -79,6 +83,8 @@ class LearnerConfig:
         raise ValueError(f"{name} must be a finite number in [0, 1e6], got {v}")
     if not (np.isfinite(self.mc_mix) and 0.0 <= self.mc_mix <= 1.0):
       raise ValueError(f"mc_mix must be in [0, 1], got {self.mc_mix}")
+    if not (np.isfinite(self.filter_quantile) and 0.0 <= self.filter_quantile <= 1.0):
+      raise ValueError(f"filter_quantile must be in [0, 1], got {self.filter_quantile}")
     if not 0.0 <= self.ratio_eps < 1.0:
       raise ValueError(f"ratio_eps must be in [0, 1), got {self.ratio_eps}")
 
@@ -106,6 +112,9 @@ class LearnerConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LearnerConfig":
+    # Checkpoints written before filtered BC's filter moved to the data side hold
+    # filter_threshold, a learner-side filter nothing ever set; it has no successor.
+    d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
     check_dataclass_fields(cls, d)
     return cls(**d)
 

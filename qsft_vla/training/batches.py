@@ -2,15 +2,12 @@
 
 The pipeline yields raw instruction strings; the learner wants token ids. Most
 datasets repeat a few instructions, so ids are cached per distinct string and
-tokenising costs a dict lookup per example. Filtered BC gets a `keep` flag per
-example: its episode's return is at or above its own dataset's threshold (a
-quantile of that member's episode returns), so every mixture member is
-filtered by its own standard.
+tokenising costs a dict lookup per example.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -20,14 +17,11 @@ _CACHE_LIMIT = 100_000  # distinct instructions kept; beyond that the cache rest
 
 
 class BatchPreparer:
-  """__call__(pipeline batch) -> learner batch (text_ids/text_mask added, keep for filtered BC)."""
+  """__call__(pipeline batch) -> learner batch (text_ids/text_mask added)."""
 
-  def __init__(self, text_tokenizer, max_text_len: int,
-               keep_thresholds: Optional[Sequence[float]] = None):
+  def __init__(self, text_tokenizer, max_text_len: int):
     self.text_tokenizer = text_tokenizer
     self.max_text_len = int(max_text_len)
-    self.thresholds = (None if keep_thresholds is None
-                       else np.asarray(keep_thresholds, np.float32))
     self._cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
   def encode(self, instructions) -> tuple[np.ndarray, np.ndarray]:
@@ -47,9 +41,6 @@ class BatchPreparer:
   def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: batch[k] for k in LEARNER_KEYS}
     out["text_ids"], out["text_mask"] = self.encode(batch["instruction"])
-    if self.thresholds is not None:
-      threshold = self.thresholds[np.asarray(batch["dataset_index"])]
-      out["keep"] = np.asarray(batch["episode_return"], np.float32) >= threshold
     return out
 
 
