@@ -40,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qsft_vla import checksums, robot
+from qsft_vla.errors import CheckpointError, DamagedCheckpointError  # noqa: F401 (re-exported)
 from qsft_vla.learning import spec as learner_spec
 from qsft_vla.models import registry
 from qsft_vla.tokenizers.action import ActionTokenizer
@@ -54,14 +55,6 @@ PARAM_ITEMS = ("params_pi", "params_p", "params_target")
 OPT = "opt"
 CHECKSUMS = "qsft_checksums.json"
 INFERENCE_ITEMS = ("params_pi", "params_p", META, TEXT_TOKENIZER)  # what load_inference reads
-
-
-class CheckpointError(ValueError):
-  """A checkpoint is missing, incomplete or does not match what loads it."""
-
-
-class DamagedCheckpointError(CheckpointError):
-  """A step's files differ from the checksum manifest written when it was saved."""
 
 
 def directory(workdir: str) -> str:

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import ml_collections
+
+from qsft_vla import robot
+# Re-exported: config files and callers catch qconfig.ConfigError.
+from qsft_vla.errors import ConfigError, check_dataclass_fields  # noqa: F401
 
 # Placeholder for fields a config file must set; a string so ConfigDict types it.
 REQUIRED = "<required>"
 
-ACTION_KINDS = ("continuous", "discrete")
-
-
-class ConfigError(ValueError):
-  """A config file or field is wrong; the message names the field."""
 
 
 def continuous_dim(low: float | None = None, high: float | None = None,
@@ -334,7 +333,6 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
     raise ConfigError(f"{where}: required field(s) not set: {', '.join(missing)}")
   if "robot" in cfg:
     # Builds the spec, which checks every robot field.
-    from qsft_vla import robot  # pylint: disable=g-import-not-at-top
     robot.RobotSpec.from_config(cfg.robot, where=where)
   if "data" in cfg:
     _validate_data(cfg.data, where)
@@ -395,15 +393,6 @@ def _validate_data(d, where):
                       f"got {d.reward_rescale!r}")
   if d.image_size is not None and (len(d.image_size) != 2 or min(d.image_size) < 1):
     raise ConfigError(f"{where}: data.image_size must be (height, width), got {d.image_size!r}")
-
-
-def check_dataclass_fields(cls, d: Mapping[str, Any]) -> None:
-  """Fails with the unknown field(s) named when `d` has keys `cls` (a dataclass) lacks."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - fields)
-  if unknown:
-    raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(fields)}")
 
 
 def as_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:

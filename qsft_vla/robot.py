@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from qsft_vla.config import ACTION_KINDS, ConfigError
+from qsft_vla.errors import ConfigError
+
+ACTION_KINDS = ("continuous", "discrete")
 
 _ACTION_DIM_FIELDS = {"kind", "low", "high", "bins", "values", "labels"}
 _RLDS_KEY_FIELDS = {"cameras", "state", "action", "reward", "discount", "is_first",

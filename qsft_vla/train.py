@@ -40,6 +40,7 @@ from qsft_vla import config as qconfig
 from qsft_vla.learning import learner as learner_lib
 from qsft_vla.models import registry
 from qsft_vla.data.episode import DataError
+from qsft_vla.errors import TrainingError  # noqa: F401 (re-exported: train.TrainingError)
 from qsft_vla.robot import RobotSpec
 from qsft_vla.tokenizers.action import ActionTokenizer
 from qsft_vla.tokenizers.text import TextTokenizer
@@ -211,10 +212,6 @@ def evaluate_in_sim(setup: Setup, state, step: int, workdir: str) -> dict[str, f
                summary["episodes"])
   return {f"eval/{k}": summary[k] for k in ("success_rate", "ci_low", "ci_high", "mean_return",
                                             "mean_length") if k in summary}
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (e.g. the loss became non-finite); the message says why."""
 
 
 @jax.jit

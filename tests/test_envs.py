@@ -64,9 +64,9 @@ def test_bad_env_id_lists_what_is_known(env_id, needles):
 
 
 def test_robot_config_for():
-  assert envs.robot_config_for(BABYAI) == "robot_configs/babyai.py"
-  assert envs.robot_config_for("babyai:BabyAI-PutNextLocal-v0") == "robot_configs/babyai.py"
-  assert envs.robot_config_for(PICK_PLACE) == "robot_configs/metaworld.py"
+  assert envs.robot_config_for(BABYAI) == "robot_configs.babyai"
+  assert envs.robot_config_for("babyai:BabyAI-PutNextLocal-v0") == "robot_configs.babyai"
+  assert envs.robot_config_for(PICK_PLACE) == "robot_configs.metaworld"
   with pytest.raises(ValueError, match="known prefix"):
     envs.robot_config_for("gym:CartPole-v1")
 

@@ -27,23 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from qsft_vla.errors import DataError  # noqa: F401 (re-exported)
 from qsft_vla.robot import RobotSpec
 
 METADATA_KEYS = ("episode_id", "source", "noise", "behavior", "success", "return")
 UNKNOWN_NOISE = -1.0
 
 
-class DataError(ValueError):
-  """Bad data; the message names the file/episode, step and key."""
-
-  def __init__(self, where: str, what: str, step: int | None = None, key: str | None = None):
-    self.where, self.step, self.key, self.what = where, step, key, what
-    loc = where
-    if step is not None:
-      loc += f", step {step}"
-    if key is not None:
-      loc += f", key {key!r}"
-    super().__init__(f"{loc}: {what}")
 
 
 def _first_bad(mask: np.ndarray) -> int:

@@ -9,15 +9,14 @@ imported when one of its ids is used. TF-free.
 from __future__ import annotations
 
 import importlib
-import os
 
 from qsft_vla.envs.base import SimEnv
 
-# prefix -> (module, adapter class, robot config, example id)
+# prefix -> (module, adapter class, robot config module, example id)
 _ADAPTERS = {
-    "babyai": ("qsft_vla.envs.babyai", "BabyAIEnv", "robot_configs/babyai.py",
+    "babyai": ("qsft_vla.envs.babyai", "BabyAIEnv", "robot_configs.babyai",
                "babyai:BabyAI-GoToLocal-v0"),
-    "metaworld": ("qsft_vla.envs.metaworld", "MetaWorldEnv", "robot_configs/metaworld.py",
+    "metaworld": ("qsft_vla.envs.metaworld", "MetaWorldEnv", "robot_configs.metaworld",
                   "metaworld:pick-place-v3"),
 }
 
@@ -62,22 +61,17 @@ def make_env(env_id: str, seed: int = 0, **kwargs) -> SimEnv:
 
 
 def robot_config_for(env_id: str) -> str:
-  """The robot config file (relative to the repository root) of an env id's adapter."""
+  """The robot config module (in the robot_configs package) of an env id's adapter."""
   return _ADAPTERS[parse_env_id(env_id)[0]][2]
 
 
-def robot_config_path(env_id: str) -> str:
-  """robot_config_for as an absolute path (robot_configs/ sits beside qsft_vla/)."""
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  return os.path.join(root, robot_config_for(env_id))
-
-
 def robot_spec_for(env_id: str):
-  """The RobotSpec the adapter's observations and actions follow."""
-  from qsft_vla import config, robot  # pylint: disable=g-import-not-at-top
-  path = robot_config_path(env_id)
-  return robot.RobotSpec.from_config(config.load_config_file(path).robot, where=path)
+  """The RobotSpec the adapter's observations and actions follow (its robot config's
+  `robot` section, checked field by field)."""
+  from qsft_vla import robot  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(robot_config_for(env_id))
+  return robot.RobotSpec.from_config(module.get_config().robot, where=module.__file__)
 
 
 __all__ = ["SimEnv", "adapter_class", "make_env", "check_env_id", "known_names", "robot_config_for",
-           "robot_config_path", "robot_spec_for"]
+           "robot_spec_for"]

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from qsft_vla.config import check_dataclass_fields
+from qsft_vla.errors import check_dataclass_fields
 from qsft_vla.learning import losses, policy, targets
 
 ALGORITHMS = ("qsft", "bc", "filtered_bc")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from qsft_vla.config import check_dataclass_fields
+from qsft_vla.errors import check_dataclass_fields
 
 
 class PolicyConfig:

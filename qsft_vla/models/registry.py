@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from qsft_vla.config import ConfigError
+from qsft_vla.errors import ConfigError
 from qsft_vla.models import rt1_small, vlm
 from qsft_vla.tokenizers.text import TextTokenizer
 

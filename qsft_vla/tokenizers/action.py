@@ -24,8 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qsft_vla.config import ACTION_KINDS
-from qsft_vla.robot import ActionDim, RobotSpec
+from qsft_vla.robot import ACTION_KINDS, ActionDim, RobotSpec
 
 SPEC_FORMAT = "qsft_vla.action_tokenizer"
 SPEC_VERSION = 1

@@ -1,0 +1,50 @@
+"""The package's error types and the one field check every schema uses.
+
+The bottom of the import graph: this module imports nothing of the package,
+so any module (the config schema, the robot spec, the learner, the robot-host
+Controller) can raise these without importing the layers above it. Each type
+is re-exported where it is raised (e.g. `checkpoints.CheckpointError`), and
+all of them can be caught from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+  """A config file or field is wrong; the message names the field."""
+
+
+class DataError(ValueError):
+  """Bad data; the message names the file/episode, step and key."""
+
+  def __init__(self, where: str, what: str, step: int | None = None, key: str | None = None):
+    self.where, self.step, self.key, self.what = where, step, key, what
+    loc = where
+    if step is not None:
+      loc += f", step {step}"
+    if key is not None:
+      loc += f", key {key!r}"
+    super().__init__(f"{loc}: {what}")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, incomplete or does not match what loads it."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A step's files differ from the checksum manifest written when it was saved."""
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. the loss became non-finite); the message says why."""
+
+
+def check_dataclass_fields(cls, d: Mapping[str, Any]) -> None:
+  """Fails with the unknown field(s) named when `d` has keys `cls` (a dataclass) lacks."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(fields)}")
