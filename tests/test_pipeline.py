@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from qsft_vla import config as qconfig
-from qsft_vla.data import pipeline, rlds_writer
+from qsft_vla.data import pipeline, rlds_reader, rlds_writer
 from qsft_vla.data.episode import DataError
 from qsft_vla.robot import Camera
 from qsft_vla.tokenizers.action import ActionTokenizer
@@ -154,6 +154,31 @@ def test_episode_index_is_file_order_across_shards(tmp_path):
   assert len(set(b["episode_index"])) > 1
   for e, instruction in zip(b["episode_index"], b["instruction"]):
     assert instruction == f"ep {e}".encode()
+
+
+def test_episode_metadata_is_keyed_like_batches(tmp_path):
+  """TFDS reads shards interleaved (blocks of 16 records) even unshuffled, so
+  enumerating episodes is not file order; episode_metadata keys by the batches'
+  episode_index all the same."""
+  eps = [_episode([0, 1], True, f"ep {i}", seed=i) for i in range(40)]
+  with rlds_writer.RLDSWriter(str(tmp_path / "ds"), SPEC, name="t", episodes_per_shard=20) as w:
+    for ep in eps:
+      w.add(ep)
+  builder = rlds_reader.open_builder(str(tmp_path / "ds"))
+  ds = builder.as_dataset(split="train", shuffle_files=False)
+  read = [int(i) for i in ds.map(lambda ep: ep["episode_metadata"]["episode_id"])
+          .as_numpy_iterator()]
+  assert read != sorted(read)  # the trap
+  md = pipeline.episode_metadata(str(tmp_path / "ds"))
+  assert sorted(md) == list(range(40))
+  assert [md[i]["episode_id"] for i in range(40)] == [str(i) for i in range(40)]
+  assert md[7] == {"episode_id": "7", "source": "", "noise": -1.0, "behavior": "",
+                   "success": True, "return": 1.0}
+  assert set(pipeline.episode_metadata(str(tmp_path / "ds"), "train[90%:]")) == set(range(36, 40))
+  cfg = _cfg(str(tmp_path / "ds"), reward_rescale="none", deterministic=True)
+  (b,) = _first_batches(cfg, 1, batch_size=64)
+  for e, instruction in zip(b["episode_index"], b["instruction"]):
+    assert instruction == f"ep {md[int(e)]['episode_id']}".encode()
 
 
 def test_reward_rescale_modes(sparse_dir):

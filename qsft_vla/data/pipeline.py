@@ -174,9 +174,12 @@ def _fail(where, key: str, what: str, step=None) -> tf.Tensor:
   return tf.strings.join([_ERROR_MARK, "<<", where, "|", step, "|", key, "|", what, ">>"])
 
 
-def _episode_index(tfds_id: tf.Tensor, shard_lengths) -> tf.Tensor:
+def episode_index(tfds_id: tf.Tensor, shard_lengths) -> tf.Tensor:
   """Index of the episode in its split's file order, from the tfds_id
-  ("<name>-<split>.<format>-<shard>[-of-<n>]__<record>"); -1 if unparsable."""
+  ("<name>-<split>.<format>-<shard>[-of-<n>]__<record>"); -1 if unparsable.
+  The one definition of an episode's index (batches' episode_index and
+  episode_metadata's keys): TFDS interleaves shards even when it does not
+  shuffle them, so the order episodes are read in is not file order."""
   pattern = r"^.*-(\d+)(?:-of-\d+)?__(\d+)$"
   ok = tf.strings.regex_full_match(tfds_id, pattern)
   shard = tf.strings.to_number(
@@ -186,6 +189,27 @@ def _episode_index(tfds_id: tf.Tensor, shard_lengths) -> tf.Tensor:
   offsets = tf.constant(np.concatenate([[0], np.cumsum(shard_lengths)]).astype(np.int64))
   shard = tf.clip_by_value(shard, 0, len(shard_lengths))
   return tf.cast(tf.where(ok, tf.gather(offsets, shard) + record, -1), tf.int32)
+
+
+def episode_metadata(data_dir: str, split: str = "train") -> dict[int, dict[str, Any]]:
+  """{episode_index: that episode's metadata (str, float or bool values)} of a
+  split, keyed exactly as the batches' `episode_index`; {} when the dataset has no
+  episode metadata (e.g. converted data). Reads the metadata only (steps are not
+  decoded): about a second per 1000 episodes."""
+  builder = rlds_reader.open_builder(data_dir)
+  if "episode_metadata" not in builder.info.features:
+    return {}
+  name = split.split("[")[0]
+  lengths = list(builder.info.splits[name].shard_lengths)
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          read_config=tfds.ReadConfig(add_tfds_id=True, try_autocache=False),
+                          decoders={"steps": tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ep: (episode_index(ep["tfds_id"], lengths), ep["episode_metadata"]))
+  out = {}
+  for index, md in ds.as_numpy_iterator():
+    out[int(index)] = {k: v.decode("utf-8") if isinstance(v, bytes) else v.item()
+                       for k, v in md.items()}
+  return out
 
 
 def _first_step(bad: tf.Tensor) -> tf.Tensor:
@@ -201,7 +225,7 @@ def _episode_fn(data_dir: str, dataset_index: int, spec: RobotSpec, *, window: i
   keys = rlds_reader.canonical_step_keys(spec)
 
   def fn(ep):
-    episode = _episode_index(ep["tfds_id"], shard_lengths)
+    episode = episode_index(ep["tfds_id"], shard_lengths)
     where = tf.strings.join([f"{data_dir}: episode ", tf.strings.as_string(episode)])
     steps_ds = ep["steps"]
     nonempty = tf.debugging.Assert(steps_ds.cardinality() > 0,

@@ -33,16 +33,11 @@ EXPERT = "expert"
 
 
 def episode_behaviors(data_dir: str) -> dict[int, str]:
-  """{episode index in file order: behaviour label} of a dataset's "train" split
-  ({} when its metadata has no `behavior`, e.g. converted data)."""
-  from qsft_vla.data import rlds_reader  # pylint: disable=g-import-not-at-top  (TF)
-  builder = rlds_reader.open_builder(data_dir)
-  features = builder.info.features
-  if "episode_metadata" not in features or "behavior" not in features["episode_metadata"]:
-    return {}
-  ds = builder.as_dataset(split="train", shuffle_files=False)
-  ds = ds.map(lambda ep: ep["episode_metadata"]["behavior"])
-  return {i: b.decode("utf-8") for i, b in enumerate(ds.as_numpy_iterator())}
+  """{episode_index (as batches carry it): behaviour label} of a dataset's "train"
+  split ({} when its metadata has no `behavior`, e.g. converted data)."""
+  from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top  (TF)
+  return {i: md["behavior"] for i, md in pipeline.episode_metadata(data_dir).items()
+          if "behavior" in md}
 
 
 class QGapProbe:
