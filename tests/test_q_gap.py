@@ -56,3 +56,8 @@ def test_probe_during_training(tmp_path):
   for r in gaps:
     assert 0.0 <= r["q_gap/agree_pi"] <= 1.0 and np.isfinite(r["q_gap/q_expert"])
     assert 0.0 <= r["q_gap/agree_q"] <= 1.0
+  # The same figures from the saved checkpoints, after the run (the run's own config).
+  again = q_gap.probe_checkpoint(str(tmp_path / "run"), "train[75%:]", [2, 4])
+  for r in gaps:
+    logged = {k: v for k, v in r.items() if k.startswith("q_gap/")}
+    assert again[r["step"]] == pytest.approx(logged, rel=1e-5, abs=1e-6)
