@@ -3,18 +3,24 @@
 A config file (robot_configs/<robot>.py) starts from `base_config()`, which is
 locked: assigning a field the schema does not have fails with the field named.
 Fields a robot must set are `REQUIRED` and `validate()` names any left unset.
-Keeping the whole schema here means one place to read what can be configured.
+Each schema is defined once: the sections robot, data, train and eval here;
+learner and model.<backbone> are built from the dataclasses the code reads
+(learning/spec.LearnerConfig, models/rt1_small.RT1SmallConfig,
+models/vlm.VLMConfig), whose fields and comments say what can be configured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
+import typing
 from typing import Any
 
 import ml_collections
 
 from qsft_vla import robot
+from qsft_vla.learning import spec as learner_spec
 # Re-exported: config files and callers catch qconfig.ConfigError.
 from qsft_vla.errors import ConfigError, check_dataclass_fields  # noqa: F401
 
@@ -106,84 +112,46 @@ def model_defaults() -> ml_collections.ConfigDict:
   return m
 
 
+def dataclass_section(cls) -> ml_collections.ConfigDict:
+  """A config section with the fields and defaults of `cls`, a config dataclass
+  (its one schema), except those in cls.NOT_CONFIGURABLE. An Optional field
+  defaulting to None is typed by its inner type, so the command line parses it
+  (--config.model.vlm.lm_layers=2); one with a value also accepts None."""
+  hints = typing.get_type_hints(cls)
+  section = ml_collections.ConfigDict()
+  for f in dataclasses.fields(cls):
+    if f.name in getattr(cls, "NOT_CONFIGURABLE", ()):
+      continue
+    if f.default is dataclasses.MISSING:
+      raise TypeError(f"{cls.__name__}.{f.name} has no default: set it in NOT_CONFIGURABLE "
+                      "or give it one")
+    args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+    optional = typing.get_origin(hints[f.name]) is typing.Union and len(args) == 1
+    if optional:
+      kind = args[0] if f.default is None else object
+      section[f.name] = ml_collections.FieldReference(f.default, field_type=kind)
+    else:
+      section[f.name] = f.default
+  return section
+
+
 def rt1_small_defaults() -> ml_collections.ConfigDict:
   """models.rt1_small.RT1SmallConfig: a small RT-1 style network (from scratch,
   or RT-1's pretrained encoders with the variant rt1_pretrained)."""
-  m = ml_collections.ConfigDict()
-  m.max_text_len = 16           # instruction tokens (MiniLM WordPiece), padded/truncated
-  m.text_dim = 64
-  m.conv_channels = (32, 64, 128)
-  m.tokens_per_image = 8
-  m.width = 128
-  m.depth = 3
-  m.num_heads = 4
-  m.mlp_ratio = 4
-  m.dropout = 0.0
-  m.image_encoder = "conv"      # "conv" | "efficientnet_lite0" (pretrained, FiLM; RT-1)
-  m.text_encoder = "learned"    # "learned" | "minilm" (pretrained sentence embedding)
-  m.train_text_encoder = False  # minilm: fine-tune it (default frozen, as RT-1's USE)
-  return m
+  from qsft_vla.models import rt1_small  # pylint: disable=g-import-not-at-top
+  return dataclass_section(rt1_small.RT1SmallConfig)
 
 
 def vlm_defaults() -> ml_collections.ConfigDict:
   """models.vlm.VLMConfig: EfficientNet-Lite0 -> projector -> prefix of a
   pretrained Llama (SmolLM2-135M) whose own vocabulary holds the action bins."""
-  m = ml_collections.ConfigDict()
-  m.max_text_len = 16           # instruction tokens (the LM's own tokenizer)
-  # A Hugging Face Llama folder (config.json, safetensors, tokenizer.json);
-  # None: the packaged SmolLM2-135M-Instruct, converted from GGUF on first use.
-  m.lm_folder = ml_collections.FieldReference(None, field_type=str)
-  # The first N decoder layers only (None: all); a cheaper, weaker model.
-  m.lm_layers = ml_collections.FieldReference(None, field_type=int)
-  m.image_tokens_per_frame = 4  # per camera: EfficientNet features pooled to this many
-  m.projector_hidden = 1024
-  m.freeze_vision = False
-  m.dropout = 0.0               # on the projected image/state tokens
-  m.compute_dtype = "float32"   # "bfloat16" on accelerators; params stay float32
-  # Vocabulary ids (models/vlm.py says why): None = the last 256 ids.
-  m.action_id_offset = ml_collections.FieldReference(None, field_type=int)
-  m.dummy_vocab_id = 16         # SmolLM2 "<empty_output>"
-  m.start_vocab_id = 1          # SmolLM2 "<|im_start|>"
-  return m
+  from qsft_vla.models import vlm  # pylint: disable=g-import-not-at-top
+  return dataclass_section(vlm.VLMConfig)
 
 
 def learner_defaults() -> ml_collections.ConfigDict:
-  """learning.LearnerConfig fields (QSFT.md; defaults: the paper's Table 4)."""
-  l = ml_collections.ConfigDict()
-  l.algorithm = "qsft"          # "qsft" | "bc" | "filtered_bc" (the config variants)
-  l.beta = 1.0                  # inference: pi * exp(beta * p); 0 = behaviour cloning
-  # Inference: "p" (the paper's pi * exp(beta * p)) or "ratio" (pi * exp(ratio_beta * p / pi)
-  # over the support pi > ratio_eps: ranks actions by the implied Q = p / pi).
-  l.extraction = "p"
-  l.ratio_beta = 1.0
-  l.ratio_eps = 0.01
-  l.gamma = 0.99
-  l.eps = 1e-4                  # support threshold on pi_phi in the Bellman target
-  l.clip_weights = True         # clip Bellman weights to [0, 1]
-  l.mc_lower_bound = False      # weight = max(Bellman target, observed return-to-go G_t)
-  # Mixed Monte-Carlo target: weight = (1 - mc_mix) * Bellman target + mc_mix * G_t;
-  # 1 = pure Monte Carlo (no bootstrap: the target network is never evaluated).
-  l.mc_mix = 0.0
-  # "max": the paper's in-support max of p_bar / pi at the next state; "mean": its
-  # expectation under pi, sum_b p_bar(b) (the behaviour's value; no ratio noise).
-  l.backup = "max"
-  # "independent": p_theta's own logits (the paper); "residual": stop_grad(log pi) + the
-  # p network's output, whose head starts at zero (learning/policy.residual_p_logits).
-  l.p_parametrization = "independent"
-  l.residual = "dummy"          # "dummy" (final paper) | "uniform" (submitted version)
-  l.polyak_alpha = 0.005
-  l.lr_pi = 1e-4
-  l.lr_p = 1e-4
-  l.schedule = "joint"          # "joint" | "sequential" (pi_phi first, then p_theta)
-  l.pi_steps = 0                # sequential: steps of the pi_phi phase
-  l.architecture = "separate"   # "separate" backbones | "shared" trunk with two heads
-  l.grad_clip_norm = ml_collections.FieldReference(1.0, field_type=object)  # None: off
-  l.steps_per_call = 1          # optimiser steps per jit call (lax.scan)
-  # filtered_bc: keep episodes whose return is >= this quantile of the dataset's
-  # episode returns (per mixture member, from its statistics).
-  l.filter_quantile = 0.5
-  l.mask_invalid_logits = True
-  return l
+  """learning.spec.LearnerConfig (QSFT.md; defaults: the paper's Table 4)."""
+  return dataclass_section(learner_spec.LearnerConfig)
 
 
 def train_defaults() -> ml_collections.ConfigDict:
@@ -230,7 +198,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-ALGORITHM_VARIANTS = ("qsft", "bc", "filtered_bc")
+ALGORITHM_VARIANTS = learner_spec.ALGORITHMS
 
 
 def apply_algorithm_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:
@@ -340,13 +308,12 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
     _validate_train(cfg.train, where)
   if "eval" in cfg:
     _validate_eval(cfg.eval, where)
-  if "learner" in cfg and "algorithm" in cfg.learner:
-    if cfg.learner.algorithm not in ALGORITHM_VARIANTS:
-      raise ConfigError(f"{where}: learner.algorithm must be one of {ALGORITHM_VARIANTS}, "
-                        f"got {cfg.learner.algorithm!r}")
-    if not 0.0 <= cfg.learner.filter_quantile <= 1.0:
-      raise ConfigError(f"{where}: learner.filter_quantile must be in [0, 1], "
-                        f"got {cfg.learner.filter_quantile}")
+  if "learner" in cfg:
+    # The learner's schema checks its own fields (learning.spec.LearnerConfig).
+    try:
+      learner_spec.LearnerConfig.from_dict(cfg.learner.to_dict())
+    except ValueError as e:
+      raise ConfigError(f"{where}: learner: {e}") from None
 
 
 def _validate_train(t, where):
@@ -375,17 +342,29 @@ def _validate_eval(e, where):
                       f"got {e.max_steps!r}")
 
 
+def data_sources(data, where: str = "config") -> tuple[tuple[str, ...], tuple[float, ...]]:
+  """(dirs, weights) of a `data` section: data.dir is one dataset directory or a
+  list (a mixture), data.weights None (1 each) or one per dir, >= 0 with a
+  positive sum (a mixture samples dir i with weight_i / sum)."""
+  d = data.dir
+  if d is None:
+    raise ConfigError(f"{where}: data.dir is not set: an RLDS dataset directory (or a list)")
+  dirs = tuple(d) if isinstance(d, (list, tuple)) else (d,)
+  if not dirs or not all(isinstance(x, str) and x for x in dirs):
+    raise ConfigError(f"{where}: data.dir must be a directory or a list of them, got {d!r}")
+  weights = [1.0] * len(dirs) if data.weights is None else [float(w) for w in data.weights]
+  if len(weights) != len(dirs):
+    raise ConfigError(f"{where}: data.weights has {len(weights)} entries for "
+                      f"{len(dirs)} data.dir entries")
+  if any(not w >= 0 for w in weights) or sum(weights) <= 0:
+    raise ConfigError(f"{where}: data.weights must be >= 0 with a positive sum, "
+                      f"got {data.weights}")
+  return dirs, tuple(weights)
+
+
 def _validate_data(d, where):
   if d.dir is not None:
-    dirs = d.dir if isinstance(d.dir, (list, tuple)) else (d.dir,)
-    if not dirs or not all(isinstance(x, str) and x for x in dirs):
-      raise ConfigError(f"{where}: data.dir must be a directory or a list of them, got {d.dir!r}")
-    if d.weights is not None:
-      if len(d.weights) != len(dirs):
-        raise ConfigError(f"{where}: data.weights has {len(d.weights)} entries for "
-                          f"{len(dirs)} data.dir entries")
-      if any(w < 0 for w in d.weights) or sum(d.weights) <= 0:
-        raise ConfigError(f"{where}: data.weights must be >= 0 with a positive sum, got {d.weights}")
+    data_sources(d, where)
   if d.window < 1:
     raise ConfigError(f"{where}: data.window must be >= 1, got {d.window}")
   if d.reward_rescale not in ("auto", "none", "minmax"):

@@ -30,11 +30,10 @@ import time
 from typing import Any, Optional
 
 from qsft_vla import checkpoints, envs
+from qsft_vla import config as qconfig
 from qsft_vla.controller import Controller
 from qsft_vla.evaluation import loop, stats
 
-# Used when a checkpoint's config lacks an eval field (config.eval_defaults).
-_EVAL_FALLBACKS = {"episodes": 20, "seed": 1000, "max_steps": None, "video_episodes": 3}
 
 
 def output_stem(env: str, seed: int, beta: Optional[float] = None,
@@ -82,7 +81,8 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
     for message in skipped:
       print(f"WARNING: skipping a damaged checkpoint: {message}", file=sys.stderr)
     ck = checkpoints.load_inference(workdir, step)
-  eval_cfg = {**_EVAL_FALLBACKS, **(ck.meta.get("config", {}).get("eval") or {})}
+  # The schema's defaults where a checkpoint's config lacks an eval field.
+  eval_cfg = {**qconfig.eval_defaults().to_dict(), **(ck.meta.get("config", {}).get("eval") or {})}
   env = env or eval_cfg.get("env")
   if not env:
     raise ValueError(f"{ck.path}: no --env given and the checkpoint's config has no eval.env")

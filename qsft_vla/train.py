@@ -112,12 +112,9 @@ def build(cfg, stats: Optional[list[dict[str, Any]]] = None) -> Setup:
   stats: the datasets' statistics if already known (benchmarks pass [None]
   for a robot whose action bounds are all in its config: no data needed).
   """
-  if cfg.data.dir is None:
-    raise qconfig.ConfigError("data.dir is not set: an RLDS dataset directory (or a list)")
+  dirs, weights = qconfig.data_sources(cfg.data)
+  weights = np.asarray(weights, np.float64)
   spec = RobotSpec.from_config(cfg.robot)
-  dirs = tuple(cfg.data.dir) if isinstance(cfg.data.dir, (list, tuple)) else (cfg.data.dir,)
-  weights = np.asarray(cfg.data.weights if cfg.data.weights is not None else [1.0] * len(dirs),
-                       np.float64)
   if stats is None:
     # Imported here (TensorFlow): building a run for known statistics, as the
     # benchmarks do on machines without TensorFlow, needs no dataset code.

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from qsft_vla.training import q_gap
+from qsft_vla.training import q_gap, q_gap_checkpoints
 
 
 def test_summarize_known_answer():
@@ -57,7 +57,7 @@ def test_probe_during_training(tmp_path):
     assert 0.0 <= r["q_gap/agree_pi"] <= 1.0 and np.isfinite(r["q_gap/q_expert"])
     assert 0.0 <= r["q_gap/agree_q"] <= 1.0
   # The same figures from the saved checkpoints, after the run (the run's own config).
-  again = q_gap.probe_checkpoint(str(tmp_path / "run"), "train[75%:]", [2, 4])
+  again = q_gap_checkpoints.probe_checkpoint(str(tmp_path / "run"), "train[75%:]", [2, 4])
   for r in gaps:
     logged = {k: v for k, v in r.items() if k.startswith("q_gap/")}
     assert again[r["step"]] == pytest.approx(logged, rel=1e-5, abs=1e-6)

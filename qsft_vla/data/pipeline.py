@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from qsft_vla import config as qconfig
 from qsft_vla.data import rlds_reader
 from qsft_vla.data import transforms as tr
 from qsft_vla.data.episode import DataError
@@ -62,14 +63,8 @@ ITERATOR_STATE_POINTER = "iterator_state.json"
 
 
 def _data_dirs(cfg) -> tuple[tuple[str, ...], np.ndarray]:
-  d = cfg.data.dir
-  if d is None:
-    raise DataError("config", "data.dir is not set", key="data.dir")
-  dirs = tuple(d) if isinstance(d, (list, tuple)) else (d,)
-  w = np.ones(len(dirs)) if cfg.data.weights is None else np.asarray(cfg.data.weights, float)
-  if w.shape != (len(dirs),) or np.any(w < 0) or w.sum() <= 0:
-    raise DataError("config", f"data.weights {cfg.data.weights} do not fit data.dir {dirs}",
-                    key="data.weights")
+  dirs, weights = qconfig.data_sources(cfg.data)
+  w = np.asarray(weights, float)
   return dirs, w / w.sum()
 
 

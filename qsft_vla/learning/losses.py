@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-RESIDUALS = ("dummy", "uniform")
+from qsft_vla.learning.spec import RESIDUALS  # noqa: F401 (re-exported)
 
 
 def _token_logp(logits, tokens):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from qsft_vla.learning import targets
+from qsft_vla.learning.spec import EXTRACTIONS, P_PARAMETRIZATIONS  # noqa: F401 (re-exported)
 
 NEG_INF = -1e9  # finite: exp underflows to exactly 0, no inf - inf NaNs
 
@@ -32,9 +33,6 @@ def allowed_ids(action_valid_mask, vocab_size: int, dummy_id: int, residual: str
   if residual == "dummy":
     p_allowed[:, dummy_id] = True
   return pi_allowed, p_allowed
-
-
-P_PARAMETRIZATIONS = ("independent", "residual")
 
 
 def residual_p_logits(pi_logits, p_raw, pi_allowed):
@@ -56,9 +54,6 @@ def residual_p_logits(pi_logits, p_raw, pi_allowed):
 def mask_logits(logits, allowed):
   """logits [..., D, V] (or [..., V] with allowed [V]) with disallowed ids at NEG_INF."""
   return jnp.where(jnp.asarray(allowed, bool), logits, NEG_INF)
-
-
-EXTRACTIONS = ("p", "ratio")
 
 
 def reweighted_logits(pi_logits, p_logits, beta, valid_mask, extraction="p",

@@ -17,14 +17,19 @@ Parameter groups (per algorithm and architecture, defined here once):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
 from qsft_vla.errors import check_dataclass_fields
-from qsft_vla.learning import losses, policy, targets
 
+# The choices of the learner's string fields (used by losses.py, policy.py and
+# targets.py too; they import them from here so this module needs no jax).
 ALGORITHMS = ("qsft", "bc", "filtered_bc")
+RESIDUALS = ("dummy", "uniform")
+EXTRACTIONS = ("p", "ratio")
+P_PARAMETRIZATIONS = ("independent", "residual")
+DEFAULT_EPS = 1e-4  # support threshold on pi_phi (QSFT.md)
 BACKUPS = ("max", "mean")
 SCHEDULES = ("joint", "sequential")
 ARCHITECTURES = ("separate", "shared")
@@ -34,28 +39,42 @@ RETIRED_FIELDS = ("filter_threshold",)
 
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
-  """Defaults from QSFT.md / the paper (Table 4, chess/wordle column)."""
-  algorithm: str = "qsft"
-  beta: float = 1.0                 # inference only; stored for the controller
-  extraction: str = "p"             # inference: "p" (paper) | "ratio" (policy.reweighted_logits)
-  ratio_beta: float = 1.0           # inference: beta of the "ratio" extraction
-  ratio_eps: float = 0.01           # inference: support threshold of the "ratio" extraction
+  """The learner's schema, defined once: the config section `learner` is built
+  from these fields and defaults (config.learner_defaults), all but
+  NOT_CONFIGURABLE. Defaults from QSFT.md / the paper (Table 4, chess/wordle column).
+  """
+  NOT_CONFIGURABLE: ClassVar[tuple[str, ...]] = ("donate_state",)  # set by the binary
+
+  algorithm: str = "qsft"           # "qsft" | "bc" | "filtered_bc" (the config variants)
+  beta: float = 1.0                 # inference: pi * exp(beta * p); 0 = behaviour cloning
+  # Inference: "p" (the paper's pi * exp(beta * p)) or "ratio" (pi * exp(ratio_beta * p / pi)
+  # over the support pi > ratio_eps: ranks actions by the implied Q = p / pi;
+  # policy.reweighted_logits).
+  extraction: str = "p"
+  ratio_beta: float = 1.0
+  ratio_eps: float = 0.01
   gamma: float = 0.99
-  eps: float = targets.DEFAULT_EPS  # support threshold on pi_phi
-  clip_weights: bool = True
-  mc_lower_bound: bool = False      # w = max(Bellman target, return-to-go G_t) (QSFT.md)
-  mc_mix: float = 0.0               # w = (1 - mc_mix) * Bellman target + mc_mix * G_t
-  backup: str = "max"               # "max" (paper: in-support max of p_bar / pi) | "mean"
-  p_parametrization: str = "independent"  # p_theta's own logits (paper) | "residual" (policy.py)
-  residual: str = "dummy"
+  eps: float = DEFAULT_EPS          # support threshold on pi_phi in the Bellman target
+  clip_weights: bool = True         # clip Bellman weights to [0, 1]
+  mc_lower_bound: bool = False      # weight = max(Bellman target, observed return-to-go G_t)
+  # Mixed Monte-Carlo target: weight = (1 - mc_mix) * Bellman target + mc_mix * G_t;
+  # 1 = pure Monte Carlo (no bootstrap: the target network is never evaluated).
+  mc_mix: float = 0.0
+  # "max": the paper's in-support max of p_bar / pi at the next state; "mean": its
+  # expectation under pi, sum_b p_bar(b) (the behaviour's value; no ratio noise).
+  backup: str = "max"
+  # "independent": p_theta's own logits (the paper); "residual": stop_grad(log pi) + the
+  # p network's output, whose head starts at zero (learning/policy.residual_p_logits).
+  p_parametrization: str = "independent"
+  residual: str = "dummy"           # "dummy" (final paper) | "uniform" (submitted version)
   polyak_alpha: float = 0.005
   lr_pi: float = 1e-4
   lr_p: float = 1e-4
-  schedule: str = "joint"
-  pi_steps: int = 0                 # sequential: length of the pi_phi phase
-  architecture: str = "separate"
+  schedule: str = "joint"           # "joint" | "sequential" (pi_phi first, then p_theta)
+  pi_steps: int = 0                 # sequential: steps of the pi_phi phase
+  architecture: str = "separate"    # "separate" backbones | "shared" trunk with two heads
   grad_clip_norm: Optional[float] = 1.0   # None: no clipping
-  steps_per_call: int = 1
+  steps_per_call: int = 1           # optimiser steps per jit call (lax.scan)
   # filtered_bc: keep the episodes whose return is at or above this quantile of
   # their dataset's returns (data.statistics.filter_threshold). The data side drops
   # the others before batching; the learner trains on what it is given.
@@ -65,9 +84,9 @@ class LearnerConfig:
 
   def __post_init__(self):
     for name, allowed in (("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
-                          ("architecture", ARCHITECTURES), ("residual", losses.RESIDUALS),
-                          ("extraction", policy.EXTRACTIONS), ("backup", BACKUPS),
-                          ("p_parametrization", policy.P_PARAMETRIZATIONS)):
+                          ("architecture", ARCHITECTURES), ("residual", RESIDUALS),
+                          ("extraction", EXTRACTIONS), ("backup", BACKUPS),
+                          ("p_parametrization", P_PARAMETRIZATIONS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"LearnerConfig.{name} must be one of {allowed}, "
                          f"got {getattr(self, name)!r}")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DEFAULT_EPS = 1e-4
+from qsft_vla.learning.spec import DEFAULT_EPS  # noqa: F401 (re-exported)
 
 
 def vocab_valid_mask(action_mask, vocab_size: int, offset: int = 0) -> np.ndarray:

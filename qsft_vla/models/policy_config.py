@@ -3,7 +3,10 @@ output layout (K action ids + one dummy), JSON round-trip for checkpoints.
 
 A backbone's config is a frozen dataclass that subclasses PolicyConfig and
 defines the fields num_action_dims, action_vocab, window, cameras, state_dim
-and the property prefix_len (observation + instruction positions).
+and the property prefix_len (observation + instruction positions). It is the
+backbone's one schema: the config section model.<name> is built from its
+fields and defaults (config.dataclass_section), all but NOT_CONFIGURABLE, which
+the package derives from the robot, the data and the learner.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from qsft_vla.errors import check_dataclass_fields
 class PolicyConfig:
   """Mixin for backbone config dataclasses (RT1SmallConfig, VLMConfig)."""
   _TUPLE_FIELDS: tuple[str, ...] = ("cameras",)  # lists in JSON, tuples here
+  NOT_CONFIGURABLE: tuple[str, ...] = ("num_action_dims", "action_vocab", "window", "cameras",
+                                       "state_dim", "num_output_heads")
 
   @property
   def dummy_id(self) -> int:

@@ -50,13 +50,14 @@ TEXT_ENCODERS = ("learned", "minilm")
 class RT1SmallConfig(PolicyConfig):
   """Sizes of RT1Small. `action_vocab` is K (ActionTokenizer.vocab_size)."""
   _TUPLE_FIELDS = ("cameras", "conv_channels")
+  NOT_CONFIGURABLE = PolicyConfig.NOT_CONFIGURABLE + ("text_vocab",)
   num_action_dims: int
   action_vocab: int
   window: int = 1
   cameras: tuple[str, ...] = ("image",)
   state_dim: int = 0
   text_vocab: int = 30522            # MiniLM WordPiece
-  max_text_len: int = 16
+  max_text_len: int = 16             # instruction tokens (MiniLM WordPiece), padded/truncated
   text_dim: int = 64
   conv_channels: tuple[int, ...] = (32, 64, 128)
   tokens_per_image: int = 8
@@ -73,7 +74,7 @@ class RT1SmallConfig(PolicyConfig):
   # WordPiece ids), frozen unless train_text_encoder.
   image_encoder: str = "conv"
   text_encoder: str = "learned"
-  train_text_encoder: bool = False
+  train_text_encoder: bool = False   # minilm: fine-tune it (default frozen, as RT-1's USE)
 
   def __post_init__(self):
     for name in ("num_action_dims", "action_vocab", "window", "text_vocab", "max_text_len",

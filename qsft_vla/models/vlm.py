@@ -123,20 +123,23 @@ class VLMConfig(PolicyConfig):
   window: int = 1
   cameras: tuple[str, ...] = ("image",)
   state_dim: int = 0
-  max_text_len: int = 16
+  max_text_len: int = 16               # instruction tokens (the LM's own tokenizer)
   num_output_heads: int = 1
   dropout: float = 0.0                 # on the projected image/state tokens
-  lm_folder: Optional[str] = None      # HF Llama folder; None = packaged SmolLM2-135M
+  # A Hugging Face Llama folder (config.json, safetensors, tokenizer.json);
+  # None: the packaged SmolLM2-135M-Instruct, converted from GGUF on first use.
+  lm_folder: Optional[str] = None
   # Keep only the first N decoder layers of the pretrained LM (None: all). A
   # cheaper, weaker model; the end-to-end smoke tests use it to stay fast.
   lm_layers: Optional[int] = None
-  action_id_offset: Optional[int] = None  # None: vocab_size - 256 (the last 256 ids)
+  # Vocabulary ids (see the module docstring): None = vocab_size - 256 (the last 256 ids).
+  action_id_offset: Optional[int] = None
   dummy_vocab_id: int = 16             # SmolLM2 "<empty_output>"
   start_vocab_id: int = 1              # SmolLM2 "<|im_start|>": input of action position 0
   image_tokens_per_frame: int = 4      # per camera: the feature map pooled to this many tokens
   projector_hidden: int = 1024
   freeze_vision: bool = False
-  compute_dtype: str = "float32"       # "float32" or "bfloat16"; params stay float32
+  compute_dtype: str = "float32"       # "bfloat16" on accelerators; params stay float32
 
   def __post_init__(self):
     for name in ("num_action_dims", "action_vocab", "window", "max_text_len",

@@ -17,9 +17,7 @@ The slice is `eval.q_gap_split` of the (first) dataset, read once, up to
 `eval.q_gap_examples` steps; hold it out of training with `data.split`
 (e.g. data.split="train[:95%]", eval.q_gap_split="train[95%:]").
 
-The same figures for a finished run's checkpoints (e.g. one trained without
-eval.q_gap_split), printed as JSON lines:
-  python -m qsft_vla.training.q_gap --workdir=RUN [--step=N,...] [--split="train[90%:]"]
+The same figures for a finished run's checkpoints: training/q_gap_checkpoints.py.
 """
 
 from __future__ import annotations
@@ -157,52 +155,3 @@ def maybe_probe(cfg, setup, prepare) -> Optional[QGapProbe]:
                     setup.data_dirs[0], EXPERT)
     return None
   return probe
-
-
-def probe_checkpoint(workdir: str, split: str, steps=None, data_dir: Optional[str] = None,
-                     max_examples: Optional[int] = None) -> dict[int, dict[str, float]]:
-  """{step: q_gap/* scalars} of a run's saved checkpoints (`steps`, default the
-  latest) on `split` of the run's first dataset (or `data_dir`), with the run's
-  own config: the figures training logs with eval.q_gap_split=split."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from qsft_vla import checkpoints, train  # pylint: disable=g-import-not-at-top
-  from qsft_vla.training import batches  # pylint: disable=g-import-not-at-top
-  ckpt_dir, latest = checkpoints.resolve(workdir)
-  cfg = ml_collections.ConfigDict(checkpoints.read_meta(ckpt_dir, latest)["config"])
-  if data_dir:
-    cfg.data.dir, cfg.data.weights = data_dir, None
-  cfg.eval.q_gap_split = split
-  if max_examples:
-    cfg.eval.q_gap_examples = int(max_examples)
-  setup = train.build(cfg)
-  probe = maybe_probe(cfg, setup, batches.BatchPreparer(setup.text_tokenizer,
-                                                        setup.model_config.max_text_len))
-  if probe is None:
-    raise ValueError(f"{setup.data_dirs[0]} ({split}): no episodes labelled {EXPERT!r} to "
-                     "compare against")
-  out = {}
-  for step in (steps or [latest]):
-    ck = checkpoints.load_inference(workdir, int(step))
-    out[ck.step] = probe(ck.params)
-  return out
-
-
-def main(argv) -> None:
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  for step, scalars in probe_checkpoint(f.workdir, f.split, [int(s) for s in f.step] or None,
-                                        f.data or None, f.examples or None).items():
-    print(json.dumps({"step": step, **{k: round(v, 4) for k, v in scalars.items()}}))
-
-
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
-  flags.DEFINE_list("step", [], "Checkpoint steps (default: the latest).")
-  flags.DEFINE_string("split", "train[90%:]", "The slice of the run's first dataset; "
-                      "held out of training if the run's data.split left it out.")
-  flags.DEFINE_string("data", "", "Another dataset to probe on (default: the run's).")
-  flags.DEFINE_integer("examples", 0, "Steps to read (default: the run's eval.q_gap_examples).")
-  app.run(main)
