@@ -23,28 +23,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (CLI
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from qsft_vla.data import rlds_reader  # pylint: disable=g-import-not-at-top
-from qsft_vla.data.episode import DataError, check_episode  # pylint: disable=g-import-not-at-top
+from qsft_vla.data.episode import DataError, check_episode, step_features  # pylint: disable=g-import-not-at-top
 from qsft_vla.robot import RobotSpec  # pylint: disable=g-import-not-at-top
-
-
-def expected_features(spec: RobotSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Canonical name -> (shape of one step, numpy dtype) the robot needs."""
-  want = {f"observation/{c.name}": ((c.height, c.width, 3), np.uint8) for c in spec.cameras}
-  if spec.state_dim:
-    want["observation/state"] = ((spec.state_dim,), np.float32)
-  want["action"] = ((spec.action_dim,), np.float32)
-  for name in ("reward", "discount"):
-    want[name] = ((), np.float32)
-  for name in ("is_first", "is_last", "is_terminal"):
-    want[name] = ((), np.bool_)
-  if spec.instruction_source == "step":
-    want["language_instruction"] = ((), np.object_)  # tfds Text
-  return want
 
 
 def check_features(builder, spec: RobotSpec, where: str) -> None:
   """Fails, naming the key, if a declared step feature has the wrong shape or dtype."""
-  want = expected_features(spec)
+  want = step_features(spec)
   for name, path in rlds_reader.canonical_step_keys(spec).items():
     feature = rlds_reader.step_feature(builder, path)
     shape = tuple(feature.shape) if feature.shape is not None else None

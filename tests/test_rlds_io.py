@@ -116,3 +116,21 @@ def test_open_builder_errors(tmp_path):
     rlds_reader.open_builder(str(tmp_path / "nope"))
   with pytest.raises(DataError, match="no dataset_info.json"):
     rlds_reader.open_builder(str(tmp_path))
+
+
+@pytest.mark.parametrize("robot", ["babyai", "metaworld"])
+def test_the_writer_declares_the_step_features_of_episode_step_features(robot, request):
+  """One declaration of a robot's RLDS step: what the writer declares (and so what
+  the validator and the pipeline, which read the same one, accept) is exactly it."""
+  from qsft_vla.data import episode, rlds_writer  # pylint: disable=g-import-not-at-top
+  spec = request.getfixturevalue(f"{robot}_spec")
+  steps = rlds_writer.episode_features(spec, "png")["steps"].feature
+  declared = {}
+  for key, f in steps.items():
+    for sub, g in (f.items() if key == "observation" else [(None, f)]):
+      name = f"{key}/{sub}" if sub else key
+      dtype = np.object_ if isinstance(g, rlds_writer.tfds.features.Text) else g.np_dtype
+      declared[name] = (tuple(g.shape), np.dtype(dtype))
+  want = {k: (s, np.dtype(d)) for k, (s, d) in episode.step_features(spec).items()}
+  assert declared == want
+  assert set(rlds_reader.canonical_step_keys(spec)) <= set(want)

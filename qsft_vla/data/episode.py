@@ -36,6 +36,25 @@ UNKNOWN_NOISE = -1.0
 
 
 
+def step_features(spec: RobotSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """A robot's RLDS step, declared once: canonical name -> (shape of one step,
+  numpy dtype; np.object_ for text). The writer (rlds_writer.episode_features),
+  the validator (data_tools.validate) and the input pipeline
+  (pipeline.check_dataset_features) all read it; rlds_reader.canonical_step_keys
+  says where a dataset keeps each one."""
+  out: dict[str, tuple[tuple[int, ...], Any]] = {
+      f"observation/{c.name}": ((c.height, c.width, 3), np.uint8) for c in spec.cameras}
+  if spec.state_dim:
+    out["observation/state"] = ((spec.state_dim,), np.float32)
+  out["action"] = ((spec.action_dim,), np.float32)
+  for name in ("reward", "discount"):
+    out[name] = ((), np.float32)
+  for name in ("is_first", "is_last", "is_terminal"):
+    out[name] = ((), np.bool_)
+  out["language_instruction"] = ((), np.object_)
+  return out
+
+
 def _first_bad(mask: np.ndarray) -> int:
   """Index of the first step (leading axis) where `mask` is True anywhere."""
   flat = mask.reshape(mask.shape[0], -1).any(axis=1)

@@ -47,7 +47,7 @@ import tensorflow_datasets as tfds
 from qsft_vla import config as qconfig
 from qsft_vla.data import rlds_reader
 from qsft_vla.data import transforms as tr
-from qsft_vla.data.episode import DataError
+from qsft_vla.data.episode import DataError, step_features
 from qsft_vla.robot import RobotSpec
 
 # In-graph checks raise InvalidArgumentError carrying this marked message;
@@ -76,27 +76,29 @@ def check_dataset_features(builder, spec: RobotSpec, where: str) -> dict[str, bo
   """
   rlds_reader.check_dataset_keys(builder, spec, where)
   keys = rlds_reader.canonical_step_keys(spec)
+  want = step_features(spec)
 
-  def expect(path, shape, dtype=None):
-    """dtype None: any float type (cast to float32 when read)."""
+  def expect(name):
+    """float32 features may be stored as any float type (cast to float32 when read)."""
+    path, (shape, dtype) = keys[name], want[name]
     f = rlds_reader.step_feature(builder, path)
     got_shape, got_dtype = tuple(f.shape), tf.dtypes.as_dtype(f.np_dtype)
     if got_shape != shape:
       raise DataError(where, f"declared shape {got_shape} does not match the robot config "
                       f"{shape}", key=path)
-    if (got_dtype != dtype) if dtype is not None else not got_dtype.is_floating:
+    lenient = dtype is np.float32
+    if not got_dtype.is_floating if lenient else got_dtype != tf.dtypes.as_dtype(dtype):
       raise DataError(where, f"declared dtype {got_dtype.name}, expected "
-                      f"{dtype.name if dtype is not None else 'a float type'}", key=path)
+                      f"{'a float type' if lenient else np.dtype(dtype).name}", key=path)
     return f
 
   encoded = {}
   for cam in spec.cameras:
-    f = expect(keys[f"observation/{cam.name}"], (cam.height, cam.width, 3), tf.uint8)
+    f = expect(f"observation/{cam.name}")
     encoded[cam.name] = isinstance(f, tfds.features.Image)
-  if spec.state_dim:
-    expect(keys["observation/state"], (spec.state_dim,))
-  expect(keys["action"], (spec.action_dim,))
-  expect(keys["reward"], ())
+  for name in ("observation/state", "action", "reward"):  # what the pipeline reads
+    if name in keys:
+      expect(name)
   return encoded
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from qsft_vla.data.episode import METADATA_KEYS, DataError, check_episode
+from qsft_vla.data.episode import METADATA_KEYS, DataError, check_episode, step_features
 from qsft_vla.robot import RobotSpec
 
 # Written beside the TFDS files: the robot the data was checked against and how
@@ -90,23 +90,22 @@ def check_replaceable(out: str, protect=()) -> None:
 
 
 def episode_features(spec: RobotSpec, image_encoding: str = "png") -> tfds.features.FeaturesDict:
-  """The TFDS features of our RLDS schema for this robot."""
-  observation = {
-      cam.name: tfds.features.Image(shape=(cam.height, cam.width, 3), dtype=np.uint8,
-                                    encoding_format=image_encoding)
-      for cam in spec.cameras}
-  if spec.state_dim:
-    observation["state"] = tfds.features.Tensor(shape=(spec.state_dim,), dtype=np.float32)
-  step = {
-      "observation": observation,
-      "action": tfds.features.Tensor(shape=(spec.action_dim,), dtype=np.float32),
-      "reward": tfds.features.Scalar(dtype=np.float32),
-      "discount": tfds.features.Scalar(dtype=np.float32),
-      "is_first": tfds.features.Scalar(dtype=np.bool_),
-      "is_last": tfds.features.Scalar(dtype=np.bool_),
-      "is_terminal": tfds.features.Scalar(dtype=np.bool_),
-      "language_instruction": tfds.features.Text(),
-  }
+  """The TFDS features of our RLDS schema for this robot (episode.step_features,
+  in the canonical layout; cameras stored as encoded images)."""
+  step: dict[str, Any] = {"observation": {}}
+  for name, (shape, dtype) in step_features(spec).items():
+    if name.startswith("observation/") and dtype is np.uint8:
+      feature = tfds.features.Image(shape=shape, dtype=dtype, encoding_format=image_encoding)
+    elif dtype is np.object_:
+      feature = tfds.features.Text()
+    elif shape == ():
+      feature = tfds.features.Scalar(dtype=dtype)
+    else:
+      feature = tfds.features.Tensor(shape=shape, dtype=dtype)
+    if name.startswith("observation/"):
+      step["observation"][name.split("/", 1)[1]] = feature
+    else:
+      step[name] = feature
   metadata = {
       "episode_id": tfds.features.Text(),
       "source": tfds.features.Text(),
