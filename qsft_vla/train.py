@@ -310,7 +310,8 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   thresholds = filter_thresholds(setup)
   it = pipeline.as_numpy_batches(cfg, setup.spec, setup.action_tokenizer,
                                  batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
-                                 validate=tcfg.validate_data, keep_returns=thresholds)
+                                 validate=tcfg.validate_data, keep_returns=thresholds,
+                                 stats=setup.stats)
   prepare = batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len)
   probe = q_gap.maybe_probe(cfg, setup, prepare)
   meta = setup.meta()

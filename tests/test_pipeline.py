@@ -13,6 +13,7 @@ from qsft_vla import config as qconfig
 from qsft_vla.data import pipeline, rlds_reader, rlds_writer
 from qsft_vla.data.episode import DataError
 from qsft_vla.robot import Camera
+from qsft_vla.tokenizers import action_tf
 from qsft_vla.tokenizers.action import ActionTokenizer
 
 from conftest import REPO, robot_spec
@@ -339,13 +340,13 @@ def test_tf_action_encoder_matches_numpy_encode(name):
                                  for k in range(max(tok.bins_per_dim))]))
   x = np.concatenate([x, np.stack(edges), centres, np.zeros((1, tok.num_dims)),
                       np.full((1, tok.num_dims), -1e-40)]).astype(np.float32)
-  encode, _ = pipeline.tf_action_encoder(tok.to_spec())
+  encode, _ = action_tf.tf_action_encoder(tok.to_spec())
   np.testing.assert_array_equal(encode(tf.constant(x)).numpy(), tok.encode(x))
 
 
 def test_reject_policy_flags_out_of_bound_actions():
   tok = ActionTokenizer.from_robot(robot_spec("babyai"))
-  _, oob = pipeline.tf_action_encoder(tok.to_spec())
+  _, oob = action_tf.tf_action_encoder(tok.to_spec())
   np.testing.assert_array_equal(oob(tf.constant([[0.0], [6.0], [6.5], [-0.5]])).numpy()[:, 0],
                                 [False, False, True, True])
 

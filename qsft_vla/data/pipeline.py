@@ -48,6 +48,7 @@ from qsft_vla import config as qconfig
 from qsft_vla.data import rlds_reader
 from qsft_vla.data import transforms as tr
 from qsft_vla.data.episode import DataError, step_features
+from qsft_vla.tokenizers import action_tf
 from qsft_vla.robot import RobotSpec
 
 # In-graph checks raise InvalidArgumentError carrying this marked message;
@@ -102,64 +103,18 @@ def check_dataset_features(builder, spec: RobotSpec, where: str) -> dict[str, bo
   return encoded
 
 
-def reward_params(cfg, spec: RobotSpec, data_dir: str) -> tuple[float, float]:
-  """(scale, shift) for one dataset: identity for "none", else from its statistics."""
+def reward_params(cfg, spec: RobotSpec, data_dir: str,
+                  stats: Optional[dict[str, Any]] = None) -> tuple[float, float]:
+  """(scale, shift) for one dataset: identity for "none", else from its statistics
+  (`stats` when the caller has them, else read from the dataset's cache)."""
   mode = cfg.data.reward_rescale
   if mode == "none":
     return 1.0, 0.0
   from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
-  stats = statistics.load_or_compute(data_dir, spec, split=cfg.data.split)
+  if stats is None:
+    stats = statistics.load_or_compute(data_dir, spec, split=cfg.data.split)
   scale, shift = statistics.rescale_reward_params(stats, cfg.learner.gamma, mode)
   return float(scale), float(shift)
-
-
-# --------------------------------------------------------------------------- #
-# Action tokens inside tf.data.
-
-
-def tf_action_encoder(tokenizer_spec: dict[str, Any]):
-  """Returns (encode, out_of_bounds): TF twins of ActionTokenizer.encode.
-
-  Built from `tokenizer.to_spec()` with the tokenizer's own float32 rule:
-  token = number of the dimension's float32 bin edges <= x, after clipping x
-  to the float32 bounds. `out_of_bounds(x)` is the "reject" test (bool[..., D]).
-  """
-  from qsft_vla.tokenizers.action import DISCRETE_TOLERANCE  # pylint: disable=g-import-not-at-top
-  dims = tokenizer_spec["dims"]
-  vocab = max(d["bins"] for d in dims)
-  edges = np.full((len(dims), vocab - 1), np.inf, np.float32)
-  lo, hi, oob_lo, oob_hi = (np.zeros(len(dims), np.float32) for _ in range(4))
-  for i, d in enumerate(dims):
-    if d["kind"] == "continuous":
-      width = (d["high"] - d["low"]) / d["bins"]
-      inner = d["low"] + width * np.arange(1, d["bins"])
-      lo[i], hi[i] = d["low"], d["high"]
-      oob_lo[i], oob_hi[i] = lo[i], hi[i]
-    else:
-      v = np.asarray(d["values"], np.float64)
-      inner = (v[:-1] + v[1:]) / 2
-      lo[i], hi[i] = v[0], v[-1]
-      tol = DISCRETE_TOLERANCE * max(1.0, abs(v[0]), abs(v[-1]))
-      oob_lo[i], oob_hi[i] = v[0] - tol, v[-1] + tol
-    edges[i, :d["bins"] - 1] = inner
-  tiny = np.finfo(np.float32).tiny
-
-  def flush(x):  # subnormals -> 0, as the tokenizer does
-    return tf.where(tf.abs(x) < tiny, tf.zeros_like(x), x)
-
-  edges_t, lo_t, hi_t = flush(tf.constant(edges)), flush(tf.constant(lo)), flush(tf.constant(hi))
-
-  def encode(actions):
-    x = flush(tf.cast(actions, tf.float32))
-    x = tf.clip_by_value(x, lo_t, hi_t)
-    x = tf.where(tf.math.is_nan(x), lo_t + tf.zeros_like(x), x)
-    return tf.reduce_sum(tf.cast(edges_t <= x[..., None], tf.int32), axis=-1)
-
-  def out_of_bounds(actions):
-    x = flush(tf.cast(actions, tf.float32))
-    return (x < flush(tf.constant(oob_lo))) | (x > flush(tf.constant(oob_hi)))
-
-  return encode, out_of_bounds
 
 
 # --------------------------------------------------------------------------- #
@@ -336,7 +291,7 @@ def _step_fn(spec: RobotSpec, encoded: dict[str, bool], dirs: tuple[str, ...], *
 class _Member:
   """One mixture member: its builder, parameters and episode-level dataset."""
 
-  def __init__(self, index: int, data_dir: str, cfg, spec: RobotSpec, tokenizer):
+  def __init__(self, index: int, data_dir: str, cfg, spec: RobotSpec, tokenizer, stats=None):
     self.index, self.dir = index, data_dir
     self.builder = rlds_reader.open_builder(data_dir)
     self.encoded = check_dataset_features(self.builder, spec, data_dir)
@@ -344,8 +299,8 @@ class _Member:
     if split not in self.builder.info.splits:
       raise DataError(data_dir, f"no split {split!r}; have {sorted(self.builder.info.splits)}",
                       key="data.split")
-    self.scale, self.shift = reward_params(cfg, spec, data_dir)
-    encode, oob = tf_action_encoder(tokenizer.to_spec())
+    self.scale, self.shift = reward_params(cfg, spec, data_dir, stats)
+    encode, oob = action_tf.tf_action_encoder(tokenizer.to_spec())
     split_info = self.builder.info.splits[split]
     self.episode_fn = _episode_fn(
         data_dir, index, spec, window=cfg.data.window, gamma=float(cfg.learner.gamma),
@@ -377,9 +332,11 @@ def _options(deterministic: bool) -> tf.data.Options:
   return options
 
 
-def _members(cfg, spec, tokenizer) -> tuple[list[_Member], np.ndarray]:
+def _members(cfg, spec, tokenizer, stats=None) -> tuple[list[_Member], np.ndarray]:
   dirs, weights = _data_dirs(cfg)
-  return [_Member(i, d, cfg, spec, tokenizer) for i, d in enumerate(dirs)], weights
+  stats = stats or [None] * len(dirs)
+  return [_Member(i, d, cfg, spec, tokenizer, s) for i, (d, s) in enumerate(zip(dirs, stats))], \
+      weights
 
 
 def validate_datasets(cfg, spec: RobotSpec, tokenizer, members=None) -> int:
@@ -423,7 +380,8 @@ def _keep_episode(threshold: float):
 
 def make_dataset(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
                  train: bool = True, validate: bool = True,
-                 keep_returns: Optional[Sequence[float]] = None) -> tf.data.Dataset:
+                 keep_returns: Optional[Sequence[float]] = None,
+                 stats: Optional[Sequence[Optional[dict[str, Any]]]] = None) -> tf.data.Dataset:
   """The batched tf.data pipeline (see the module docstring for one example).
 
   train=True: every member repeats forever with shuffled files, members are
@@ -440,8 +398,10 @@ def make_dataset(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
   kept steps. Each threshold must be met by some episode (statistics.
   filter_threshold never exceeds the largest return), or a repeating member
   would search forever.
+  stats: per member, the statistics of data.split the caller already has (the
+  training binary reads them once); None reads them from each dataset's cache.
   """
-  members, weights = _members(cfg, spec, tokenizer)
+  members, weights = _members(cfg, spec, tokenizer, stats)
   if any(m.encoded != members[0].encoded for m in members):
     raise DataError(members[0].dir, "mixture members store cameras differently (encoded "
                     "images vs raw tensors); convert them to one layout")
@@ -564,8 +524,10 @@ def _remove_state_files(path: str, keep: str | None) -> None:
 
 def as_numpy_batches(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
                      train: bool = True, validate: bool = True,
-                     keep_returns: Optional[Sequence[float]] = None) -> BatchIterator:
+                     keep_returns: Optional[Sequence[float]] = None,
+                     stats: Optional[Sequence[Optional[dict[str, Any]]]] = None) -> BatchIterator:
   """`make_dataset(...)` wrapped in a BatchIterator."""
   return BatchIterator(make_dataset(cfg, spec, tokenizer, batch_size=batch_size, seed=seed,
-                                    train=train, validate=validate, keep_returns=keep_returns),
+                                    train=train, validate=validate, keep_returns=keep_returns,
+                                    stats=stats),
                        _data_dirs(cfg)[0])
