@@ -42,7 +42,7 @@ from absl import app, flags, logging
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from qsft_vla import evaluate as evaluate_lib  # noqa: E402
-from qsft_vla.evaluation import loop, stats  # noqa: E402
+from qsft_vla.evaluation import loop, outcomes  # noqa: E402
 
 METHODS = ("qsft", "bc", "filtered_bc")
 NAMES = {"qsft": "Q-SFT", "bc": "BC", "filtered_bc": "filtered BC"}
@@ -181,7 +181,7 @@ def expert_ceiling(task: Task, size: dict[str, Any]) -> dict[str, Any]:
 def pooled(results: list[dict[str, Any]]) -> dict[str, float]:
   """Success over seeds x episodes with its Wilson 95% interval."""
   succ = [e["success"] for r in results for e in r["per_episode"]]
-  lo, hi = stats.wilson_interval(int(sum(succ)), len(succ))
+  lo, hi = outcomes.wilson_interval(int(sum(succ)), len(succ))
   return {"mean": float(np.mean(succ)), "lo": lo, "hi": hi, "n": len(succ)}
 
 
@@ -224,7 +224,7 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
          for e in evaluate(w, task, size, FLAGS.test_seed, *choice)["per_episode"]]
     b = [e["success"] for w in runs["bc"]
          for e in evaluate(w, task, size, FLAGS.test_seed)["per_episode"]]
-    out["qsft_vs_bc"] = stats.paired_sign_test(a, b)
+    out["qsft_vs_bc"] = outcomes.paired_sign_test(a, b)
   return out
 
 

@@ -8,7 +8,7 @@ Q-SFT inference (QSFT.md, "Inference"): per action token,
 pi_hat(b|x) ~ pi_phi(b|x) * exp(beta * p_theta(b|x)) over the valid bins of that
 dimension, decoded autoregressively (each chosen token is fed back to both
 networks). The logits are masked exactly as the learner masked them in
-training (learning.policy.allowed_ids) before the reweighting. beta = 0 is pure
+training (learning.reweighting.allowed_ids) before the reweighting. beta = 0 is pure
 pi_phi (behaviour cloning); BC / filtered-BC checkpoints have no p_theta and
 only run at beta = 0.
 
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsft_vla import checkpoints
-from qsft_vla.learning import policy
+from qsft_vla.learning import reweighting
 from qsft_vla.learning import spec as learner_spec
 
 # Latency statistics cover at most this many recent act() calls (a robot host
@@ -103,7 +103,7 @@ class Controller:
     image_sizes: {camera: (h, w)} the model was trained at.
     beta: None = the learner config's beta for the extraction (0 without p_theta).
     extraction: None = learner_config.extraction; "p" (the paper's) or "ratio"
-      (policy.reweighted_logits; support threshold learner_config.ratio_eps).
+      (reweighting.reweighted_logits; support threshold learner_config.ratio_eps).
     temperature: 0 = argmax (the control default), > 0 = sampling.
     seed: seeds the sampling rng (act() number n samples from fold_in(key(seed), n)).
     warmup: compile now, on zeros, so the first act() runs at full speed.
@@ -139,8 +139,8 @@ class Controller:
     self._keys = set(self._cameras) | ({"state"} if spec.state_dim else set())
 
     self._extraction = learner_config.extraction if extraction is None else extraction
-    if self._extraction not in policy.EXTRACTIONS:
-      raise ValueError(f"extraction must be one of {policy.EXTRACTIONS}, got {extraction!r}")
+    if self._extraction not in reweighting.EXTRACTIONS:
+      raise ValueError(f"extraction must be one of {reweighting.EXTRACTIONS}, got {extraction!r}")
     if beta is None:
       beta = (learner_config.ratio_beta if self._extraction == "ratio"
               else learner_config.beta) if self._has_p else 0.0
@@ -458,7 +458,7 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
   """
   mc = model.config
   valid = np.arange(mc.action_vocab)[None, :] < np.asarray(bins_per_dim)[:, None]
-  pi_allowed, p_allowed = policy.allowed_ids(valid, mc.output_size, mc.dummy_id, residual)
+  pi_allowed, p_allowed = reweighting.allowed_ids(valid, mc.output_size, mc.dummy_id, residual)
   sizes = dict(image_sizes)
 
   def instruct_fn(params, text_ids, text_mask):
@@ -491,13 +491,13 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
         p_logits = out["p"] if "p" in out else jnp.zeros_like(pi_logits)  # beta is 0 then
       pi_ok, p_ok = jnp.asarray(pi_allowed)[j], jnp.asarray(p_allowed)[j]
       if masked:  # as in training, before every softmax
-        pi_logits = policy.mask_logits(pi_logits, pi_ok)
+        pi_logits = reweighting.mask_logits(pi_logits, pi_ok)
       if p_parametrization == "residual":  # as in training: p's logits build on pi's
-        p_logits = policy.residual_p_logits(pi_logits, p_logits, pi_ok)
+        p_logits = reweighting.residual_p_logits(pi_logits, p_logits, pi_ok)
       if masked:
-        p_logits = policy.mask_logits(p_logits, p_ok)
-      logits = policy.reweighted_logits(pi_logits, p_logits, beta, pi_ok, extraction, ratio_eps)
-      tok = policy.select(logits, temperature, jax.random.fold_in(call_key, j))
+        p_logits = reweighting.mask_logits(p_logits, p_ok)
+      logits = reweighting.reweighted_logits(pi_logits, p_logits, beta, pi_ok, extraction, ratio_eps)
+      tok = reweighting.select(logits, temperature, jax.random.fold_in(call_key, j))
       finite = jnp.all(jnp.where(pi_ok, jnp.isfinite(pi_logits) & jnp.isfinite(p_logits)
                                  & jnp.isfinite(logits), True))
       return (tok, caches), (tok[0], finite)

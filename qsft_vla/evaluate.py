@@ -32,7 +32,7 @@ from typing import Any, Optional
 from qsft_vla import checkpoints, envs
 from qsft_vla import config as qconfig
 from qsft_vla.controller import Controller
-from qsft_vla.evaluation import loop, stats
+from qsft_vla.evaluation import loop, outcomes
 
 
 
@@ -65,7 +65,7 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
 
   None means: from the checkpoint's eval config (env, episodes, seed,
   max_steps, video_episodes), the run's learner.extraction and its beta, the latest step
-  (checkpoint_step). Returns stats.summarize's fields (success_rate, ci_low,
+  (checkpoint_step). Returns outcomes.summarize's fields (success_rate, ci_low,
   ci_high, episodes, successes, mean/std return and length) plus what was
   evaluated, per_episode results, controller latency, timings and the paths
   written ("json", "video_dir").
@@ -164,7 +164,7 @@ def format_result(result: dict[str, Any]) -> str:
   return "\n".join([
       f"{result['env']}: checkpoint step {result['checkpoint_step']} of {result['workdir']}, "
       f"seed {result['seed']}",
-      stats.format_table({result["label"]: result}),
+      outcomes.format_table({result["label"]: result}),
       f"controller latency per act(): p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms "
       f"over {lat['calls']} calls",
       f"wrote {result['json']}" + (f" and videos in {result['video_dir']}"

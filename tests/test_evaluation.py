@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_without_tensorflow
-from qsft_vla.evaluation import loop, stats
+from qsft_vla.evaluation import loop, outcomes
 
 BABYAI = "babyai:BabyAI-GoToLocal-v0"
 
@@ -16,33 +16,33 @@ BABYAI = "babyai:BabyAI-GoToLocal-v0"
 
 
 def test_wilson_known_answers():
-  low, high = stats.wilson_interval(8, 10)
+  low, high = outcomes.wilson_interval(8, 10)
   assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
-  low, high = stats.wilson_interval(0, 10)
+  low, high = outcomes.wilson_interval(0, 10)
   assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-3)
-  low, high = stats.wilson_interval(10, 10)
+  low, high = outcomes.wilson_interval(10, 10)
   assert high == 1.0 and low == pytest.approx(0.7225, abs=1e-3)
-  low, high = stats.wilson_interval(50, 100)
+  low, high = outcomes.wilson_interval(50, 100)
   assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
-  assert stats.wilson_interval(0, 0) == (0.0, 1.0)
+  assert outcomes.wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_wilson_properties():
   for n in (1, 7, 30, 200):
     for k in range(n + 1):
-      low, high = stats.wilson_interval(k, n)
+      low, high = outcomes.wilson_interval(k, n)
       assert 0.0 <= low <= k / n <= high <= 1.0
       # Mirror symmetry: k successes vs k failures.
-      l2, h2 = stats.wilson_interval(n - k, n)
+      l2, h2 = outcomes.wilson_interval(n - k, n)
       assert low == pytest.approx(1 - h2, abs=1e-12) and high == pytest.approx(1 - l2, abs=1e-12)
   # More episodes, narrower interval; larger z, wider.
-  w = lambda k, n, z=1.96: np.subtract(*stats.wilson_interval(k, n, z)[::-1])
+  w = lambda k, n, z=1.96: np.subtract(*outcomes.wilson_interval(k, n, z)[::-1])
   assert w(80, 100) < w(8, 10)
   assert w(8, 10, z=2.58) > w(8, 10)
   with pytest.raises(ValueError):
-    stats.wilson_interval(11, 10)
+    outcomes.wilson_interval(11, 10)
   with pytest.raises(ValueError):
-    stats.wilson_interval(-1, 10)
+    outcomes.wilson_interval(-1, 10)
 
 
 def test_summarize():
@@ -50,24 +50,24 @@ def test_summarize():
              {"success": False, "return": 0.0, "length": 10},
              {"success": True, "return": 1.0, "length": 6},
              {"success": True, "return": 1.0, "length": 8}]
-  s = stats.summarize(results)
+  s = outcomes.summarize(results)
   assert s["episodes"] == 4 and s["successes"] == 3
   assert s["success_rate"] == 0.75
-  assert (s["ci_low"], s["ci_high"]) == stats.wilson_interval(3, 4)
+  assert (s["ci_low"], s["ci_high"]) == outcomes.wilson_interval(3, 4)
   assert s["mean_return"] == 0.75 and s["std_return"] == pytest.approx(np.std([1, 0, 1, 1]))
   assert s["mean_length"] == 7.0 and s["std_length"] == pytest.approx(np.std([4, 10, 6, 8]))
-  empty = stats.summarize([])
+  empty = outcomes.summarize([])
   assert empty["episodes"] == 0 and math.isnan(empty["success_rate"])
   assert (empty["ci_low"], empty["ci_high"]) == (0.0, 1.0)
   with pytest.raises(KeyError, match="length"):
-    stats.summarize([{"success": True, "return": 1.0}])
+    outcomes.summarize([{"success": True, "return": 1.0}])
 
 
 def test_format_table():
-  a = stats.summarize([{"success": True, "return": 1.0, "length": 4}] * 8
+  a = outcomes.summarize([{"success": True, "return": 1.0, "length": 4}] * 8
                       + [{"success": False, "return": 0.0, "length": 20}] * 2)
-  b = stats.summarize([])
-  text = stats.format_table({"Q-SFT": a, "BC": b})
+  b = outcomes.summarize([])
+  text = outcomes.format_table({"Q-SFT": a, "BC": b})
   lines = text.splitlines()
   assert len(lines) == 4
   assert lines[0].split()[0] == "policy" and "95% CI" in lines[0]
@@ -238,7 +238,7 @@ def test_metaworld_expert_episode(tmp_path):
 
 
 EVAL_RUN = """
-from qsft_vla.evaluation import loop, stats
+from qsft_vla.evaluation import loop, outcomes
 s, _ = loop.evaluate("babyai:BabyAI-GoToLocal-v0", loop.ExpertPolicy(), 1, seed=0,
                      progress=True)
 assert s["successes"] == 1
@@ -252,12 +252,12 @@ def test_evaluation_is_tf_free():
 
 def test_paired_sign_test_known_answers():
   # 6 discordant pairs all for A: p = 2 * (1/2)^6.
-  r = stats.paired_sign_test([1] * 6 + [1, 0], [0] * 6 + [1, 0])
+  r = outcomes.paired_sign_test([1] * 6 + [1, 0], [0] * 6 + [1, 0])
   assert (r["pairs"], r["a_only"], r["b_only"]) == (8, 6, 0)
   assert r["p_value"] == pytest.approx(2 / 64)
   # 3 vs 1 discordant: p = 2 * (C(4,0) + C(4,1)) / 16 = 0.625.
-  r = stats.paired_sign_test([1, 1, 1, 0, 1], [0, 0, 0, 1, 1])
+  r = outcomes.paired_sign_test([1, 1, 1, 0, 1], [0, 0, 0, 1, 1])
   assert r["p_value"] == pytest.approx(0.625)
-  assert stats.paired_sign_test([1, 0], [1, 0])["p_value"] == 1.0
+  assert outcomes.paired_sign_test([1, 0], [1, 0])["p_value"] == 1.0
   with pytest.raises(ValueError, match="equal lengths"):
-    stats.paired_sign_test([1], [1, 0])
+    outcomes.paired_sign_test([1], [1, 0])

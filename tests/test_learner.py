@@ -356,7 +356,7 @@ def test_pure_monte_carlo_target_never_reads_the_target_network(architecture):
 def test_residual_parametrization_starts_at_pi_and_cancels_pi(architecture):
   """p = softmax(stop_grad(log pi) + out): equal to pi at the start (zero head, the
   dummy at -20), and p / pi = exp(out_b) / Z whatever pi is."""
-  from qsft_vla.learning import policy  # pylint: disable=g-import-not-at-top
+  from qsft_vla.learning import reweighting  # pylint: disable=g-import-not-at-top
   lrn = make_learner(**MAIN, p_parametrization="residual", architecture=architecture)
   batch = make_batch(seed=4)
   state = init_state(lrn, batch)
@@ -376,7 +376,7 @@ def test_residual_parametrization_starts_at_pi_and_cancels_pi(architecture):
   out = np.random.default_rng(0).normal(size=p_raw.shape).astype(np.float32)
   for seed in (1, 2):
     other_pi = lrn.mask_pi_logits(np.random.default_rng(seed).normal(size=pi_raw.shape))
-    pl = np.asarray(jax.nn.log_softmax(policy.residual_p_logits(other_pi, out, lrn.valid), -1))
+    pl = np.asarray(jax.nn.log_softmax(reweighting.residual_p_logits(other_pi, out, lrn.valid), -1))
     lpi = np.asarray(jax.nn.log_softmax(other_pi, -1))
     v = np.broadcast_to(lrn.valid, pl.shape)
     log_ratio = np.where(v, pl - lpi, 0.0)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from qsft_vla.learning import losses, polyak, policy, targets
+from qsft_vla.learning import losses, polyak, reweighting, targets
 
 GAMMA = 0.9
 
@@ -299,8 +299,8 @@ def test_bandit_beta_threshold():
   np.testing.assert_allclose(pi[:2] / pi[:2].sum(), [0.6, 0.4], atol=1e-3)
 
   def pick(beta):
-    logits = policy.reweighted_logits(pi_logits, p_logits, beta, valid)
-    return int(policy.select(logits, 0.0))
+    logits = reweighting.reweighted_logits(pi_logits, p_logits, beta, valid)
+    return int(reweighting.select(logits, 0.0))
   assert pick(0.0) == 0 and pick(1.5) == 0
   for beta in (2.0, 4.0, 8.0):
     assert pick(beta) == 1
@@ -315,9 +315,9 @@ def test_bandit_is_conservative_about_rare_actions():
   p = np.asarray(jax.nn.softmax(p_logits))
   np.testing.assert_allclose(p[:2], [0.45, 0.1], atol=1e-3)
   betas = jnp.linspace(0.0, 100.0, 401)
-  logits = jax.vmap(lambda b: policy.reweighted_logits(pi_logits, p_logits, b,
+  logits = jax.vmap(lambda b: reweighting.reweighted_logits(pi_logits, p_logits, b,
                                                        np.array([True, True, False])))(betas)
-  assert (np.asarray(policy.select(logits, 0.0)) == 0).all()
+  assert (np.asarray(reweighting.select(logits, 0.0)) == 0).all()
 
 
 def test_ratio_extraction_ranks_by_implied_q():
@@ -328,7 +328,7 @@ def test_ratio_extraction_ranks_by_implied_q():
   pi_logits, p_logits = _bandit((0.6, 0.4), (0.3, 1.0))
 
   def pick(beta, pl=pi_logits, ql=p_logits, eps=1e-4):
-    return int(policy.select(policy.reweighted_logits(pl, ql, beta, valid, "ratio", eps), 0.0))
+    return int(reweighting.select(reweighting.reweighted_logits(pl, ql, beta, valid, "ratio", eps), 0.0))
   threshold = np.log(0.6 / 0.4) / (1.0 - 0.3)
   assert pick(0.0) == 0 and pick(threshold - 0.03) == 0
   assert pick(threshold + 0.03) == 1 and pick(1.0) == 1 and pick(1e6) == 1
@@ -339,13 +339,13 @@ def test_ratio_extraction_ranks_by_implied_q():
   # Nothing in the support: the most likely valid action alone.
   assert pick(100.0, rare_pi, rare_p, eps=0.95) == 0
   # Values: log pi + beta * p / pi on the support, -inf elsewhere.
-  out = np.asarray(policy.reweighted_logits(rare_pi, rare_p, 3.0, valid, "ratio", 0.2))
+  out = np.asarray(reweighting.reweighted_logits(rare_pi, rare_p, 3.0, valid, "ratio", 0.2))
   lp = _np_log_softmax(np.asarray(rare_pi))
   ratio = np.exp(_np_log_softmax(np.asarray(rare_p)) - lp)
   np.testing.assert_allclose(out[0], lp[0] + 3.0 * ratio[0], rtol=1e-5)
   assert np.isneginf(out[1]) and np.isneginf(out[2])
   with pytest.raises(ValueError, match="extraction"):
-    policy.reweighted_logits(rare_pi, rare_p, 1.0, valid, "q")
+    reweighting.reweighted_logits(rare_pi, rare_p, 1.0, valid, "q")
 
 
 # --------------------------------------------------------------------------- #
@@ -529,42 +529,42 @@ def test_reweighted_logits_masks_and_reduces_to_bc():
   rng = np.random.RandomState(3)
   pi_logits, p_logits = rng.randn(2, 3, 6).astype(np.float32), rng.randn(2, 3, 6)
   valid = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], bool)
-  bc = np.asarray(policy.reweighted_logits(pi_logits, p_logits, 0.0, valid))
+  bc = np.asarray(reweighting.reweighted_logits(pi_logits, p_logits, 0.0, valid))
   vb = np.broadcast_to(valid, bc.shape)
   assert np.all(np.isneginf(bc[~vb]))
   np.testing.assert_allclose(bc[vb], _np_log_softmax(pi_logits)[vb], rtol=1e-6)
-  out = np.asarray(policy.reweighted_logits(pi_logits, p_logits, 2.5, valid))
+  out = np.asarray(reweighting.reweighted_logits(pi_logits, p_logits, 2.5, valid))
   want = _np_log_softmax(pi_logits) + 2.5 * np.exp(_np_log_softmax(p_logits))
   np.testing.assert_allclose(out[vb], want[vb], rtol=1e-5)
   assert np.all(np.isneginf(out[~vb]))
   # Greedy selection never returns an invalid id, even where invalid logits are largest.
   big = pi_logits.copy()
   big[..., 5] = 50.0
-  ids = np.asarray(policy.select(policy.reweighted_logits(big, p_logits, 1.0, valid), 0.0))
+  ids = np.asarray(reweighting.select(reweighting.reweighted_logits(big, p_logits, 1.0, valid), 0.0))
   assert np.all(valid[np.arange(3), ids])
 
 
 def test_select_argmax_and_seeded_sampling():
   logits = jnp.log(jnp.array([[0.1, 0.6, 0.3, 0.0], [0.5, 0.2, 0.2, 0.1]]))
-  np.testing.assert_array_equal(np.asarray(policy.select(logits, 0)), [1, 0])
+  np.testing.assert_array_equal(np.asarray(reweighting.select(logits, 0)), [1, 0])
   key = jax.random.PRNGKey(0)
   big = jnp.broadcast_to(logits, (20000, 2, 4))
-  a = np.asarray(policy.select(big, 1.0, key))
-  b = np.asarray(policy.select(big, 1.0, key))
+  a = np.asarray(reweighting.select(big, 1.0, key))
+  b = np.asarray(reweighting.select(big, 1.0, key))
   np.testing.assert_array_equal(a, b)
   assert a.dtype == np.int32
-  assert not np.array_equal(a, np.asarray(policy.select(big, 1.0, jax.random.PRNGKey(1))))
+  assert not np.array_equal(a, np.asarray(reweighting.select(big, 1.0, jax.random.PRNGKey(1))))
   assert not np.any(a[:, 0] == 3)                         # probability 0 is never sampled
   freq = np.stack([(a == i).mean(0) for i in range(4)], -1)
   np.testing.assert_allclose(freq, np.exp(np.asarray(logits)), atol=0.02)
-  hot = np.asarray(policy.select(big, 0.5, key))           # temperature sharpens
+  hot = np.asarray(reweighting.select(big, 0.5, key))           # temperature sharpens
   np.testing.assert_allclose((hot[:, 0] == 1).mean(), 0.36 / 0.46, atol=0.02)
   # A traced temperature works under jit; <= 0 still means argmax.
-  sel = jax.jit(policy.select)
+  sel = jax.jit(reweighting.select)
   np.testing.assert_array_equal(np.asarray(sel(logits, 0.0, key)), [1, 0])
   np.testing.assert_array_equal(np.asarray(sel(big, 1.0, key)), a)
   with pytest.raises(ValueError, match="rng"):
-    policy.select(logits, 1.0)
+    reweighting.select(logits, 1.0)
 
 
 def test_jit_matches_eager():
@@ -592,5 +592,5 @@ def test_jit_matches_eager():
     for x, y in zip(eager, jitted):
       np.testing.assert_allclose(x, y, rtol=1e-6)
   np.testing.assert_allclose(
-      jax.jit(policy.reweighted_logits)(logits, p_logits, 2.0, valid),
-      policy.reweighted_logits(logits, p_logits, 2.0, valid), rtol=1e-6)
+      jax.jit(reweighting.reweighted_logits)(logits, p_logits, 2.0, valid),
+      reweighting.reweighted_logits(logits, p_logits, 2.0, valid), rtol=1e-6)

@@ -13,7 +13,7 @@ CORE = """
     from qsft_vla.data import episode
     from qsft_vla.tokenizers import ActionTokenizer
     from qsft_vla import envs
-    from qsft_vla.learning import losses, policy, polyak, targets
+    from qsft_vla.learning import losses, polyak, reweighting, targets
     cfg = config.load_config_file("robot_configs/metaworld.py")
     spec = robot.RobotSpec.from_config(cfg.robot)
     tok = ActionTokenizer.from_robot(spec)

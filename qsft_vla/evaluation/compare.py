@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
-from qsft_vla.evaluation import stats
+from qsft_vla.evaluation import outcomes
 
 
 def load(path: str) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def _nan(x):
 def compare(named: Sequence[tuple[str, dict[str, Any]]]) -> str:
   """The report for [(name, result)], first one the reference of the paired tests."""
   rows = {name: {k: _nan(v) for k, v in r.items()} for name, r in named}
-  lines = [stats.format_table(rows), ""]
+  lines = [outcomes.format_table(rows), ""]
   for name, r in named:
     beta = r.get("beta")
     lines.append(f"{name}: {r['env']}, eval seed {r['seed']}, {r['episodes']} episodes, "
@@ -52,7 +52,7 @@ def compare(named: Sequence[tuple[str, dict[str, Any]]]) -> str:
     if r["env"] != ref["env"] or seeds_a != seeds_b:
       lines.append(f"{ref_name} vs {name}: different episodes (env or seeds); no paired test")
       continue
-    t = stats.paired_sign_test([e["success"] for e in ref["per_episode"]],
+    t = outcomes.paired_sign_test([e["success"] for e in ref["per_episode"]],
                                [e["success"] for e in r["per_episode"]])
     lines.append(f"{ref_name} vs {name} on the same {t['pairs']} episodes: {ref_name} alone "
                  f"succeeded in {t['a_only']}, {name} alone in {t['b_only']}; exact McNemar "

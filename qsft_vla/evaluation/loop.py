@@ -40,7 +40,7 @@ import numpy as np
 
 from qsft_vla import envs
 from qsft_vla.envs.base import Observation, SimEnv
-from qsft_vla.evaluation import stats
+from qsft_vla.evaluation import outcomes
 from qsft_vla.robot import RobotSpec
 
 MIN_VIDEO_SIZE = 128     # px: frames are upscaled (nearest neighbour) to at least this
@@ -256,7 +256,7 @@ def evaluate(env_id: str | SimEnv, policy: Policy, episodes: int, seed: int, *,
 
   Per-episode results: index, reset_seed, instruction, success, return, length,
   terminated, truncated, video (path or None). The summary is
-  stats.summarize(per_episode) plus env_id, seed, max_steps and wall_seconds.
+  outcomes.summarize(per_episode) plus env_id, seed, max_steps and wall_seconds.
   Policy actions that are malformed or out of bounds raise PolicyActionError.
   """
   if isinstance(episodes, bool) or int(episodes) != episodes or episodes < 0:
@@ -308,7 +308,7 @@ def evaluate(env_id: str | SimEnv, policy: Policy, episodes: int, seed: int, *,
     if own_env:
       env.close()
 
-  summary = stats.summarize(results)
+  summary = outcomes.summarize(results)
   summary.update(env_id=env.env_id, seed=int(seed), max_steps=max_steps,
                  wall_seconds=time.time() - t0)
   return summary, results

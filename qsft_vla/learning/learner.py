@@ -54,7 +54,7 @@ negative constant before every softmax (LearnerConfig.mask_invalid_logits):
 pi_phi may put mass only on the valid bins of that dimension, p_theta on those
 bins and the dummy (bins only with residual "uniform"). Then those ids have
 probability exactly 0 and their logits do not matter for L_CE / L_WCE / R. The controller must apply the same
-masks (policy.allowed_ids / policy.mask_logits) before policy.reweighted_logits.
+masks (reweighting.allowed_ids / reweighting.mask_logits) before reweighting.reweighted_logits.
 
 Batch (leading axis B; with steps_per_call S > 1 every leaf has a leading
 microbatch axis [S, B, ...] and S optimiser steps run in one call via
@@ -79,7 +79,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qsft_vla.learning import losses, policy, polyak, spec, targets
+from qsft_vla.learning import losses, polyak, reweighting, spec, targets
 # The schema and the parameter layout live in spec.py (optax-free, shared with
 # the checkpoint loader and the Controller); re-exported for training code.
 from qsft_vla.learning.spec import (ALGORITHMS, ARCHITECTURES, BACKUPS, P_HEAD,  # noqa: F401
@@ -87,7 +87,7 @@ from qsft_vla.learning.spec import (ALGORITHMS, ARCHITECTURES, BACKUPS, P_HEAD, 
                                     split_shared)
 
 RESIDUAL_DUMMY_BIAS = 20.0
-NEG_INF = policy.NEG_INF
+NEG_INF = reweighting.NEG_INF
 BATCH_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
               "text_ids", "text_mask", "action_tokens", "reward", "terminal", "has_next",
               "return_to_go")
@@ -132,7 +132,7 @@ class Learner:
                        f"{heads} (use learner.model_config_for)")
     self.dummy_id = int(model.config.dummy_id)
     vocab = int(model.config.output_size)
-    self.valid, self.p_allowed = policy.allowed_ids(valid_mask, vocab, self.dummy_id,
+    self.valid, self.p_allowed = reweighting.allowed_ids(valid_mask, vocab, self.dummy_id,
                                                     config.residual)   # [D, V] each
     self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), ("data",))
     self.opt_pi = self._optimizer(config.lr_pi)
@@ -151,20 +151,20 @@ class Learner:
     """pi_phi's logits [..., D, V] with ids other than that dim's bins at NEG_INF."""
     if not self.config.mask_invalid_logits:
       return logits
-    return policy.mask_logits(logits, self.valid)
+    return reweighting.mask_logits(logits, self.valid)
 
   def mask_p_logits(self, logits):
     """p_theta's logits [..., D, V] with ids other than that dim's bins and the
     dummy ("dummy" residual) at NEG_INF."""
     if not self.config.mask_invalid_logits:
       return logits
-    return policy.mask_logits(logits, self.p_allowed)
+    return reweighting.mask_logits(logits, self.p_allowed)
 
   def p_logits_from(self, pi_logits, p_raw):
     """p_theta's masked logits from the p network's raw output and pi_phi's masked
     logits (used only by the "residual" parametrization)."""
     if self.config.p_parametrization == "residual":
-      p_raw = policy.residual_p_logits(pi_logits, p_raw, self.valid)
+      p_raw = reweighting.residual_p_logits(pi_logits, p_raw, self.valid)
     return self.mask_p_logits(p_raw)
 
   def _apply(self, variables, obs, hm, ti, tm, tokens, rng):

@@ -23,7 +23,7 @@ import numpy as np
 
 from qsft_vla.errors import check_dataclass_fields
 
-# The choices of the learner's string fields (used by losses.py, policy.py and
+# The choices of the learner's string fields (used by losses.py, reweighting.py and
 # targets.py too; they import them from here so this module needs no jax).
 ALGORITHMS = ("qsft", "bc", "filtered_bc")
 RESIDUALS = ("dummy", "uniform")
@@ -49,7 +49,7 @@ class LearnerConfig:
   beta: float = 1.0                 # inference: pi * exp(beta * p); 0 = behaviour cloning
   # Inference: "p" (the paper's pi * exp(beta * p)) or "ratio" (pi * exp(ratio_beta * p / pi)
   # over the support pi > ratio_eps: ranks actions by the implied Q = p / pi;
-  # policy.reweighted_logits).
+  # reweighting.reweighted_logits).
   extraction: str = "p"
   ratio_beta: float = 1.0
   ratio_eps: float = 0.01
@@ -64,7 +64,7 @@ class LearnerConfig:
   # expectation under pi, sum_b p_bar(b) (the behaviour's value; no ratio noise).
   backup: str = "max"
   # "independent": p_theta's own logits (the paper); "residual": stop_grad(log pi) + the
-  # p network's output, whose head starts at zero (learning/policy.residual_p_logits).
+  # p network's output, whose head starts at zero (learning/reweighting.residual_p_logits).
   p_parametrization: str = "independent"
   residual: str = "dummy"           # "dummy" (final paper) | "uniform" (submitted version)
   polyak_alpha: float = 0.005

@@ -40,17 +40,17 @@ import jax.numpy as jnp
 
 from qsft_vla.models import film_efficientnet, minilm
 from qsft_vla.models.layers import FiLM, TokenLearner, TransformerBlock, check_policy_inputs
-from qsft_vla.models.policy_config import PolicyConfig
+from qsft_vla.models.backbone_config import BackboneConfig
 
 IMAGE_ENCODERS = ("conv", "efficientnet_lite0")
 TEXT_ENCODERS = ("learned", "minilm")
 
 
 @dataclasses.dataclass(frozen=True)
-class RT1SmallConfig(PolicyConfig):
+class RT1SmallConfig(BackboneConfig):
   """Sizes of RT1Small. `action_vocab` is K (ActionTokenizer.vocab_size)."""
   _TUPLE_FIELDS = ("cameras", "conv_channels")
-  NOT_CONFIGURABLE = PolicyConfig.NOT_CONFIGURABLE + ("text_vocab",)
+  NOT_CONFIGURABLE = BackboneConfig.NOT_CONFIGURABLE + ("text_vocab",)
   num_action_dims: int
   action_vocab: int
   window: int = 1

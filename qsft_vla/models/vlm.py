@@ -83,7 +83,7 @@ import numpy as np
 from qsft_vla.models import film_efficientnet
 from qsft_vla.models.layers import check_policy_inputs
 from qsft_vla.models.llama import Llama, LlamaConfig, params_from_hf
-from qsft_vla.models.policy_config import PolicyConfig
+from qsft_vla.models.backbone_config import BackboneConfig
 
 MAX_ACTION_VOCAB = 256      # action bins live in 256 reserved vocabulary ids
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -116,7 +116,7 @@ def lm_config(lm_folder: Optional[str]) -> LlamaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class VLMConfig(PolicyConfig):
+class VLMConfig(BackboneConfig):
   """Sizes of VLM. `action_vocab` is K (ActionTokenizer.vocab_size), at most 256."""
   num_action_dims: int
   action_vocab: int
@@ -207,7 +207,7 @@ class VLMConfig(PolicyConfig):
   @classmethod
   def for_robot(cls, spec, action_tokenizer, window: int, text_vocab: Optional[int] = None,
                 **overrides) -> "VLMConfig":
-    """PolicyConfig.for_robot; text_vocab: the instruction tokenizer's size,
+    """BackboneConfig.for_robot; text_vocab: the instruction tokenizer's size,
     checked against the LM's."""
     cfg = super().for_robot(spec, action_tokenizer, window, **overrides)
     vocab = cfg.lm().vocab_size

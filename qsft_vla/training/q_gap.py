@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from qsft_vla.learning import policy
+from qsft_vla.learning import reweighting
 
 EXPERT = "expert"
 
@@ -92,12 +92,12 @@ class QGapProbe:
     log_p = jnp.take_along_axis(jax.nn.log_softmax(p_logits, -1), tok, -1)[..., 0]
     q = jnp.mean(jnp.exp(log_p - log_pi), axis=-1)                           # [B]
     agree_pi = jnp.all(jnp.argmax(pi_logits, -1) == tok[..., 0], axis=-1)
-    logits = policy.reweighted_logits(pi_logits, p_logits, self._beta, self.learner.valid,
+    logits = reweighting.reweighted_logits(pi_logits, p_logits, self._beta, self.learner.valid,
                                       self._extraction, self._eps)
     agree_policy = jnp.all(jnp.argmax(logits, -1) == tok[..., 0], axis=-1)
     # The implied Q alone (the ratio extraction at an infinite beta): does it rank the
     # expert's action first among the supported ones?
-    q_only = policy.reweighted_logits(pi_logits, p_logits, 1.0, self.learner.valid, "ratio", self._eps)
+    q_only = reweighting.reweighted_logits(pi_logits, p_logits, 1.0, self.learner.valid, "ratio", self._eps)
     q_only = q_only - jax.nn.log_softmax(pi_logits, -1)
     agree_q = jnp.all(jnp.argmax(q_only, -1) == tok[..., 0], axis=-1)
     return q, agree_pi, agree_policy, agree_q

@@ -1,4 +1,4 @@
-"""Success-rate statistics of an evaluation: Wilson interval, summary, comparison table.
+"""Episode outcomes of an evaluation: Wilson interval, summary, comparison table, paired test.
 
 TF-free and numpy-only.
 """

@@ -1,7 +1,7 @@
 """What every backbone config shares: the robot-derived fields and the Q-SFT
 output layout (K action ids + one dummy), JSON round-trip for checkpoints.
 
-A backbone's config is a frozen dataclass that subclasses PolicyConfig and
+A backbone's config is a frozen dataclass that subclasses BackboneConfig and
 defines the fields num_action_dims, action_vocab, window, cameras, state_dim
 and the property prefix_len (observation + instruction positions). It is the
 backbone's one schema: the config section model.<name> is built from its
@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from qsft_vla.errors import check_dataclass_fields
 
 
-class PolicyConfig:
+class BackboneConfig:
   """Mixin for backbone config dataclasses (RT1SmallConfig, VLMConfig)."""
   _TUPLE_FIELDS: tuple[str, ...] = ("cameras",)  # lists in JSON, tuples here
   NOT_CONFIGURABLE: tuple[str, ...] = ("num_action_dims", "action_vocab", "window", "cameras",
