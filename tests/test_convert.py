@@ -415,3 +415,26 @@ def test_hdf5_dangling_external_link_is_named(tmp_path, where):
   if where == "key":
     assert "group 'ep0'" in str(e.value) and "'state'" in str(e.value)
   assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("offset", [0, 8, 96])  # signature, superblock, root object header
+def test_bit_flipped_hdf5_structure_is_named_and_nothing_written(tmp_path, offset):
+  """A flipped byte in the HDF5 file's structure: one DataError naming the file. (A flip in
+  raw dataset bytes cannot be seen: HDF5 keeps no checksum of contiguous data; the
+  episode checks catch it only where it makes a value non-finite or out of bounds.)"""
+  rng = np.random.default_rng(7)
+  path = tmp_path / "in" / "d.h5"
+  path.parent.mkdir()
+  with h5py.File(path, "w") as f:
+    g = f.create_group("ep0")
+    ep = metaworld_episode(rng, 5)
+    g.attrs["language_instruction"] = str(ep.pop("language_instruction"))
+    for k, v in ep.items():
+      g[k] = v
+  data = bytearray(path.read_bytes())
+  data[offset] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with pytest.raises(DataError, match=r"d\.h5: cannot open as HDF5"):
+    convert_lib.convert(str(path), "hdf5", spec_of(METAWORLD), str(tmp_path / "out"),
+                        progress=False)
+  assert_nothing_written(tmp_path)
