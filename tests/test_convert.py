@@ -392,21 +392,25 @@ def test_damaged_npz_files_refused_and_nothing_left(tmp_path, case):
   assert_nothing_written(tmp_path)
 
 
-@pytest.mark.parametrize("where", ["episode", "key"])
-def test_hdf5_dangling_external_link_is_named(tmp_path, where):
-  rng = np.random.default_rng(6)
-  path = tmp_path / "in" / "d.h5"
+def _one_episode_h5(path, seed, **replace):
+  """`path`: one 5-step Meta-World episode in group ep0; `replace` swaps a key's value."""
   path.parent.mkdir()
   with h5py.File(path, "w") as f:
     g = f.create_group("ep0")
-    ep = metaworld_episode(rng, 5)
+    ep = metaworld_episode(np.random.default_rng(seed), 5)
     g.attrs["language_instruction"] = str(ep.pop("language_instruction"))
     for k, v in ep.items():
-      if where == "key" and k == "state":
-        g[k] = h5py.ExternalLink("missing.h5", "/state")
-      else:
-        g[k] = v
-    if where == "episode":
+      g[k] = replace.get(k, v)
+
+
+@pytest.mark.parametrize("where", ["episode", "key"])
+def test_hdf5_dangling_external_link_is_named(tmp_path, where):
+  path = tmp_path / "in" / "d.h5"
+  if where == "key":
+    _one_episode_h5(path, 6, state=h5py.ExternalLink("missing.h5", "/state"))
+  else:
+    _one_episode_h5(path, 6)
+    with h5py.File(path, "a") as f:
       f["ep1"] = h5py.ExternalLink("missing.h5", "/ep")
   with pytest.raises(DataError) as e:
     convert_lib.convert(str(path), "hdf5", spec_of(METAWORLD), str(tmp_path / "out"),
@@ -422,15 +426,8 @@ def test_bit_flipped_hdf5_structure_is_named_and_nothing_written(tmp_path, offse
   """A flipped byte in the HDF5 file's structure: one DataError naming the file. (A flip in
   raw dataset bytes cannot be seen: HDF5 keeps no checksum of contiguous data; the
   episode checks catch it only where it makes a value non-finite or out of bounds.)"""
-  rng = np.random.default_rng(7)
   path = tmp_path / "in" / "d.h5"
-  path.parent.mkdir()
-  with h5py.File(path, "w") as f:
-    g = f.create_group("ep0")
-    ep = metaworld_episode(rng, 5)
-    g.attrs["language_instruction"] = str(ep.pop("language_instruction"))
-    for k, v in ep.items():
-      g[k] = v
+  _one_episode_h5(path, 7)
   data = bytearray(path.read_bytes())
   data[offset] ^= 0xFF
   path.write_bytes(bytes(data))
