@@ -29,7 +29,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402  (benchmarks/report.py, beside this script)
 from qsft_vla import train  # noqa: E402
-from qsft_vla.controller import Controller  # noqa: E402
+from qsft_vla.policy import Controller  # noqa: E402
 
 _CALLS = flags.DEFINE_integer("calls", 500, "act() calls per controller (after warm-up)")
 _CONFIGS = flags.DEFINE_list("configs", ["robot_configs/babyai.py:qsft",
@@ -52,10 +52,8 @@ def controller_for(spec: str, architecture: str):
   cfg.data.dir = cfg.data.dir or "unused"
   setup = train.build(cfg, stats=[None])
   state = setup.init_state(pretrained=_PRETRAINED.value)
-  ctrl = Controller(setup.model, setup.model_config,
-                    jax.device_get(setup.learner.inference_params(state)), setup.learner_config,
-                    setup.action_tokenizer, setup.text_tokenizer, setup.spec, setup.image_sizes)
-  return ctrl, cfg, setup.model_config
+  policy = setup.policy.with_params(jax.device_get(setup.learner.inference_params(state)))
+  return Controller(policy), cfg, policy.model_config
 
 
 def measure(ctrl: Controller, calls: int, seed: int = 0) -> dict[str, float]:

@@ -46,11 +46,11 @@ _OUT = flags.DEFINE_string("out", None, "markdown table to write")
 
 def synthetic_batch(setup, batch_size: int, seed: int = 0):
   rng = np.random.default_rng(seed)
-  obs, hm, ti, tm, tok = registry.example_inputs(setup.model_config, setup.image_sizes,
+  obs, hm, ti, tm, tok = registry.example_inputs(setup.policy.model_config, setup.policy.image_sizes,
                                                  batch_size)
   obs = {k: (rng.integers(0, 256, v.shape).astype(np.uint8) if v.dtype == np.uint8
              else rng.standard_normal(v.shape).astype(v.dtype)) for k, v in obs.items()}
-  bins = np.asarray(setup.action_tokenizer.bins_per_dim)
+  bins = np.asarray(setup.policy.action_tokenizer.bins_per_dim)
   tok = (rng.integers(0, 1 << 30, tok.shape) % bins).astype(np.int32)
   return {"observation": obs, "history_mask": hm, "next_observation": obs,
           "next_history_mask": hm, "text_ids": ti, "text_mask": tm, "action_tokens": tok,

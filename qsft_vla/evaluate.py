@@ -29,9 +29,9 @@ import sys
 import time
 from typing import Any, Optional
 
-from qsft_vla import checkpoints, envs
 from qsft_vla import config as qconfig
-from qsft_vla.controller import Controller
+from qsft_vla import envs
+from qsft_vla.policy import TrainedPolicy, checkpoints
 from qsft_vla.evaluation import loop, outcomes
 
 
@@ -72,7 +72,7 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
   """
   start = time.time()
   try:
-    ck = checkpoints.load_inference(workdir, checkpoint_step)
+    policy = TrainedPolicy.load(workdir, checkpoint_step)
   except checkpoints.DamagedCheckpointError:
     if checkpoint_step is not None:
       raise  # a step asked for by name is never replaced
@@ -80,24 +80,24 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
     step, skipped = checkpoints.newest_intact(workdir, checkpoints.INFERENCE_ITEMS)
     for message in skipped:
       print(f"WARNING: skipping a damaged checkpoint: {message}", file=sys.stderr)
-    ck = checkpoints.load_inference(workdir, step)
+    policy = TrainedPolicy.load(workdir, step)
   # The schema's defaults where a checkpoint's config lacks an eval field.
-  eval_cfg = {**qconfig.eval_defaults().to_dict(), **(ck.meta.get("config", {}).get("eval") or {})}
+  eval_cfg = {**qconfig.eval_defaults().to_dict(), **(policy.config.get("eval") or {})}
   env = env or eval_cfg.get("env")
   if not env:
-    raise ValueError(f"{ck.path}: no --env given and the checkpoint's config has no eval.env")
+    raise ValueError(f"{policy.path}: no --env given and the checkpoint's config has no eval.env")
   episodes = eval_cfg["episodes"] if episodes is None else episodes
   seed = eval_cfg["seed"] if seed is None else seed
   max_steps = eval_cfg["max_steps"] if max_steps is None else max_steps
   video_episodes = eval_cfg["video_episodes"] if video_episodes is None else video_episodes
   if isinstance(episodes, bool) or int(episodes) != episodes or episodes < 1:
     raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
-  _check_robot(ck, env)
+  _check_robot(policy, env)
 
-  controller = Controller.from_checkpoint(ck, beta=beta, temperature=temperature, seed=int(seed),
-                                          extraction=extraction)
+  controller = policy.controller(beta=beta, temperature=temperature, seed=int(seed),
+                                 extraction=extraction)
   load_seconds = time.time() - start
-  root = os.path.dirname(os.path.dirname(ck.path))  # <workdir>/checkpoints/<step>
+  root = os.path.dirname(os.path.dirname(policy.path))  # <workdir>/checkpoints/<step>
   stem = output_stem(env, seed, beta, extraction)
   out_dir = os.path.join(root, "eval")
   video_dir = os.path.join(out_dir, "videos", stem)
@@ -106,13 +106,13 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
   summary, per_episode = loop.evaluate(env, controller, int(episodes), int(seed),
                                        max_steps=max_steps, video_episodes=int(video_episodes),
                                        video_dir=video_dir, progress=progress)
-  algorithm = ck.learner.algorithm
+  algorithm = policy.learner.algorithm
   result = {
       **summary,
       "label": label(algorithm, controller.beta, controller.temperature, controller.extraction),
-      "env": env, "algorithm": algorithm, "architecture": ck.learner.architecture,
+      "env": env, "algorithm": algorithm, "architecture": policy.learner.architecture,
       "extraction": controller.extraction, "beta": controller.beta, "temperature": controller.temperature,
-      "checkpoint_step": ck.step, "checkpoint": ck.path, "workdir": root,
+      "checkpoint_step": policy.step, "checkpoint": policy.path, "workdir": root,
       "video_episodes": int(video_episodes),
       "latency_ms": controller.latency_stats(),
       "load_seconds": load_seconds, "total_seconds": time.time() - start,
@@ -124,7 +124,7 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
   return result
 
 
-def _check_robot(ck: checkpoints.InferenceCheckpoint, env: str) -> None:
+def _check_robot(policy: TrainedPolicy, env: str) -> None:
   """The env's robot must be the one the checkpoint was trained for."""
   env_spec = envs.robot_spec_for(env)
 
@@ -133,9 +133,10 @@ def _check_robot(ck: checkpoints.InferenceCheckpoint, env: str) -> None:
             "state_dim": spec.state_dim,
             "action": [(d.name, d.kind, d.bins) for d in spec.action_dims]}
 
-  if shape(ck.spec) != shape(env_spec):
-    raise ValueError(f"{ck.path}: the checkpoint is for robot {ck.spec.name!r} "
-                     f"{shape(ck.spec)}, but {env} is robot {env_spec.name!r} {shape(env_spec)}")
+  if shape(policy.robot) != shape(env_spec):
+    raise ValueError(f"{policy.path}: the checkpoint is for robot {policy.robot.name!r} "
+                     f"{shape(policy.robot)}, but {env} is robot {env_spec.name!r} "
+                     f"{shape(env_spec)}")
 
 
 def _finite_or_none(x):

@@ -35,10 +35,11 @@ from jax.sharding import Mesh
 import ml_collections
 from ml_collections import config_flags
 
-from qsft_vla import checkpoints
 from qsft_vla import config as qconfig
 from qsft_vla.learning import learner as learner_lib
 from qsft_vla.models import registry
+from qsft_vla.policy import checkpoints, layout
+from qsft_vla.policy.bundle import TrainedPolicy
 from qsft_vla.data.episode import DataError
 from qsft_vla.errors import TrainingError  # noqa: F401 (re-exported: train.TrainingError)
 from qsft_vla.robot import RobotSpec
@@ -54,45 +55,48 @@ CONFIG_JSON = "config.json"
 
 @dataclasses.dataclass
 class Setup:
-  """Everything a run is built from, except the data iterator and the state."""
+  """Everything a run is built from, except the data iterator and the state:
+  the config, the policy being trained (a TrainedPolicy without params: model,
+  learner config, tokenizers, robot, image sizes, the datasets and their
+  statistics) and the learner that trains it."""
   config: Any
-  spec: RobotSpec
-  data_dirs: tuple[str, ...]
-  data_weights: np.ndarray
-  stats: list[dict[str, Any]]
-  action_tokenizer: ActionTokenizer
-  text_tokenizer: TextTokenizer
-  image_sizes: dict[str, tuple[int, int]]
-  model_config: Any
-  model: Any
-  learner_config: learner_lib.LearnerConfig
+  policy: TrainedPolicy
   learner: learner_lib.Learner
 
+  @property
+  def data_dirs(self) -> tuple[str, ...]:
+    return tuple(d["dir"] for d in self.policy.datasets)
+
+  @property
+  def data_weights(self) -> np.ndarray:
+    return np.asarray([d["weight"] for d in self.policy.datasets], np.float64)
+
+  @property
+  def stats(self) -> list[Optional[dict[str, Any]]]:
+    return self.policy.statistics
+
   def meta(self) -> dict[str, Any]:
-    datasets = [{"dir": d, "weight": float(w), "statistics": s}
-                for d, w, s in zip(self.data_dirs, self.data_weights, self.stats)]
-    return checkpoints.make_meta(qconfig.as_dict(self.config), self.config.model.name,
-                                 self.model_config, self.learner_config,
-                                 self.action_tokenizer, self.spec, self.image_sizes, datasets)
+    return self.policy.meta()
 
   def init_state(self, pretrained: bool = True) -> learner_lib.TrainState:
     """The initial state from config.seed alone (zero inputs give the shapes).
     pretrained=False keeps a random init even where the config loads weights
     (benchmarks: timing needs the architecture, not the values)."""
-    inputs = registry.example_inputs(self.model_config, self.image_sizes)
+    policy = self.policy
+    inputs = registry.example_inputs(policy.model_config, policy.image_sizes)
     obs, hm, ti, tm, tok = inputs
     example = {"observation": obs, "history_mask": hm, "next_observation": obs,
                "next_history_mask": hm, "text_ids": ti, "text_mask": tm, "action_tokens": tok,
                "reward": np.zeros(1, np.float32), "terminal": np.zeros(1, bool),
                "has_next": np.zeros(1, bool)}
     rng = jax.random.PRNGKey(self.config.seed)
-    name = self.config.model.name
-    if not registry.uses_pretrained(name, self.model_config):
+    name = policy.model_name
+    if not registry.uses_pretrained(name, policy.model_config):
       return self.learner.init(rng, example)
     # The rng split Learner.init does, then the model's own (pretrained)
     # init, so pi_phi, p_theta and the target all start from the weights.
     init_rng, _ = jax.random.split(rng)
-    variables = registry.init_variables(name, self.model, init_rng, inputs, pretrained)
+    variables = registry.init_variables(name, policy.model, init_rng, inputs, pretrained)
     return self.learner.init(rng, example, variables)
 
 
@@ -136,23 +140,25 @@ def build(cfg, stats: Optional[list[dict[str, Any]]] = None) -> Setup:
                               f"the {devices.size} devices of the mesh")
   learner = learner_lib.Learner(model, lcfg, action_tokenizer.valid_mask(),
                                 mesh=Mesh(devices, ("data",)))
-  return Setup(cfg, spec, dirs, weights, stats, action_tokenizer, text_tokenizer, image_sizes,
-               model_cfg, model, lcfg, learner)
+  policy = TrainedPolicy(
+      model_name=cfg.model.name, model=model, model_config=model_cfg, learner=lcfg,
+      action_tokenizer=action_tokenizer, text_tokenizer=text_tokenizer, robot=spec,
+      image_sizes=image_sizes, config=qconfig.as_dict(cfg),
+      datasets=tuple({"dir": d, "weight": float(w), "statistics": s}
+                     for d, w, s in zip(dirs, weights, stats)))
+  return Setup(cfg, policy, learner)
 
 
 def _state_items(state: learner_lib.TrainState) -> dict[str, Any]:
-  return {"params_pi": state.params_pi, "params_p": state.params_p,
-          "params_target": state.params_target,
+  return {**{g: getattr(state, g) for g in layout.GROUPS},
           checkpoints.OPT: {"opt_pi": state.opt_pi, "opt_p": state.opt_p, "step": state.step,
                             "rng": state.rng}}
 
 
 def _from_items(items: dict[str, Any]) -> learner_lib.TrainState:
   opt = items[checkpoints.OPT]
-  return learner_lib.TrainState(step=opt["step"], params_pi=items["params_pi"],
-                                params_p=items["params_p"],
-                                params_target=items["params_target"], opt_pi=opt["opt_pi"],
-                                opt_p=opt["opt_p"], rng=opt["rng"])
+  return learner_lib.TrainState(step=opt["step"], **{g: items[g] for g in layout.GROUPS},
+                                opt_pi=opt["opt_pi"], opt_p=opt["opt_p"], rng=opt["rng"])
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
@@ -192,14 +198,11 @@ def filter_thresholds(setup: Setup) -> Optional[list[float]]:
 
 def evaluate_in_sim(setup: Setup, state, step: int, workdir: str) -> dict[str, float]:
   """Closed-loop evaluation of the live params through the robot-host Controller."""
-  from qsft_vla.controller import Controller  # pylint: disable=g-import-not-at-top
   from qsft_vla.evaluation import loop  # pylint: disable=g-import-not-at-top
   e = setup.config.eval
-  controller = Controller(setup.model, setup.model_config,
-                          jax.device_get(setup.learner.inference_params(state)),
-                          setup.learner_config, setup.action_tokenizer, setup.text_tokenizer,
-                          setup.spec, setup.image_sizes, beta=None,
-                          temperature=0.0, seed=setup.config.seed)
+  live = setup.policy.with_params(jax.device_get(setup.learner.inference_params(state)),
+                                  step=step)
+  controller = live.controller(beta=None, temperature=0.0, seed=setup.config.seed)
   video_dir = os.path.join(workdir, "eval_during_training", f"step{step}")
   summary, _ = loop.evaluate(e.env, controller, e.episodes, e.seed, max_steps=e.max_steps,
                              video_episodes=e.video_episodes, video_dir=video_dir,
@@ -291,7 +294,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   setup = build(cfg)
   tcfg = cfg.train
-  spc = setup.learner_config.steps_per_call
+  spc = setup.policy.learner.steps_per_call
   for name in ("checkpoint_every", "log_every"):
     if tcfg[name] % spc:
       raise qconfig.ConfigError(f"train.{name}={tcfg[name]} must be a multiple of "
@@ -308,11 +311,12 @@ def train(cfg, workdir: str) -> dict[str, Any]:
 
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
   thresholds = filter_thresholds(setup)
-  it = pipeline.as_numpy_batches(cfg, setup.spec, setup.action_tokenizer,
+  it = pipeline.as_numpy_batches(cfg, setup.policy.robot, setup.policy.action_tokenizer,
                                  batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
                                  validate=tcfg.validate_data, keep_returns=thresholds,
                                  stats=setup.stats)
-  prepare = batches_lib.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len)
+  prepare = batches_lib.BatchPreparer(setup.policy.text_tokenizer,
+                                      setup.policy.model_config.max_text_len)
   probe = q_gap.maybe_probe(cfg, setup, prepare)
   meta = setup.meta()
   stale = checkpoints.remove_interrupted_saves(checkpoints.directory(workdir))
@@ -358,7 +362,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     progress.pause()
     guard.before_save(at_step, state)
     try:
-      checkpoints.save(mngr, at_step, _state_items(state), meta, setup.text_tokenizer,
+      checkpoints.save(mngr, at_step, _state_items(state), meta, setup.policy.text_tokenizer,
                        extra={data_iterator.ITEM: data_iterator.DataIteratorSave(it)})
     except (OSError, ValueError, RuntimeError) as e:  # disk full, permissions, I/O errors
       previous = [s for s in mngr.all_steps() if s < at_step]

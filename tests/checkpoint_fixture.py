@@ -12,9 +12,10 @@ import os
 
 import jax
 
-from qsft_vla import checkpoints, config as qconfig, robot
+from qsft_vla import config as qconfig, robot
 from qsft_vla.learning import learner as learner_lib
 from qsft_vla.models import registry
+from qsft_vla.policy import TrainedPolicy, checkpoints, layout
 from qsft_vla.tokenizers.action import ActionTokenizer
 from conftest import REPO
 
@@ -71,7 +72,7 @@ def write_checkpoint(workdir, robot_name="babyai", algorithm="qsft", architectur
   variables = init(key_pi, *inputs, False)
   if learner_cfg.num_output_heads == 2:
     # model.init draws head_1 independently of head (the learner would copy it).
-    params_pi, params_p = learner_lib.split_shared(variables)
+    params_pi, params_p = layout.split_shared(variables)
     params_target = variables
   elif learner_cfg.uses_p:
     params_pi, params_p = variables, init(key_p, *inputs, False)
@@ -83,8 +84,9 @@ def write_checkpoint(workdir, robot_name="babyai", algorithm="qsft", architectur
     params_pi = jax.tree_util.tree_map(lambda x: x, params_pi)
     head = params_pi["params"]["head"]
     head["kernel"] = head["kernel"].at[0, 0].set(float("nan"))
-  meta = checkpoints.make_meta(qconfig.as_dict(cfg), cfg.model.name, model_cfg, learner_cfg,
-                               tokenizer, spec, sizes, [])
+  meta = TrainedPolicy(model_name=cfg.model.name, model=None, model_config=model_cfg,
+                       learner=learner_cfg, action_tokenizer=tokenizer, text_tokenizer=text,
+                       robot=spec, image_sizes=sizes, config=qconfig.as_dict(cfg)).meta()
   mngr = checkpoints.manager(checkpoints.directory(workdir), keep=None)
   checkpoints.save(mngr, step, {"params_pi": params_pi, "params_p": params_p,
                                 "params_target": params_target}, meta, text)

@@ -12,8 +12,8 @@ import pytest
 
 from checkpoint_fixture import write_checkpoint
 from conftest import REPO, ROBOT_HOST_ABSENT, run_without_tensorflow
-from qsft_vla import checkpoints
-from qsft_vla.controller import Controller, ControllerError, ObservationError, resize_images
+from qsft_vla.policy import TrainedPolicy, checkpoints
+from qsft_vla.policy.controller import Controller, ControllerError, ObservationError, resize_images
 
 INSTRUCTION = "go to the red ball"
 
@@ -82,9 +82,9 @@ _LOADED = {}
 
 
 def load_reference(path):
-  """(InferenceCheckpoint, jitted model.apply) of a checkpoint, loaded once."""
+  """(TrainedPolicy, jitted model.apply) of a checkpoint, loaded once."""
   if path not in _LOADED:
-    ck = checkpoints.load_inference(path)
+    ck = TrainedPolicy.load(path)
     _LOADED[path] = ck, jax.jit(ck.model.apply)
   return _LOADED[path]
 
@@ -301,7 +301,7 @@ def test_observation_must_be_a_dict(metaworld_ctrl):
 
 def test_instruction_and_order_checks(ckpt_dir):
   ck, _ = load_reference(ckpt_dir("babyai"))
-  ctrl = Controller.from_checkpoint(ck, warmup=False)
+  ctrl = Controller(ck, warmup=False)
   obs = random_observation(ctrl.spec, np.random.RandomState(7))
   with pytest.raises(ControllerError, match="before reset"):
     ctrl.act(obs)
@@ -324,8 +324,8 @@ def test_instruction_and_order_checks(ckpt_dir):
   with pytest.raises(ControllerError, match="before reset"):
     ctrl.act(obs)  # ... and end the previous episode
   assert ctrl.instruction is None
-  fixed = dataclasses.replace(ck.spec, instruction_source="fixed", instruction_text="tidy up")
-  fixed_ctrl = Controller.from_checkpoint(dataclasses.replace(ck, spec=fixed), warmup=False)
+  fixed = dataclasses.replace(ck.robot, instruction_source="fixed", instruction_text="tidy up")
+  fixed_ctrl = Controller(dataclasses.replace(ck, robot=fixed), warmup=False)
   fixed_ctrl.reset()  # a robot with a fixed instruction (as its training data had)
   assert fixed_ctrl.instruction == "tidy up"
   for name, bad in (("beta", -1.0), ("beta", math.nan), ("beta", 1e39), ("temperature", -0.5),
@@ -333,7 +333,7 @@ def test_instruction_and_order_checks(ckpt_dir):
     with pytest.raises(ValueError, match=name):
       setattr(ctrl, name, bad)
     with pytest.raises(ValueError, match=name):
-      Controller.from_checkpoint(ck, warmup=False, **{name: bad})
+      Controller(ck, warmup=False, **{name: bad})
 
 
 def test_history_window_pads_with_the_first_frame(metaworld_ctrl):
@@ -383,21 +383,19 @@ def test_latency_stats(ckpt_dir):
 
 def test_in_memory_params_give_the_same_actions(ckpt_dir):
   path = ckpt_dir("metaworld", "qsft", "shared")
-  ck = checkpoints.load_inference(path)
+  ck = TrainedPolicy.load(path)
   loaded = controller(path)
-  live = Controller(ck.model, ck.model_config, jax.device_get(ck.params), ck.learner,
-                    ck.action_tokenizer, ck.text_tokenizer, ck.spec, ck.image_sizes,
-                    beta=None, temperature=0.0, seed=0, warmup=False)
+  live = Controller(ck.with_params(jax.device_get(ck.params)), beta=None, temperature=0.0,
+                    seed=0, warmup=False)
   assert live.step is None and loaded.step == ck.step
   rng = np.random.RandomState(10)
   loaded.reset(INSTRUCTION)
   live.reset(INSTRUCTION)
   for _ in range(3):
-    obs = random_observation(ck.spec, rng)
+    obs = random_observation(ck.robot, rng)
     np.testing.assert_array_equal(loaded.act(obs), live.act(obs))
   with pytest.raises(ValueError, match="needs keys"):
-    Controller(ck.model, ck.model_config, {"pi": ck.params["shared"]}, ck.learner,
-               ck.action_tokenizer, ck.text_tokenizer, ck.spec, ck.image_sizes, warmup=False)
+    Controller(dataclasses.replace(ck, params={"pi": ck.params["shared"]}), warmup=False)
 
 
 def test_non_finite_params_are_refused_at_load_and_never_act(tmp_path):
@@ -406,13 +404,12 @@ def test_non_finite_params_are_refused_at_load_and_never_act(tmp_path):
   path = write_checkpoint(tmp_path / "nan", "babyai", "bc", nan_params=True)
   with pytest.raises(checkpoints.CheckpointError, match=r"\['head'\]\['kernel'\].*non-finite"):
     Controller.load(path)
-  clean = checkpoints.load_inference(write_checkpoint(tmp_path / "ok", "babyai", "bc"))
+  clean = TrainedPolicy.load(write_checkpoint(tmp_path / "ok", "babyai", "bc"))
   nan = jax.tree_util.tree_map(lambda x: np.full_like(x, np.nan), jax.device_get(clean.params))
-  ctrl = Controller(clean.model, clean.model_config, nan, clean.learner, clean.action_tokenizer,
-                    clean.text_tokenizer, clean.spec, clean.image_sizes, warmup=False)
+  ctrl = Controller(clean.with_params(nan), warmup=False)
   ctrl.reset(INSTRUCTION)
   with pytest.raises(ControllerError, match="not finite"):
-    ctrl.act(random_observation(clean.spec, np.random.RandomState(0)))
+    ctrl.act(random_observation(clean.robot, np.random.RandomState(0)))
 
 
 def _largest_file(folder):
@@ -473,28 +470,29 @@ def test_the_robot_host_guards_with_its_own_action_space(ckpt_dir):
   ctrl.reset(INSTRUCTION)
   action = ctrl.act(random_observation(ctrl.spec, np.random.RandomState(3)))
   assert 0 <= action[0] <= 6
-  ck = checkpoints.load_inference(path)
+  ck = TrainedPolicy.load(path)
   spec = ck.action_tokenizer.to_spec()
   for d in spec["dims"]:
     d["values"] = [v + 1000.0 for v in d["values"]]
   edited = dataclasses.replace(ck, action_tokenizer=ActionTokenizer.from_spec(spec))
-  trusting = Controller.from_checkpoint(edited, warmup=False)
+  trusting = Controller(edited, warmup=False)
   trusting.reset(INSTRUCTION)
-  assert trusting.act(random_observation(ck.spec, np.random.RandomState(3)))[0] >= 1000
+  assert trusting.act(random_observation(ck.robot, np.random.RandomState(3)))[0] >= 1000
   with pytest.raises(checkpoints.CheckpointError, match=r"action dimension 'action'.*1000"):
-    Controller.from_checkpoint(edited, warmup=False, robot=ck.spec)
+    Controller(edited, warmup=False, robot=ck.robot)
   metaworld = os.path.join(REPO, "robot_configs", "metaworld.py")
   with pytest.raises(checkpoints.CheckpointError, match="dimensions"):
     Controller.load(path, robot=metaworld, warmup=False)
 
 
 def test_controller_is_tensorflow_and_optax_free(ckpt_dir):
-  """The robot host's import path: no TF, TFDS, Reverb, rlds, nor optax."""
+  """The robot host's package (qsft_vla.policy): no TF, TFDS, Reverb, rlds, nor optax."""
   path = ckpt_dir("metaworld", "qsft", "shared")
   out = run_without_tensorflow(f"""
       import numpy as np
-      from qsft_vla.controller import Controller
+      from qsft_vla.policy import Controller, TrainedPolicy   # the whole robot-host package
       ctrl = Controller.load({path!r})
+      assert "robot: metaworld" in TrainedPolicy.load({path!r}).describe()
       ctrl.reset("pick up the puck")
       obs = {{"image": np.zeros((64, 64, 3), np.uint8), "state": np.zeros(39, np.float32)}}
       print(ctrl.act(obs).shape, ctrl.latency_stats()["calls"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from checkpoint_fixture import write_checkpoint
-from qsft_vla.controller import Controller, ControllerError, ObservationError
+from qsft_vla.policy.controller import Controller, ControllerError, ObservationError
 
 CASES = 10_000
 

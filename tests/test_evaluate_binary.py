@@ -10,7 +10,7 @@ import pytest
 
 from checkpoint_fixture import REPO, write_checkpoint
 from conftest import ROBOT_HOST_ABSENT, run_without_tensorflow
-from qsft_vla import checkpoints
+from qsft_vla.policy import checkpoints
 from qsft_vla import config as qconfig
 from qsft_vla import evaluate
 

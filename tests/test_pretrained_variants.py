@@ -6,7 +6,7 @@ test_vlm.py, test_vlm_smollm2.py)."""
 import numpy as np
 import pytest
 
-from qsft_vla import checkpoints
+from qsft_vla.policy import checkpoints
 from qsft_vla import config as qconfig
 from qsft_vla import train
 
@@ -35,7 +35,7 @@ def dataset(tmp_path_factory):
 @pytest.mark.parametrize("variant,model_name", [("rt1_pretrained", "rt1_small"),
                                                 ("vlm_smollm2", "vlm")])
 def test_train_two_steps_then_controller_acts(variant, model_name, dataset, tmp_path):
-  from qsft_vla.controller import Controller
+  from qsft_vla.policy.controller import Controller
   cfg = qconfig.load_config_file(f"{BABYAI_CONFIG}:{variant}")
   cfg.data.dir = dataset
   cfg.data.shuffle_buffer = 16

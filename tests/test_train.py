@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from qsft_vla import checkpoints
+from qsft_vla.policy import TrainedPolicy, checkpoints
 from qsft_vla import config as qconfig
 from qsft_vla import train
 from qsft_vla.training import metrics as metrics_lib
@@ -89,7 +89,7 @@ def test_checkpoints_describe_themselves(dataset, tmp_path):
       assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), \
           os.path.join(root, name)
 
-  inf = checkpoints.load_inference(str(tmp_path))
+  inf = TrainedPolicy.load(str(tmp_path))
   assert set(inf.params) == {"pi", "p"} and inf.step == 4
   assert inf.text_tokenizer.encode_batch(["go to the red ball"], 8)[0].shape == (1, 8)
 
@@ -117,7 +117,7 @@ def test_resume_continues_exactly(dataset, tmp_path):
   with open(target, "r+b") as f:
     f.truncate(os.path.getsize(target) // 2)
   with pytest.raises(checkpoints.CheckpointError, match=r"4: damaged.*params_pi/.*bytes"):
-    checkpoints.load_inference(str(c))
+    TrainedPolicy.load(str(c))
   assert checkpoints.newest_intact(str(c), checkpoints.INFERENCE_ITEMS)[0] == 2
   train.train(_config(dataset, **{"train.num_steps": 6}), str(c))
   assert (c / "checkpoints" / "4.damaged-0" / "params_pi").is_dir()
@@ -129,7 +129,7 @@ def _episode_returns(cfg, setup, thresholds):
   """{episode_index: return} of every episode that reaches a (single-pass) batch."""
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
   out = {}
-  for b in pipeline.as_numpy_batches(cfg, setup.spec, setup.action_tokenizer, batch_size=8,
+  for b in pipeline.as_numpy_batches(cfg, setup.policy.robot, setup.policy.action_tokenizer, batch_size=8,
                                      seed=0, train=False, validate=False,
                                      keep_returns=thresholds):
     out.update(zip(b["episode_index"].tolist(), b["episode_return"].tolist()))
@@ -174,7 +174,7 @@ def test_variants_train(dataset, tmp_path, variant, extra):
   if variant == "bc":
     assert "loss_p" not in summary and meta["config"]["learner"]["beta"] == 0.0
   if extra.get("learner.architecture") == "shared":
-    assert set(checkpoints.load_inference(str(tmp_path)).params) == {"shared"}
+    assert set(TrainedPolicy.load(str(tmp_path)).params) == {"shared"}
 
 
 def test_non_finite_steps_stop_training_and_nothing_non_finite_is_saved(dataset, tmp_path,
@@ -316,7 +316,7 @@ def test_build_for_known_statistics_needs_no_tensorflow():
       cfg = config.load_config_file("robot_configs/babyai.py")
       cfg.data.dir = "unused"
       setup = train.build(cfg, stats=[None])
-      print("BUILT", type(setup.model).__name__)
+      print("BUILT", type(setup.policy.model).__name__)
   """)
   assert "BUILT RT1Small" in out
 

@@ -31,11 +31,11 @@ def test_build_uses_the_lm_tokenizer_and_vocabulary_ids(path, window):
   cfg = qconfig.load_config_file(f"{path}:vlm_smollm2")
   cfg.data.dir = "unused"  # stats are given: no dataset is read
   setup = train.build(cfg, stats=[None])
-  mc = setup.model_config
+  mc = setup.policy.model_config
   assert isinstance(mc, vlm.VLMConfig) and mc.window == window
   # Instructions go through SmolLM2's own tokenizer (known ids), not MiniLM's.
-  assert setup.text_tokenizer.vocab_size == 49152
-  ids, mask = setup.text_tokenizer.encode_batch(["go to the red ball"], 8)
+  assert setup.policy.text_tokenizer.vocab_size == 49152
+  ids, mask = setup.policy.text_tokenizer.encode_batch(["go to the red ball"], 8)
   assert ids[0, :5].tolist() == [2345, 288, 260, 2382, 4405] and mask[0].sum() == 5
   # Bin k is vocab id 48896 + k (the last 256 ids); the dummy is <empty_output>.
   out = mc.output_vocab_ids()

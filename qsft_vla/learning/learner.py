@@ -79,12 +79,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qsft_vla.learning import losses, polyak, reweighting, spec, targets
-# The schema and the parameter layout live in spec.py (optax-free, shared with
-# the checkpoint loader and the Controller); re-exported for training code.
-from qsft_vla.learning.spec import (ALGORITHMS, ARCHITECTURES, BACKUPS, P_HEAD,  # noqa: F401
-                                    SCHEDULES, LearnerConfig, merge_shared, model_config_for,
-                                    split_shared)
+from qsft_vla.learning import losses, polyak, reweighting, targets
+# The schema lives in spec.py and the parameter layout in policy/layout.py
+# (optax-free, shared with the checkpoint loader and the Controller); the
+# schema's names are re-exported for training code.
+from qsft_vla.learning.spec import (ALGORITHMS, ARCHITECTURES, BACKUPS,  # noqa: F401
+                                    SCHEDULES, LearnerConfig, model_config_for)
+from qsft_vla.policy import layout
+from qsft_vla.policy.layout import P_HEAD, merge_shared
 
 RESIDUAL_DUMMY_BIAS = 20.0
 NEG_INF = reweighting.NEG_INF
@@ -174,7 +176,7 @@ class Learner:
 
   def policy_logits(self, params, obs, hm, ti, tm, tokens):
     """Masked logits [B, D, V] of pi_phi and p_theta (None without p_theta) for
-    inference params (spec.inference_params), teacher-forced on `tokens`, no dropout."""
+    inference params (layout.inference_params), teacher-forced on `tokens`, no dropout."""
     if "shared" in params:
       out = self._apply(params["shared"], obs, hm, ti, tm, tokens, None)
       pi_raw, p_raw = out[0], out[1]
@@ -187,7 +189,7 @@ class Learner:
   def inference_params(self, state: TrainState):
     """{"pi": variables, "p": variables} for separate backbones (p absent for BC),
     {"shared": variables} (head 0 = pi, head 1 = p) for the shared trunk."""
-    return spec.inference_params(self.config, state.params_pi, state.params_p)
+    return layout.inference_params(self.config, state.params_pi, state.params_p)
 
   # -------------------------------------------------------------------- init
   def init(self, rng, example_batch, variables=None) -> TrainState:
@@ -211,7 +213,7 @@ class Learner:
       if residual:
         params[P_HEAD] = self._residual_head(params[P_HEAD])
       variables = {**variables, "params": params}
-    groups = spec.param_groups(variables, self.config)
+    groups = layout.param_groups(variables, self.config)
     group_pi = groups["params_pi"]
     # Separate backbones: p_theta gets its own buffers (the shared split already has them).
     group_p = groups["params_p"] if shared else jax.tree_util.tree_map(jnp.array,

@@ -1,17 +1,10 @@
-"""What a learner is, without the training machinery: LearnerConfig and the parameter layout.
+"""What a learner is, without the training machinery: LearnerConfig and its choices.
 
 The checkpoint loader and the robot-host Controller need to know which
-networks a run trained and how their parameters are grouped, but not how they
-were optimised; this module is that knowledge, free of optax and TF, so the
-robot-host import path stays light. learner.py (training) builds on it.
-
-Parameter groups (per algorithm and architecture, defined here once):
-  training (TrainState, checkpoints): params_pi, params_p, params_target
-    separate Q-SFT: three full variable dicts (p and target start as pi)
-    shared Q-SFT:   params_pi = trunk + head 0, params_p = {"params": {"head_1"}},
-                    params_target = the whole shared variables
-    BC, filtered BC: params_pi only (params_p and params_target are {})
-  inference (Controller, evaluation): {"pi", "p"}, {"pi"} or {"shared"}
+networks a run trained and how it acts, but not how it was optimised; this
+module is that knowledge, free of jax, optax and TF, so the robot-host import
+path stays light. learner.py (training) builds on it; how the parameters are
+grouped is policy/layout.py.
 """
 
 from __future__ import annotations
@@ -33,7 +26,6 @@ DEFAULT_EPS = 1e-4  # support threshold on pi_phi (QSFT.md)
 BACKUPS = ("max", "mean")
 SCHEDULES = ("joint", "sequential")
 ARCHITECTURES = ("separate", "shared")
-P_HEAD = "head_1"
 RETIRED_FIELDS = ("filter_threshold",)
 
 
@@ -141,45 +133,3 @@ class LearnerConfig:
 def model_config_for(model_config, learner_config: LearnerConfig):
   """The model config with the number of output heads the learner needs."""
   return dataclasses.replace(model_config, num_output_heads=learner_config.num_output_heads)
-
-
-def split_shared(variables):
-  """Full shared variables -> (trunk + pi head, {"params": {"head_1": ...}})."""
-  params = dict(variables["params"])
-  head_p = params.pop(P_HEAD)
-  rest = {k: v for k, v in variables.items() if k != "params"}
-  return {**rest, "params": params}, {"params": {P_HEAD: head_p}}
-
-
-def merge_shared(group_pi, group_p):
-  return {**group_pi, "params": {**group_pi["params"], **group_p["params"]}}
-
-
-def param_groups(variables, config: LearnerConfig) -> dict[str, Any]:
-  """The training groups of a model's full variables (concrete or abstract):
-  {"params_pi", "params_p", "params_target"}, as in the module docstring. The
-  groups share leaves with `variables`: copy them before updating in place."""
-  variables = dict(variables)
-  if config.num_output_heads == 2:
-    pi, p = split_shared(variables)
-    return {"params_pi": pi, "params_p": p, "params_target": variables}
-  if config.uses_p:
-    return {"params_pi": variables, "params_p": variables, "params_target": variables}
-  return {"params_pi": variables, "params_p": {}, "params_target": {}}
-
-
-def inference_params(config: LearnerConfig, params_pi, params_p) -> dict[str, Any]:
-  """The networks to act with: {"shared"} (head 0 = pi_phi, head 1 = p_theta),
-  {"pi", "p"} (separate backbones) or {"pi"} (no p_theta)."""
-  if config.num_output_heads == 2:
-    return {"shared": merge_shared(params_pi, params_p)}
-  if config.uses_p:
-    return {"pi": params_pi, "p": params_p}
-  return {"pi": params_pi}
-
-
-def inference_keys(config: LearnerConfig) -> set[str]:
-  """The keys inference_params returns for this config."""
-  if config.num_output_heads == 2:
-    return {"shared"}
-  return {"pi", "p"} if config.uses_p else {"pi"}

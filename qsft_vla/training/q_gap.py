@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from qsft_vla.learning import reweighting
+from qsft_vla.policy import layout
 
 EXPERT = "expert"
 
@@ -58,7 +59,7 @@ class QGapProbe:
       probe_cfg.data.dir = setup.data_dirs[0]
       probe_cfg.data.weights = None
       probe_cfg.data.split = split
-    it = pipeline.as_numpy_batches(probe_cfg, setup.spec, setup.action_tokenizer,
+    it = pipeline.as_numpy_batches(probe_cfg, setup.policy.robot, setup.policy.action_tokenizer,
                                    batch_size=batch_size, seed=0, train=False, validate=False)
     seen = 0
     for raw in it:
@@ -72,7 +73,7 @@ class QGapProbe:
       self.labels.append(np.asarray([self.labels_by_episode.get(int(e), "")
                                      for e in raw["episode_index"]]))
       seen += take
-    lc = setup.learner_config
+    lc = setup.policy.learner
     self._extraction, self._eps = lc.extraction, lc.ratio_eps
     self._beta = lc.inference_beta
     self._fn = jax.jit(self._per_step)
@@ -106,7 +107,7 @@ class QGapProbe:
     """params: Learner.inference_params."""
     if not self.enabled:
       return {}
-    has_p = "p" in params or "shared" in params
+    has_p = layout.has_p(params)
     outs = [jax.device_get(self._fn(params, b)) for b in self.batches]
     q = np.concatenate([o[0] for o in outs])
     agree_pi = np.concatenate([o[1] for o in outs])

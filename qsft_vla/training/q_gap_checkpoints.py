@@ -16,7 +16,8 @@ from typing import Optional
 import ml_collections
 from absl import app, flags
 
-from qsft_vla import checkpoints, train
+from qsft_vla import train
+from qsft_vla.policy import TrainedPolicy, checkpoints
 from qsft_vla.training import batches, q_gap
 
 
@@ -33,15 +34,16 @@ def probe_checkpoint(workdir: str, split: str, steps=None, data_dir: Optional[st
   if max_examples:
     cfg.eval.q_gap_examples = int(max_examples)
   setup = train.build(cfg)
-  prepare = batches.BatchPreparer(setup.text_tokenizer, setup.model_config.max_text_len)
+  prepare = batches.BatchPreparer(setup.policy.text_tokenizer,
+                                 setup.policy.model_config.max_text_len)
   probe = q_gap.maybe_probe(cfg, setup, prepare)
   if probe is None:
     raise ValueError(f"{setup.data_dirs[0]} ({split}): no episodes labelled "
                      f"{q_gap.EXPERT!r} to compare against")
   out = {}
   for step in (steps or [latest]):
-    ck = checkpoints.load_inference(workdir, int(step))
-    out[ck.step] = probe(ck.params)
+    policy = TrainedPolicy.load(workdir, int(step))
+    out[policy.step] = probe(policy.params)
   return out
 
 

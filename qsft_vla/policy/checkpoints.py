@@ -21,15 +21,15 @@ instead of acting. Costs ~1 s per GB read (checksums.py); a step without the
 manifest (written before it existed) loads unchecked.
 
 Arrays are orbax/tensorstore, everything else JSON: nothing is unpickled, so
-loading a checkpoint cannot run code. This module is TF-free: the controller
-restores only the params it needs (pi_phi and p_theta), with shapes from the
-model description, so a checkpoint of another model or action space fails
-with a clear error instead of loading garbage.
+loading a checkpoint cannot run code. This module is TF-free: the robot host
+(TrainedPolicy.load, bundle.py) restores only the params it acts with (pi_phi
+and p_theta), with shapes from the model description, so a checkpoint of
+another model or action space fails with a clear error instead of loading
+garbage.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -39,11 +39,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qsft_vla import checksums, robot
+from qsft_vla import checksums
 from qsft_vla.errors import CheckpointError, DamagedCheckpointError  # noqa: F401 (re-exported)
-from qsft_vla.learning import spec as learner_spec
-from qsft_vla.models import registry
-from qsft_vla.tokenizers.action import ActionTokenizer
+from qsft_vla.policy import layout
 from qsft_vla.tokenizers.text import TextTokenizer
 
 FORMAT = "qsft_vla.checkpoint"
@@ -51,10 +49,10 @@ VERSION = 1
 SUBDIR = "checkpoints"
 META = "meta"
 TEXT_TOKENIZER = "text_tokenizer"
-PARAM_ITEMS = ("params_pi", "params_p", "params_target")
+PARAM_ITEMS = layout.GROUPS
 OPT = "opt"
 CHECKSUMS = "qsft_checksums.json"
-INFERENCE_ITEMS = ("params_pi", "params_p", META, TEXT_TOKENIZER)  # what load_inference reads
+INFERENCE_ITEMS = ("params_pi", "params_p", META, TEXT_TOKENIZER)  # what TrainedPolicy.load reads
 
 
 def directory(workdir: str) -> str:
@@ -166,24 +164,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_items: Mapping[str,
 
 
 # --------------------------------------------------------------------------- #
-# Metadata.
-
-
-def make_meta(config: Mapping[str, Any], model_name: str, model_cfg,
-              learner_cfg: learner_spec.LearnerConfig, action_tokenizer: ActionTokenizer,
-              spec: robot.RobotSpec, image_sizes: Mapping[str, tuple[int, int]],
-              datasets: list[dict[str, Any]]) -> dict[str, Any]:
-  """Everything needed to use a checkpoint without the run's config file or data.
-
-  datasets: per mixture member {"dir", "weight", "statistics"}.
-  """
-  return {"format": FORMAT, "version": VERSION, "config": dict(config),
-          "model": registry.describe(model_name, model_cfg),
-          "learner": learner_cfg.to_dict(),
-          "action_tokenizer": action_tokenizer.to_spec(),
-          "robot": spec.to_dict()["robot"],
-          "image_sizes": {k: list(v) for k, v in image_sizes.items()},
-          "datasets": datasets}
+# Metadata (what it holds: policy/bundle.py, TrainedPolicy.meta).
 
 
 def check_meta(meta: Mapping[str, Any], where: str) -> None:
@@ -260,34 +241,19 @@ def read_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
   return meta
 
 
-# --------------------------------------------------------------------------- #
-# Inference.
+def read_text_tokenizer(ckpt_dir: str, step: int) -> TextTokenizer:
+  """The instruction tokenizer saved with a step (checked against the manifest)."""
+  verify(ckpt_dir, step, (TEXT_TOKENIZER,))
+  where = f"{ckpt_dir}/{step}/{TEXT_TOKENIZER}"
+  try:
+    with open(os.path.join(ckpt_dir, str(step), TEXT_TOKENIZER, "metadata")) as f:
+      doc = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{where}: unreadable tokenizer: {e}") from e
+  return TextTokenizer.from_str(json.dumps(doc), where=where)
 
 
-@dataclasses.dataclass
-class InferenceCheckpoint:
-  """What the controller needs. params: {"pi", "p"} (separate backbones; no "p"
-  for BC) or {"shared"} (one trunk, head 0 = pi_phi, head 1 = p_theta)."""
-  path: str
-  step: int
-  meta: dict[str, Any]
-  model: Any
-  model_config: Any
-  learner: learner_spec.LearnerConfig
-  params: dict[str, Any]
-  action_tokenizer: ActionTokenizer
-  text_tokenizer: TextTokenizer
-  spec: robot.RobotSpec
-  image_sizes: dict[str, tuple[int, int]]
-
-
-def abstract_variables(model, model_cfg, image_sizes):
-  """ShapeDtypeStructs of the model's variables (no compute, no memory)."""
-  inputs = registry.example_inputs(model_cfg, image_sizes)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs, False))
-
-
-def _check_finite(tree, where: str) -> None:
+def check_finite(tree, where: str) -> None:
   """A checkpoint with a NaN or inf parameter is refused, naming the first one."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     x = np.asarray(leaf)
@@ -296,38 +262,3 @@ def _check_finite(tree, where: str) -> None:
                             f"{int((~np.isfinite(x)).sum())} non-finite value(s); refusing to "
                             "load it (train stops before saving such a checkpoint: this one "
                             "was written by something else or damaged)")
-
-
-def load_inference(path: str, step: Optional[int] = None) -> InferenceCheckpoint:
-  """Reads pi_phi (and p_theta) with everything needed to act. TF-free."""
-  ckpt_dir, step = resolve(path, step)
-  where = f"{ckpt_dir}/{step}"
-  meta = read_meta(ckpt_dir, step)
-  try:
-    model, model_cfg = registry.from_description(meta["model"])
-    learner_cfg = learner_spec.LearnerConfig.from_dict(meta["learner"])
-    action_tokenizer = ActionTokenizer.from_spec(meta["action_tokenizer"])
-    spec = robot.RobotSpec.from_config(meta["robot"], where=where)
-    image_sizes = {k: tuple(v) for k, v in meta["image_sizes"].items()}
-  except (KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f"{where}: bad metadata: {e!r}") from e
-  if action_tokenizer.vocab_size != model_cfg.action_vocab:
-    raise CheckpointError(f"{where}: action tokenizer has {action_tokenizer.vocab_size} ids, "
-                          f"the model {model_cfg.action_vocab}")
-
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  groups = learner_spec.param_groups(abstract_variables(model, model_cfg, image_sizes),
-                                     learner_cfg)
-  wanted = {"params_pi": groups["params_pi"], "params_p": groups["params_p"]}
-  wanted = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
-  mngr = manager(ckpt_dir, read_only=True)
-  out = restore(mngr, step, wanted, extra={TEXT_TOKENIZER: ocp.args.JsonRestore()})
-  text_tokenizer = TextTokenizer.from_str(json.dumps(out[TEXT_TOKENIZER]),
-                                          where=f"{where}/{TEXT_TOKENIZER}")
-  _check_finite({"params_pi": out["params_pi"], "params_p": out["params_p"]}, where)
-  params = learner_spec.inference_params(learner_cfg, out["params_pi"], out["params_p"])
-  return InferenceCheckpoint(path=where, step=step, meta=meta, model=model,
-                             model_config=model_cfg, learner=learner_cfg, params=params,
-                             action_tokenizer=action_tokenizer, text_tokenizer=text_tokenizer,
-                             spec=spec, image_sizes=image_sizes)

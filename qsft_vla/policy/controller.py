@@ -1,6 +1,7 @@
 """Robot-host controller: camera images + an instruction -> bounded robot actions.
 
   ctrl = Controller.load("/path/to/workdir")          # latest checkpoint, beta from its learner
+  # or: ctrl = TrainedPolicy.load("/path/to/workdir").controller(beta=8.0)
   ctrl.reset("pick up the red ball")
   action = ctrl.act({"image": uint8[H, W, 3], "state": float32[S]})   # float32[D]
 
@@ -52,9 +53,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsft_vla import checkpoints
+from qsft_vla.errors import CheckpointError
 from qsft_vla.learning import reweighting
-from qsft_vla.learning import spec as learner_spec
+from qsft_vla.policy import bundle, layout
 
 # Latency statistics cover at most this many recent act() calls (a robot host
 # may run for days at tens of Hz).
@@ -86,57 +87,50 @@ def resize_images(images, size):
 
 
 class Controller:
-  """Turns observations into actions with a Q-SFT (or BC) checkpoint's networks.
+  """Turns observations into actions with a TrainedPolicy's networks (Q-SFT or BC).
 
-  Build with `Controller.load(path)` from a checkpoint, or directly from
-  in-memory parameters (the training loop's periodic evaluation):
+  Build with `Controller.load(path)` from a checkpoint, or `Controller(policy)`
+  from a TrainedPolicy with params (training's periodic evaluation passes its
+  live parameters through policy.with_params). Device arrays in policy.params
+  are used as they are (not copied): keep them alive while the controller is
+  used (do not donate them to a training step meanwhile); numpy arrays are
+  put on the default device once.
 
-    model, model_config: the flax module and its config (RT1Small).
-    params: {"pi", "p"} (separate backbones), {"pi"} (BC, filtered BC) or
-      {"shared"} (one trunk; head 0 = pi_phi, head 1 = p_theta), as
-      checkpoints.InferenceCheckpoint.params / Learner.inference_params; numpy
-      arrays are put on the default device, device arrays are used as they are
-      (not copied): keep them alive while the controller is used (do not
-      donate them to a training step meanwhile).
-    learner_config: learning.learner.LearnerConfig of the run.
-    action_tokenizer, text_tokenizer, spec: the run's tokenizers and RobotSpec.
-    image_sizes: {camera: (h, w)} the model was trained at.
     beta: None = the learner config's beta for the extraction (0 without p_theta).
-    extraction: None = learner_config.extraction; "p" (the paper's) or "ratio"
-      (reweighting.reweighted_logits; support threshold learner_config.ratio_eps).
+    extraction: None = the learner's extraction; "p" (the paper's) or "ratio"
+      (reweighting.reweighted_logits; support threshold learner.ratio_eps).
     temperature: 0 = argmax (the control default), > 0 = sampling.
     seed: seeds the sampling rng (act() number n samples from fold_in(key(seed), n)).
     warmup: compile now, on zeros, so the first act() runs at full speed.
-    step, path: what checkpoint this is (reporting only).
     robot: the robot host's own RobotSpec (or its config file,
       "robot_configs/<x>.py[:variant]"): a checkpoint whose action space differs
       is refused, naming the dimension, and every action is guarded against the
       host's bounds and values rather than the checkpoint's.
   """
 
-  def __init__(self, model, model_config, params: Mapping[str, Any], learner_config,
-               action_tokenizer, text_tokenizer, spec, image_sizes: Mapping[str, Any],
-               beta: Optional[float] = None, temperature: float = 0.0, seed: int = 0,
-               warmup: bool = True, step: Optional[int] = None, path: Optional[str] = None,
+  def __init__(self, policy: bundle.TrainedPolicy, beta: Optional[float] = None,
+               temperature: float = 0.0, seed: int = 0, warmup: bool = True,
                extraction: Optional[str] = None, robot=None):
-    self._model = model
-    self._model_config = model_config
-    self._learner = learner_config
-    self._action_tokenizer = action_tokenizer
-    self._text_tokenizer = text_tokenizer
-    self._spec = spec
-    self._step = step
-    self._path = path
+    if policy.params is None:
+      raise ValueError("Controller needs a TrainedPolicy with params (TrainedPolicy.load, "
+                       "or policy.with_params)")
+    layout.check_networks(policy.params, policy.learner)
+    self._policy = policy
+    self._model = policy.model
+    self._model_config = policy.model_config
+    self._learner = learner_config = policy.learner
+    self._action_tokenizer = action_tokenizer = policy.action_tokenizer
+    self._text_tokenizer = policy.text_tokenizer
+    self._spec = policy.robot
     # On the device once (numpy params, e.g. jax.device_get'ed from training,
     # would otherwise be copied to the device on every act()).
-    self._params = jax.device_put(dict(params))
-    self._check_params()
-    self._has_p = "p" in self._params or "shared" in self._params
-    self._check_model(image_sizes)
-    self._image_sizes = {cam: tuple(int(x) for x in image_sizes[cam])
-                         for cam in model_config.cameras}
-    self._cameras = {c.name: (c.height, c.width) for c in spec.cameras}
-    self._keys = set(self._cameras) | ({"state"} if spec.state_dim else set())
+    self._params = jax.device_put(dict(policy.params))
+    self._has_p = layout.has_p(self._params)
+    self._check_model(policy.image_sizes)
+    self._image_sizes = {cam: tuple(int(x) for x in policy.image_sizes[cam])
+                         for cam in self._model_config.cameras}
+    self._cameras = {c.name: (c.height, c.width) for c in self._spec.cameras}
+    self._keys = set(self._cameras) | ({"state"} if self._spec.state_dim else set())
 
     self._extraction = learner_config.extraction if extraction is None else extraction
     if self._extraction not in reweighting.EXTRACTIONS:
@@ -156,9 +150,10 @@ class Controller:
     self._discrete = [(i, np.asarray(d.values, np.float32))
                       for i, d in enumerate(action_tokenizer.dims) if d.kind == "discrete"]
     if robot is not None:  # the host's own action space, not the checkpoint's word for it
-      self._low, self._high, self._discrete = _host_action_space(robot, action_tokenizer, path)
+      self._low, self._high, self._discrete = _host_action_space(robot, action_tokenizer,
+                                                                 policy.path)
     self._instruct_fn, self._act_fn = _compiled_fns(
-        model, tuple(action_tokenizer.bins_per_dim), learner_config.residual,
+        self._model, tuple(action_tokenizer.bins_per_dim), learner_config.residual,
         bool(learner_config.mask_invalid_logits), tuple(sorted(self._image_sizes.items())),
         tuple(sorted(self._params)), self._extraction, float(learner_config.ratio_eps),
         learner_config.p_parametrization)
@@ -180,19 +175,8 @@ class Controller:
     latest step unless `step`). beta None: the run's beta for the extraction
     (0 for BC); extraction None: the run's learner.extraction; robot: the host's
     own RobotSpec or robot config file (see the class docstring)."""
-    return cls.from_checkpoint(checkpoints.load_inference(workdir_or_checkpoint, step),
-                               beta=beta, temperature=temperature, seed=seed, warmup=warmup,
-                               extraction=extraction, robot=robot)
-
-  @classmethod
-  def from_checkpoint(cls, ck: checkpoints.InferenceCheckpoint, beta: Optional[float] = None,
-                      temperature: float = 0.0, seed: int = 0,
-                      warmup: bool = True, extraction: Optional[str] = None,
-                      robot=None) -> "Controller":
-    """From an already loaded checkpoints.InferenceCheckpoint."""
-    return cls(ck.model, ck.model_config, ck.params, ck.learner, ck.action_tokenizer,
-               ck.text_tokenizer, ck.spec, ck.image_sizes, beta=beta, temperature=temperature,
-               seed=seed, warmup=warmup, step=ck.step, path=ck.path, extraction=extraction,
+    return cls(bundle.TrainedPolicy.load(workdir_or_checkpoint, step), beta=beta,
+               temperature=temperature, seed=seed, warmup=warmup, extraction=extraction,
                robot=robot)
 
   @property
@@ -201,14 +185,6 @@ class Controller:
     return self._extraction
 
   # ------------------------------------------------------------------ checks
-
-  def _check_params(self):
-    keys = set(self._params)
-    expected = learner_spec.inference_keys(self._learner)
-    if keys != expected:
-      raise ValueError(f"params: algorithm={self._learner.algorithm!r}, "
-                       f"architecture={self._learner.architecture!r} needs keys "
-                       f"{sorted(expected)}, got {sorted(keys)}")
 
   def _check_model(self, image_sizes):
     mc, spec, tok = self._model_config, self._spec, self._action_tokenizer
@@ -243,12 +219,17 @@ class Controller:
     return self._learner
 
   @property
+  def policy(self) -> bundle.TrainedPolicy:
+    """The TrainedPolicy this controller acts with."""
+    return self._policy
+
+  @property
   def step(self) -> Optional[int]:
-    return self._step
+    return self._policy.step
 
   @property
   def path(self) -> Optional[str]:
-    return self._path
+    return self._policy.path
 
   @property
   def instruction(self) -> Optional[str]:
@@ -484,11 +465,9 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
       caches, out = dict(caches), {}
       for n in nets:
         out[n], caches[n] = decode(params[n], caches[n], prev, j)
-      if "shared" in out:
-        pi_logits, p_logits = out["shared"][0], out["shared"][1]
-      else:
-        pi_logits = out["pi"]
-        p_logits = out["p"] if "p" in out else jnp.zeros_like(pi_logits)  # beta is 0 then
+      pi_logits, p_logits = layout.pi_and_p_logits(out)
+      if p_logits is None:
+        p_logits = jnp.zeros_like(pi_logits)  # no p_theta: beta is 0
       pi_ok, p_ok = jnp.asarray(pi_allowed)[j], jnp.asarray(p_allowed)[j]
       if masked:  # as in training, before every softmax
         pi_logits = reweighting.mask_logits(pi_logits, pi_ok)
@@ -519,7 +498,7 @@ def _host_action_space(robot, action_tokenizer, path: Optional[str]):
   where = path or "the checkpoint"
   host, ours = robot.action_dims, action_tokenizer.dims
   if [d.name for d in host] != [d.name for d in ours]:
-    raise checkpoints.CheckpointError(
+    raise CheckpointError(
         f"{where} acts in dimensions {[d.name for d in ours]}, the robot {robot.name!r} in "
         f"{[d.name for d in host]}: refusing to drive it")
   low, high = action_tokenizer.bounds
@@ -527,17 +506,17 @@ def _host_action_space(robot, action_tokenizer, path: Optional[str]):
   for i, (h, d) in enumerate(zip(host, ours)):
     at = f"{where}: action dimension {h.name!r} (index {i})"
     if h.kind != d.kind or h.bins != d.bins:
-      raise checkpoints.CheckpointError(f"{at} is {d.kind} with {d.bins} bins in the checkpoint, "
+      raise CheckpointError(f"{at} is {d.kind} with {d.bins} bins in the checkpoint, "
                                         f"{h.kind} with {h.bins} bins on the robot")
     if h.kind == "discrete":
       if tuple(float(v) for v in d.values) != tuple(h.values):
-        raise checkpoints.CheckpointError(f"{at} takes values {list(d.values)} in the "
+        raise CheckpointError(f"{at} takes values {list(d.values)} in the "
                                           f"checkpoint, {list(h.values)} on the robot")
       low[i], high[i] = h.values[0], h.values[-1]
       discrete.append((i, np.asarray(h.values, np.float32)))
     elif h.low is not None:  # bounds from dataset quantiles (None) are the run's to say
       if not (np.float32(h.low) <= low[i] and high[i] <= np.float32(h.high)):
-        raise checkpoints.CheckpointError(f"{at} decodes into [{low[i]}, {high[i]}], outside the "
+        raise CheckpointError(f"{at} decodes into [{low[i]}, {high[i]}], outside the "
                                           f"robot's [{h.low}, {h.high}]")
       low[i], high[i] = h.low, h.high
   return low, high, discrete

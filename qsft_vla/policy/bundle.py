@@ -1,0 +1,170 @@
+"""TrainedPolicy: one object that is a (trained or training) policy.
+
+  policy = TrainedPolicy.load("/path/to/workdir")     # latest step; or step=N
+  print(policy.describe())
+  controller = policy.controller(beta=8.0)           # the robot-host Controller
+
+Everything needed to act with a run's networks, without its config file, its
+data or the training code: the model and its config, the learner config (which
+networks exist and how they act), the action and text tokenizers, the robot
+spec, the image sizes the model was trained at, the datasets' statistics and,
+once trained, the acting parameters (policy/layout.py: {"pi", "p"}, {"pi"} or
+{"shared"}). Training builds it without parameters (train.build) and writes
+it into every checkpoint (meta(), plus the text tokenizer); the Controller,
+the evaluator, the Q-gap probe and the benchmarks read it back with load().
+
+TF-free and optax-free: this is the robot host's view of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+
+from qsft_vla import robot as robot_lib
+from qsft_vla.errors import CheckpointError
+from qsft_vla.learning import spec as learner_spec
+from qsft_vla.models import registry
+from qsft_vla.policy import checkpoints, layout
+from qsft_vla.tokenizers.action import ActionTokenizer
+from qsft_vla.tokenizers.text import TextTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedPolicy:
+  """A run's policy. params is None until there are trained parameters.
+
+  config: the run's config as a plain dict (recorded in checkpoints).
+  datasets: per mixture member {"dir", "weight", "statistics"}.
+  step, path: which checkpoint this is, when it was loaded from one.
+  """
+  model_name: str
+  model: Any
+  model_config: Any
+  learner: learner_spec.LearnerConfig
+  action_tokenizer: ActionTokenizer
+  text_tokenizer: TextTokenizer
+  robot: robot_lib.RobotSpec
+  image_sizes: Mapping[str, tuple[int, int]]
+  datasets: tuple[Mapping[str, Any], ...] = ()
+  config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  params: Optional[Mapping[str, Any]] = None
+  step: Optional[int] = None
+  path: Optional[str] = None
+
+  # ------------------------------------------------------------- derived
+
+  @property
+  def has_p(self) -> bool:
+    """Whether this run trained p_theta (Q-SFT), i.e. whether beta may be > 0."""
+    return self.learner.uses_p
+
+  @property
+  def statistics(self) -> list[Optional[Mapping[str, Any]]]:
+    return [d.get("statistics") for d in self.datasets]
+
+  def with_params(self, params: Mapping[str, Any], step: Optional[int] = None,
+                  path: Optional[str] = None) -> "TrainedPolicy":
+    """The same policy with acting parameters (layout.inference_params)."""
+    layout.check_networks(params, self.learner)
+    return dataclasses.replace(self, params=dict(params), step=step, path=path)
+
+  def abstract_variables(self):
+    """ShapeDtypeStructs of the model's full variables (no compute, no memory)."""
+    inputs = registry.example_inputs(self.model_config, self.image_sizes)
+    return jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), *inputs, False))
+
+  def param_groups(self, variables) -> dict[str, Any]:
+    """The training groups (layout.GROUPS) of full variables."""
+    return layout.param_groups(variables, self.learner)
+
+  def controller(self, **kwargs):
+    """The robot-host Controller acting with these parameters (Controller's keywords)."""
+    from qsft_vla.policy.controller import Controller  # pylint: disable=g-import-not-at-top
+    return Controller(self, **kwargs)
+
+  # ------------------------------------------------------------- describe
+
+  def describe(self) -> str:
+    """A few lines a person reads: what this policy is, acts on and was trained on."""
+    lc, spec = self.learner, self.robot
+    cams = ", ".join(f"{c}: {h}x{w}" for c, (h, w) in self.image_sizes.items())
+    dims = ", ".join(f"{d.name} ({d.kind}, {d.bins} bins)" for d in self.action_tokenizer.dims)
+    algo = lc.algorithm + (f" ({lc.architecture} trunk, beta {lc.inference_beta:g} on the "
+                           f"{lc.extraction!r} extraction)" if lc.uses_p else "")
+    lines = [f"policy: {algo}" + (f", step {self.step}" if self.step is not None else
+                                   ", untrained"),
+             f"robot: {spec.name}; cameras {cams}"
+             + (f"; state {spec.state_dim}" if spec.state_dim else ""),
+             f"actions: {dims}",
+             f"model: {self.model_name}, window {self.model_config.window}"]
+    for d in self.datasets:
+      lines.append(f"data: {d.get('dir')} (weight {float(d.get('weight', 1.0)):g})")
+    if self.path:
+      lines.append(f"checkpoint: {self.path}")
+    return "\n".join(lines)
+
+  # ------------------------------------------------------------- checkpoints
+
+  def meta(self) -> dict[str, Any]:
+    """The checkpoint's meta item: everything but the weights and the text
+    tokenizer (its own item), as JSON."""
+    return {"format": checkpoints.FORMAT, "version": checkpoints.VERSION,
+            "config": dict(self.config),
+            "model": registry.describe(self.model_name, self.model_config),
+            "learner": self.learner.to_dict(),
+            "action_tokenizer": self.action_tokenizer.to_spec(),
+            "robot": self.robot.to_dict()["robot"],
+            "image_sizes": {k: list(v) for k, v in self.image_sizes.items()},
+            "datasets": [dict(d) for d in self.datasets]}
+
+  @classmethod
+  def from_meta(cls, meta: Mapping[str, Any], text_tokenizer: TextTokenizer,
+                where: str = "checkpoint") -> "TrainedPolicy":
+    """The policy (no params) a checkpoint's meta describes."""
+    checkpoints.check_meta(meta, where)
+    try:
+      model, model_cfg = registry.from_description(meta["model"])
+      learner = learner_spec.LearnerConfig.from_dict(meta["learner"])
+      action_tokenizer = ActionTokenizer.from_spec(meta["action_tokenizer"])
+      spec = robot_lib.RobotSpec.from_config(meta["robot"], where=where)
+      image_sizes = {k: tuple(v) for k, v in meta["image_sizes"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+      raise CheckpointError(f"{where}: bad metadata: {e!r}") from e
+    if action_tokenizer.vocab_size != model_cfg.action_vocab:
+      raise CheckpointError(f"{where}: action tokenizer has {action_tokenizer.vocab_size} ids, "
+                            f"the model {model_cfg.action_vocab}")
+    return cls(model_name=meta["model"]["name"], model=model, model_config=model_cfg,
+               learner=learner, action_tokenizer=action_tokenizer,
+               text_tokenizer=text_tokenizer, robot=spec, image_sizes=image_sizes,
+               datasets=tuple(meta.get("datasets") or ()), config=meta.get("config") or {})
+
+  @classmethod
+  def load(cls, path: str, step: Optional[int] = None) -> "TrainedPolicy":
+    """From a workdir, its checkpoints/ directory or one step directory (the
+    latest complete step unless `step`): the acting networks only (pi_phi and
+    p_theta; not the target or the optimiser), restored to the shapes the model
+    description gives, checked against the step's checksums and for finiteness.
+    Raises CheckpointError naming what is wrong."""
+    ckpt_dir, step = checkpoints.resolve(path, step)
+    where = f"{ckpt_dir}/{step}"
+    meta = checkpoints.read_meta(ckpt_dir, step)
+    text = checkpoints.read_text_tokenizer(ckpt_dir, step)
+    policy = cls.from_meta(meta, text, where)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    groups = policy.param_groups(policy.abstract_variables())
+    wanted = {g: groups[g] for g in ("params_pi", "params_p")}
+    wanted = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
+    out = checkpoints.restore(checkpoints.manager(ckpt_dir, read_only=True), step, wanted)
+    checkpoints.check_finite({g: out[g] for g in wanted}, where)
+    params = layout.inference_params(policy.learner, out["params_pi"], out["params_p"])
+    return policy.with_params(params, step=step, path=where)
+
+
+def load(path: str, step: Optional[int] = None) -> TrainedPolicy:
+  """TrainedPolicy.load."""
+  return TrainedPolicy.load(path, step)
+
