@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from qsft_vla import config as qconfig
 from qsft_vla import envs
-from qsft_vla.policy import TrainedPolicy, checkpoints
+from qsft_vla.policy import Controller, TrainedPolicy, checkpoints
 from qsft_vla.evaluation import loop, outcomes
 
 
@@ -94,8 +94,8 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
     raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
   _check_robot(policy, env)
 
-  controller = policy.controller(beta=beta, temperature=temperature, seed=int(seed),
-                                 extraction=extraction)
+  controller = Controller(policy, beta=beta, temperature=temperature, seed=int(seed),
+                          extraction=extraction)
   load_seconds = time.time() - start
   root = os.path.dirname(os.path.dirname(policy.path))  # <workdir>/checkpoints/<step>
   stem = output_stem(env, seed, beta, extraction)

@@ -199,10 +199,11 @@ def filter_thresholds(setup: Setup) -> Optional[list[float]]:
 def evaluate_in_sim(setup: Setup, state, step: int, workdir: str) -> dict[str, float]:
   """Closed-loop evaluation of the live params through the robot-host Controller."""
   from qsft_vla.evaluation import loop  # pylint: disable=g-import-not-at-top
+  from qsft_vla.policy.controller import Controller  # pylint: disable=g-import-not-at-top
   e = setup.config.eval
   live = setup.policy.with_params(jax.device_get(setup.learner.inference_params(state)),
                                   step=step)
-  controller = live.controller(beta=None, temperature=0.0, seed=setup.config.seed)
+  controller = Controller(live, beta=None, temperature=0.0, seed=setup.config.seed)
   video_dir = os.path.join(workdir, "eval_during_training", f"step{step}")
   summary, _ = loop.evaluate(e.env, controller, e.episodes, e.seed, max_steps=e.max_steps,
                              video_episodes=e.video_episodes, video_dir=video_dir,

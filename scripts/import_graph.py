@@ -47,7 +47,11 @@ def imports(name: str, path: str, known: dict[str, str], top_level_only: bool) -
         package = name.split(".") if path.endswith("__init__.py") else name.split(".")[:-1]
         package = package[:len(package) - node.level + 1]
         base = ".".join(package + ([base] if base else []))
-      found.add(base)
+      # A module importing from its own package (`from qsft_vla.policy import layout`
+      # inside qsft_vla/policy/) does not depend on the package's __init__: Python
+      # has begun that before the module could run.
+      if not name.startswith(base + "."):
+        found.add(base)
       found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
   return {m for m in found if m in known and m != name}
 

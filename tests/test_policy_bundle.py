@@ -41,7 +41,7 @@ def test_params_must_match_the_learner(shared_qsft):
 
 def test_controller_from_the_policy_equals_controller_load(shared_qsft):
   policy = TrainedPolicy.load(shared_qsft)
-  a = policy.controller(warmup=False)
+  a = Controller(policy, warmup=False)
   b = Controller.load(shared_qsft, warmup=False)
   assert a.policy is policy and a.step == b.step == 3
   rng = np.random.RandomState(0)

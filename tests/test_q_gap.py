@@ -30,7 +30,8 @@ def test_summarize_known_answer():
 
 @pytest.mark.slow
 def test_probe_during_training(tmp_path):
-  """A Q-SFT run on a behaviour mixture, the probe on a held-out split, with the MC bound."""
+  """A Q-SFT run on a behaviour mixture, the probe on a held-out split, with the MC bound;
+  and the periodic closed-loop evaluation."""
   from data_tools import generate  # pylint: disable=g-import-not-at-top
   from qsft_vla import config as qconfig, train  # pylint: disable=g-import-not-at-top
   from conftest import BABYAI_CONFIG  # pylint: disable=g-import-not-at-top
@@ -49,8 +50,13 @@ def test_probe_during_training(tmp_path):
   cfg.train.checkpoint_every = 2
   cfg.train.log_every = 2
   cfg.model.rt1_small.width = 32
+  # Closed-loop evaluation during training, through the robot-host Controller.
+  cfg.eval.env, cfg.eval.every, cfg.eval.episodes = "babyai:BabyAI-GoToLocal-v0", 4, 2
+  cfg.eval.max_steps, cfg.eval.video_episodes = 8, 0
   train.train(cfg, str(tmp_path / "run"))
   rows = [json.loads(l) for l in open(os.path.join(tmp_path, "run", "metrics.jsonl"))]
+  evals = [r for r in rows if "eval/success_rate" in r]
+  assert [r["step"] for r in evals] == [4] and 0.0 <= evals[0]["eval/success_rate"] <= 1.0
   gaps = [r for r in rows if "q_gap/gap" in r]
   assert [r["step"] for r in gaps] == [2, 4]
   for r in gaps:

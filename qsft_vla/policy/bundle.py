@@ -2,7 +2,7 @@
 
   policy = TrainedPolicy.load("/path/to/workdir")     # latest step; or step=N
   print(policy.describe())
-  controller = policy.controller(beta=8.0)           # the robot-host Controller
+  controller = Controller(policy, beta=8.0)          # policy/controller.py
 
 Everything needed to act with a run's networks, without its config file, its
 data or the training code: the model and its config, the learner config (which
@@ -79,11 +79,6 @@ class TrainedPolicy:
   def param_groups(self, variables) -> dict[str, Any]:
     """The training groups (layout.GROUPS) of full variables."""
     return layout.param_groups(variables, self.learner)
-
-  def controller(self, **kwargs):
-    """The robot-host Controller acting with these parameters (Controller's keywords)."""
-    from qsft_vla.policy.controller import Controller  # pylint: disable=g-import-not-at-top
-    return Controller(self, **kwargs)
 
   # ------------------------------------------------------------- describe
 

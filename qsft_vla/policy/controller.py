@@ -1,7 +1,7 @@
 """Robot-host controller: camera images + an instruction -> bounded robot actions.
 
   ctrl = Controller.load("/path/to/workdir")          # latest checkpoint, beta from its learner
-  # or: ctrl = TrainedPolicy.load("/path/to/workdir").controller(beta=8.0)
+  # or: ctrl = Controller(TrainedPolicy.load("/path/to/workdir"), beta=8.0)
   ctrl.reset("pick up the red ball")
   action = ctrl.act({"image": uint8[H, W, 3], "state": float32[S]})   # float32[D]
 
