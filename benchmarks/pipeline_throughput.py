@@ -85,7 +85,8 @@ def main(_):
   tokenizer = ActionTokenizer.from_robot(spec, stats)
 
   t0 = time.perf_counter()
-  it = pipeline.as_numpy_batches(cfg, spec, tokenizer, batch_size=FLAGS.batch_size,
+  it = pipeline.as_numpy_batches(cfg.data, spec, tokenizer, gamma=cfg.learner.gamma,
+                                 batch_size=FLAGS.batch_size,
                                  seed=cfg.seed)
   for _ in range(FLAGS.warmup_batches):
     next(it)

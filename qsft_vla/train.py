@@ -312,7 +312,9 @@ def train(cfg, workdir: str) -> dict[str, Any]:
 
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
   thresholds = filter_thresholds(setup)
-  it = pipeline.as_numpy_batches(cfg, setup.policy.robot, setup.policy.action_tokenizer,
+  policy = setup.policy
+  it = pipeline.as_numpy_batches(cfg.data, policy.robot, policy.action_tokenizer,
+                                 gamma=policy.learner.gamma,
                                  batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
                                  validate=tcfg.validate_data, keep_returns=thresholds,
                                  stats=setup.stats)

@@ -93,7 +93,8 @@ def _cfg(data_dir, **data):
 
 def _all_eval(cfg, spec=SPEC):
   """One ordered pass as a single batch."""
-  batches = list(pipeline.as_numpy_batches(cfg, spec, TOKENIZER, batch_size=64, seed=0,
+  batches = list(pipeline.as_numpy_batches(cfg.data, spec, TOKENIZER, gamma=cfg.learner.gamma,
+                                           batch_size=64, seed=0,
                                            train=False))
   assert len(batches) == 1
   return batches[0]
@@ -218,7 +219,8 @@ def test_image_resize(hand_dir):
 
 
 def _first_batches(cfg, n, seed=0, batch_size=16, validate=False):
-  it = pipeline.as_numpy_batches(cfg, SPEC, TOKENIZER, batch_size=batch_size, seed=seed,
+  it = pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=cfg.learner.gamma,
+                                 batch_size=batch_size, seed=seed,
                                  validate=validate)
   return [next(it) for _ in range(n)]
 
@@ -273,7 +275,8 @@ def test_mixture_weights(hand_dir, sparse_dir):
 
 def test_iterator_resume_continues_exactly(hand_dir, tmp_path):
   cfg = _cfg(hand_dir, deterministic=True, augment_enabled=True, reward_rescale="none")
-  make = lambda: pipeline.as_numpy_batches(cfg, SPEC, TOKENIZER, batch_size=8, seed=3,  # noqa
+  make = lambda: pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=cfg.learner.gamma,
+                                           batch_size=8, seed=3,  # noqa
                                            validate=False)
   it = make()
   for _ in range(3):
@@ -294,7 +297,8 @@ def test_iterator_resume_continues_exactly(hand_dir, tmp_path):
 
 def test_failed_iterator_save_leaves_previous_state(hand_dir, tmp_path):
   cfg = _cfg(hand_dir, deterministic=True, reward_rescale="none")
-  it = pipeline.as_numpy_batches(cfg, SPEC, TOKENIZER, batch_size=8, seed=0, validate=False)
+  it = pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=cfg.learner.gamma,
+                                 batch_size=8, seed=0, validate=False)
   state = str(tmp_path / "state")
   next(it)
   it.save_iterator_state(state)
@@ -310,7 +314,8 @@ def test_failed_iterator_save_leaves_previous_state(hand_dir, tmp_path):
     with pytest.raises(OSError, match="disk full"):
       it.save_iterator_state(state)
   assert sorted(os.listdir(state)) == before
-  resumed = pipeline.as_numpy_batches(cfg, SPEC, TOKENIZER, batch_size=8, seed=0, validate=False)
+  resumed = pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=cfg.learner.gamma,
+                                      batch_size=8, seed=0, validate=False)
   resumed.restore_iterator_state(state)
   _assert_same(next(resumed), want)
   with pytest.raises(FileNotFoundError):
@@ -376,8 +381,9 @@ def test_nan_fails_naming_dataset_episode_step_and_key(tmp_path, key, make):
   cfg = _cfg(data_dir, reward_rescale="none", deterministic=True)
   want = rf"{data_dir}: episode 1, step 2, key '{key}': non-finite"
   with pytest.raises(DataError, match=want):   # the validation pass, before training
-    pipeline.make_dataset(cfg, SPEC, TOKENIZER, batch_size=4, seed=0)
-  it = pipeline.as_numpy_batches(cfg, SPEC, TOKENIZER, batch_size=4, seed=0, validate=False)
+    pipeline.make_dataset(cfg.data, SPEC, TOKENIZER, gamma=cfg.learner.gamma, batch_size=4, seed=0)
+  it = pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=cfg.learner.gamma,
+                                 batch_size=4, seed=0, validate=False)
   with pytest.raises(DataError, match=want):   # and the in-graph check while reading
     for _ in range(10):
       next(it)
@@ -391,8 +397,9 @@ def test_empty_episode_fails_naming_the_episode(tmp_path):
   before = _listing(tmp_path)
   cfg = _cfg(data_dir, reward_rescale="none")
   with pytest.raises(DataError, match=rf"{data_dir}: episode 2, key 'steps': empty episode"):
-    pipeline.make_dataset(cfg, SPEC, TOKENIZER, batch_size=4, seed=0)
-  it = pipeline.as_numpy_batches(cfg, SPEC, TOKENIZER, batch_size=64, seed=0, train=False,
+    pipeline.make_dataset(cfg.data, SPEC, TOKENIZER, gamma=cfg.learner.gamma, batch_size=4, seed=0)
+  it = pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=cfg.learner.gamma,
+                                 batch_size=64, seed=0, train=False,
                                  validate=False)
   with pytest.raises(DataError, match="episode 2, key 'steps'"):
     next(it)
@@ -405,7 +412,7 @@ def test_missing_key_fails_when_built(tmp_path):
                     spec=no_state)
   before = _listing(tmp_path)
   with pytest.raises(DataError, match=r"key 'observation/state'"):
-    pipeline.make_dataset(_cfg(data_dir), SPEC, TOKENIZER, batch_size=4, seed=0)
+    pipeline.make_dataset(_cfg(data_dir).data, SPEC, TOKENIZER, gamma=GAMMA, batch_size=4, seed=0)
   assert _listing(tmp_path) == before
 
 
@@ -414,7 +421,7 @@ def test_wrong_image_shape_fails_when_built(tmp_path):
   data_dir = _write(tmp_path / "ds", [_episode([0, 1], True, "x", 0, spec=small)], spec=small)
   before = _listing(tmp_path)
   with pytest.raises(DataError, match=r"key 'observation/image'.*\(32, 32, 3\).*\(64, 64, 3\)"):
-    pipeline.make_dataset(_cfg(data_dir), SPEC, TOKENIZER, batch_size=4, seed=0)
+    pipeline.make_dataset(_cfg(data_dir).data, SPEC, TOKENIZER, gamma=GAMMA, batch_size=4, seed=0)
   assert _listing(tmp_path) == before
 
 
@@ -423,7 +430,7 @@ def test_reject_policy_fails_on_out_of_bound_actions(hand_dir):
   first = int(np.argmax(np.any(np.abs(HAND[0]["steps"]["action"]) > 1, axis=1)))
   strict = ActionTokenizer.from_robot(SPEC, out_of_bounds="reject")
   with pytest.raises(DataError, match=rf"episode 0, step {first}, key 'action': action outside"):
-    pipeline.make_dataset(_cfg(hand_dir), SPEC, strict, batch_size=4, seed=0)
+    pipeline.make_dataset(_cfg(hand_dir).data, SPEC, strict, gamma=GAMMA, batch_size=4, seed=0)
 
 
 def test_fixed_instruction_comes_from_the_robot_config(hand_dir):
@@ -466,7 +473,8 @@ def test_keep_returns_filters_episodes_before_batching(sparse_dir, threshold):
   batches, which are full (16 examples of its 3 steps, repeated). The second
   threshold is statistics.filter_threshold's for this data: just above 0."""
   cfg = _cfg(sparse_dir)
-  it = pipeline.as_numpy_batches(cfg, SPEC, TOKENIZER, batch_size=16, seed=0, validate=False,
+  it = pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=cfg.learner.gamma,
+                                 batch_size=16, seed=0, validate=False,
                                  keep_returns=[threshold])
   for _ in range(3):
     b = next(it)

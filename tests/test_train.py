@@ -129,7 +129,9 @@ def _episode_returns(cfg, setup, thresholds):
   """{episode_index: return} of every episode that reaches a (single-pass) batch."""
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
   out = {}
-  for b in pipeline.as_numpy_batches(cfg, setup.policy.robot, setup.policy.action_tokenizer, batch_size=8,
+  policy = setup.policy
+  for b in pipeline.as_numpy_batches(cfg.data, policy.robot, policy.action_tokenizer,
+                                     gamma=policy.learner.gamma, batch_size=8,
                                      seed=0, train=False, validate=False,
                                      keep_returns=thresholds):
     out.update(zip(b["episode_index"].tolist(), b["episode_return"].tolist()))

@@ -41,8 +41,8 @@ from qsft_vla.tokenizers import action_tf
 # Up-front checks and per-dataset parameters.
 
 
-def _data_dirs(cfg) -> tuple[tuple[str, ...], np.ndarray]:
-  dirs, weights = qconfig.data_sources(cfg.data)
+def _data_dirs(data) -> tuple[tuple[str, ...], np.ndarray]:
+  dirs, weights = qconfig.data_sources(data)
   w = np.asarray(weights, float)
   return dirs, w / w.sum()
 
@@ -81,17 +81,17 @@ def check_dataset_features(builder, spec: RobotSpec, where: str) -> dict[str, bo
   return encoded
 
 
-def reward_params(cfg, spec: RobotSpec, data_dir: str,
+def reward_params(data, spec: RobotSpec, data_dir: str, gamma: float,
                   stats: Optional[dict[str, Any]] = None) -> tuple[float, float]:
   """(scale, shift) for one dataset: identity for "none", else from its statistics
   (`stats` when the caller has them, else read from the dataset's cache)."""
-  mode = cfg.data.reward_rescale
+  mode = data.reward_rescale
   if mode == "none":
     return 1.0, 0.0
   from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
   if stats is None:
-    stats = statistics.load_or_compute(data_dir, spec, split=cfg.data.split)
-  scale, shift = statistics.rescale_reward_params(stats, cfg.learner.gamma, mode)
+    stats = statistics.load_or_compute(data_dir, spec, split=data.split)
+  scale, shift = statistics.rescale_reward_params(stats, gamma, mode)
   return float(scale), float(shift)
 
 
@@ -102,23 +102,24 @@ def reward_params(cfg, spec: RobotSpec, data_dir: str,
 class _Member:
   """One mixture member: its builder, parameters and episode-level dataset."""
 
-  def __init__(self, index: int, data_dir: str, cfg, spec: RobotSpec, tokenizer, stats=None):
+  def __init__(self, index: int, data_dir: str, data, spec: RobotSpec, tokenizer, gamma: float,
+               stats=None):
     self.index, self.dir = index, data_dir
     self.builder = rlds_reader.open_builder(data_dir)
     self.encoded = check_dataset_features(self.builder, spec, data_dir)
-    split = cfg.data.split.split("[")[0]  # "train[:90%]" -> "train"
+    split = data.split.split("[")[0]  # "train[:90%]" -> "train"
     if split not in self.builder.info.splits:
       raise DataError(data_dir, f"no split {split!r}; have {sorted(self.builder.info.splits)}",
                       key="data.split")
-    self.scale, self.shift = reward_params(cfg, spec, data_dir, stats)
+    self.scale, self.shift = reward_params(data, spec, data_dir, gamma, stats)
     encode, oob = action_tf.tf_action_encoder(tokenizer.to_spec())
     split_info = self.builder.info.splits[split]
     self.episode_fn = examples.episode_fn(
-        data_dir, index, spec, window=cfg.data.window, gamma=float(cfg.learner.gamma),
+        data_dir, index, spec, window=data.window, gamma=float(gamma),
         scale=self.scale, shift=self.shift, shard_lengths=list(split_info.shard_lengths),
         encode=encode, out_of_bounds=oob, reject=tokenizer.out_of_bounds == "reject")
 
-  def episodes(self, cfg, spec, *, shuffle_files: bool, seed: int, options) -> tf.data.Dataset:
+  def episodes(self, data, spec, *, shuffle_files: bool, seed: int, options) -> tf.data.Dataset:
     decoders = {}
     keys = rlds_reader.canonical_step_keys(spec)
     for cam, enc in self.encoded.items():
@@ -130,7 +131,7 @@ class _Member:
         node[parts[-1]] = tfds.decode.SkipDecoding()
     read_config = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=seed, try_autocache=False,
                                   options=options)
-    return self.builder.as_dataset(split=cfg.data.split, shuffle_files=shuffle_files,
+    return self.builder.as_dataset(split=data.split, shuffle_files=shuffle_files,
                                    decoders={"steps": decoders} if decoders else None,
                                    read_config=read_config)
 
@@ -143,23 +144,24 @@ def _options(deterministic: bool) -> tf.data.Options:
   return options
 
 
-def _members(cfg, spec, tokenizer, stats=None) -> tuple[list[_Member], np.ndarray]:
-  dirs, weights = _data_dirs(cfg)
+def _members(data, spec, tokenizer, gamma: float, stats=None) -> tuple[list[_Member], np.ndarray]:
+  dirs, weights = _data_dirs(data)
   stats = stats or [None] * len(dirs)
-  return [_Member(i, d, cfg, spec, tokenizer, s) for i, (d, s) in enumerate(zip(dirs, stats))], \
-      weights
+  members = [_Member(i, d, data, spec, tokenizer, gamma, s)
+             for i, (d, s) in enumerate(zip(dirs, stats))]
+  return members, weights
 
 
-def validate_datasets(cfg, spec: RobotSpec, tokenizer, members=None) -> int:
+def validate_datasets(data, spec: RobotSpec, tokenizer, gamma: float, members=None) -> int:
   """A full pass over every episode's non-image fields (images stay encoded):
   raises DataError on an empty episode, NaN/Inf action, reward or state, or a
   rejected out-of-bound action. Returns the number of steps checked."""
   if members is None:
-    members, _ = _members(cfg, spec, tokenizer)
-  parallel = _parallel_calls(cfg)
+    members, _ = _members(data, spec, tokenizer, gamma)
+  parallel = _parallel_calls(data)
   total = 0
   for m in members:
-    ds = m.episodes(cfg, spec, shuffle_files=False, seed=0, options=_options(True))
+    ds = m.episodes(data, spec, shuffle_files=False, seed=0, options=_options(True))
     # Ordered, so the error reported is the first bad episode in file order.
     ds = ds.map(m.episode_fn, num_parallel_calls=parallel, deterministic=True)
     count = ds.map(lambda ex: tf.shape(ex["reward"], out_type=tf.int64)[0])
@@ -172,8 +174,8 @@ def validate_datasets(cfg, spec: RobotSpec, tokenizer, members=None) -> int:
   return total
 
 
-def _parallel_calls(cfg) -> int:
-  n = cfg.data.num_parallel_calls
+def _parallel_calls(data) -> int:
+  n = data.num_parallel_calls
   return tf.data.AUTOTUNE if n in (-1, None) else int(n)
 
 
@@ -189,12 +191,15 @@ def _keep_episode(threshold: float):
   return lambda ex: tf.cast(ex["episode_return"][0], tf.float64) >= t
 
 
-def make_dataset(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
+def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: int, seed: int,
                  train: bool = True, validate: bool = True,
                  keep_returns: Optional[Sequence[float]] = None,
                  stats: Optional[Sequence[Optional[dict[str, Any]]]] = None) -> tf.data.Dataset:
   """The batched tf.data pipeline (see the module docstring for one example).
 
+  data: the config's data section (dirs, weights, split, window, shuffle,
+  images, augmentation); gamma: the learner's discount, for the return-to-go
+  and the reward rescaling. The pipeline reads nothing else of the config.
   train=True: every member repeats forever with shuffled files, members are
   sampled by data.weights, steps are shuffled in one buffer of
   data.shuffle_buffer, augmentation follows data.augment, partial batches are
@@ -212,20 +217,20 @@ def make_dataset(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
   stats: per member, the statistics of data.split the caller already has (the
   training binary reads them once); None reads them from each dataset's cache.
   """
-  members, weights = _members(cfg, spec, tokenizer, stats)
+  members, weights = _members(data, spec, tokenizer, gamma, stats)
   if any(m.encoded != members[0].encoded for m in members):
     raise DataError(members[0].dir, "mixture members store cameras differently (encoded "
                     "images vs raw tensors); convert them to one layout")
   if validate:
-    validate_datasets(cfg, spec, tokenizer, members)
-  deterministic = bool(cfg.data.deterministic) or not train
+    validate_datasets(data, spec, tokenizer, gamma, members)
+  deterministic = bool(data.deterministic) or not train
   options = _options(deterministic)
-  parallel = _parallel_calls(cfg)
+  parallel = _parallel_calls(data)
 
   streams = []
   for m in members:
     member_seed = seed * 1_000_003 + m.index
-    ds = m.episodes(cfg, spec, shuffle_files=train, seed=member_seed, options=options)
+    ds = m.episodes(data, spec, shuffle_files=train, seed=member_seed, options=options)
     if train:
       ds = ds.repeat()
     ds = ds.map(m.episode_fn, num_parallel_calls=parallel, deterministic=deterministic)
@@ -237,29 +242,31 @@ def make_dataset(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
       ds = streams[0]
     else:
       ds = tf.data.Dataset.sample_from_datasets(streams, weights=list(weights), seed=seed)
-    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   else:
     ds = streams[0]
     for s in streams[1:]:
       ds = ds.concatenate(s)
 
-  augment = cfg.data.augment if (train and cfg.data.augment.enabled) else None
-  image_size = None if cfg.data.image_size is None else tuple(cfg.data.image_size)
+  augment = data.augment if (train and data.augment.enabled) else None
+  image_size = None if data.image_size is None else tuple(data.image_size)
   step_fn = examples.step_fn(spec, members[0].encoded, tuple(m.dir for m in members),
-                     image_size=image_size, augment=augment, seed=seed, window=cfg.data.window)
+                     image_size=image_size, augment=augment, seed=seed, window=data.window)
   ds = ds.enumerate().map(step_fn, num_parallel_calls=parallel, deterministic=deterministic)
   ds = ds.batch(batch_size, drop_remainder=train)
-  if cfg.data.prefetch:
-    ds = ds.prefetch(tf.data.AUTOTUNE if cfg.data.prefetch < 0 else cfg.data.prefetch)
+  if data.prefetch:
+    ds = ds.prefetch(tf.data.AUTOTUNE if data.prefetch < 0 else data.prefetch)
   return ds.with_options(options)
 
 
-def as_numpy_batches(cfg, spec: RobotSpec, tokenizer, *, batch_size: int, seed: int,
+def as_numpy_batches(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: int,
+                     seed: int,
                      train: bool = True, validate: bool = True,
                      keep_returns: Optional[Sequence[float]] = None,
                      stats: Optional[Sequence[Optional[dict[str, Any]]]] = None) -> BatchIterator:
   """`make_dataset(...)` wrapped in a BatchIterator."""
-  return BatchIterator(make_dataset(cfg, spec, tokenizer, batch_size=batch_size, seed=seed,
+  return BatchIterator(make_dataset(data, spec, tokenizer, gamma=gamma, batch_size=batch_size,
+                                    seed=seed,
                                     train=train, validate=validate, keep_returns=keep_returns,
                                     stats=stats),
-                       _data_dirs(cfg)[0])
+                       _data_dirs(data)[0])

@@ -59,7 +59,9 @@ class QGapProbe:
       probe_cfg.data.dir = setup.data_dirs[0]
       probe_cfg.data.weights = None
       probe_cfg.data.split = split
-    it = pipeline.as_numpy_batches(probe_cfg, setup.policy.robot, setup.policy.action_tokenizer,
+    policy = setup.policy
+    it = pipeline.as_numpy_batches(probe_cfg.data, policy.robot, policy.action_tokenizer,
+                                   gamma=policy.learner.gamma,
                                    batch_size=batch_size, seed=0, train=False, validate=False)
     seen = 0
     for raw in it:
