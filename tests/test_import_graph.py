@@ -26,3 +26,17 @@ def test_bottom_layer_imports_nothing_of_ours():
   assert g["qsft_vla.robot"] == {"qsft_vla.errors"}
   # The simulator adapters never load the config layer (it validates env ids through them).
   assert not {m for m in g["qsft_vla.envs"] if m.startswith("qsft_vla.config")}
+
+
+def test_upward_finds_an_import_of_a_higher_layer():
+  g = {"qsft_vla.errors": {"qsft_vla.train"}, "qsft_vla.train": {"qsft_vla.errors"},
+       "qsft_vla.mystery": set()}
+  up, unranked = import_graph.upward(g)
+  assert up == [("qsft_vla.errors", "qsft_vla.train")] and unranked == ["qsft_vla.mystery"]
+  assert import_graph.layer("qsft_vla.learning.learner") > import_graph.layer("qsft_vla.policy")
+  assert import_graph.layer("qsft_vla.learning.losses") < import_graph.layer("qsft_vla.policy")
+
+
+def test_every_module_has_a_layer_and_no_import_goes_up():
+  """The robot host (policy/) never reaches training, schemas never reach the config, ..."""
+  assert import_graph.upward(import_graph.graph()) == ([], [])
