@@ -214,8 +214,8 @@ def test_random_policy_within_bounds(metaworld_spec, babyai_spec):
     p.reset("x")
     for _ in range(50):
       loop.check_action(p.act({}), spec, "random")
-  assert isinstance(loop.RandomPolicy(metaworld_spec), loop.Policy)
-  assert isinstance(loop.ExpertPolicy(), loop.Policy)
+  assert isinstance(loop.RandomPolicy(metaworld_spec), loop.Actor)
+  assert isinstance(loop.ExpertPolicy(), loop.Actor)
 
 
 def test_expert_policy_must_use_the_evaluated_env():

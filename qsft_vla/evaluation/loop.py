@@ -3,8 +3,9 @@
   summary, per_episode = evaluate("babyai:BabyAI-GoToLocal-v0", policy, episodes=50, seed=0,
                                   video_dir="/tmp/eval_videos")
 
-Any object with `reset(instruction)` and `act(observation) -> float32[D]` is a
-policy (the robot Controller, ExpertPolicy, RandomPolicy).
+Any object with `reset(instruction)` and `act(observation) -> float32[D]` is an
+Actor here (the robot Controller, ExpertPolicy, RandomPolicy); the trained
+policy itself is qsft_vla.policy.TrainedPolicy.
 
 Episodes. Episode i is reset with `eval_reset_seed(seed, i)`, a function of
 (seed, i) only, so every policy evaluated with the same seed sees the same
@@ -49,7 +50,7 @@ DEFAULT_FPS = 10.0
 
 
 @runtime_checkable
-class Policy(Protocol):
+class Actor(Protocol):
   """What evaluate() drives: reset at each episode start, then one act() per step."""
 
   def reset(self, instruction: str) -> None:
@@ -93,7 +94,7 @@ class _PerEpisodeRng:
 
 
 class ExpertPolicy(_PerEpisodeRng):
-  """The env's scripted expert (env.expert_action) as a Policy: tests and an upper bound.
+  """The env's scripted expert (env.expert_action) as an Actor: tests and an upper bound.
 
   It reads the simulator's state, so it must act in the env being evaluated:
   pass that env here (and the same object to evaluate), or leave env=None and
@@ -239,7 +240,7 @@ def video_name(index: int, instruction: str, success: bool) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def evaluate(env_id: str | SimEnv, policy: Policy, episodes: int, seed: int, *,
+def evaluate(env_id: str | SimEnv, policy: Actor, episodes: int, seed: int, *,
              max_steps: int | None = None, video_episodes: int = 3,
              video_dir: str | None = None,
              progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -314,7 +315,7 @@ def evaluate(env_id: str | SimEnv, policy: Policy, episodes: int, seed: int, *,
   return summary, results
 
 
-def _run_episode(env: SimEnv, policy: Policy, spec: RobotSpec, index: int, seed: int,
+def _run_episode(env: SimEnv, policy: Actor, spec: RobotSpec, index: int, seed: int,
                  max_steps: int | None, want_video: bool, video_dir: str | None,
                  fps: float) -> dict[str, Any]:
   reset_seed = eval_reset_seed(seed, index)
