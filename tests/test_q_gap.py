@@ -15,8 +15,12 @@ def test_summarize_known_answer():
   agree_pi = np.array([True, False, True, True, True, True])
   agree_policy = np.array([True, True, False, False, False, False])
   agree_q = np.array([False, False, True, True, True, True])
-  out = q_gap.summarize(q, agree_pi, agree_policy, labels, agree_q)
+  q_choice = np.array([0.9, 0.75, 0.1, 0.1, 0.1, 0.1])  # expert step 1: pi chose another action
+  out = q_gap.summarize(q, agree_pi, agree_policy, labels, agree_q, q_choice)
   assert out["q_gap/agree_q"] == 0.0
+  assert out["q_gap/q_fixes"] == 0.0 and out["q_gap/q_breaks"] == pytest.approx(0.5)
+  assert out["q_gap/q_expert_where_pi_wrong"] == pytest.approx(0.7)
+  assert out["q_gap/q_pi_choice_where_pi_wrong"] == pytest.approx(0.75)
   assert out["q_gap/q_expert"] == pytest.approx(0.8)
   assert out["q_gap/q_distractor"] == pytest.approx(0.3)
   assert out["q_gap/q_random"] == pytest.approx(0.6)
@@ -62,6 +66,7 @@ def test_probe_during_training(tmp_path):
   for r in gaps:
     assert 0.0 <= r["q_gap/agree_pi"] <= 1.0 and np.isfinite(r["q_gap/q_expert"])
     assert 0.0 <= r["q_gap/agree_q"] <= 1.0
+    assert 0.0 <= r["q_gap/q_fixes"] <= 1.0 and 0.0 <= r["q_gap/q_breaks"] <= 1.0
   # The same figures from the saved checkpoints, after the run (the run's own config).
   again = q_gap_checkpoints.probe_checkpoint(str(tmp_path / "run"), "train[75%:]", [2, 4])
   for r in gaps:

@@ -13,6 +13,14 @@ bad ones, long before a rollout does. Also reported, per behaviour:
   q_gap/agree_q              the same for the implied Q alone: argmax of p / pi over the
                              support pi > ratio_eps (the ratio extraction as beta -> inf)
   q_gap/gap                  q_expert - q_others
+  q_gap/q_fixes              share of expert steps where the implied Q ranks the expert's
+                             action first and pi_phi does not (what a large beta can fix)
+  q_gap/q_breaks             share where pi_phi is right and the implied Q is not (what it
+                             can break)
+  q_gap/q_expert_where_pi_wrong, q_gap/q_pi_choice_where_pi_wrong
+                             on the expert steps where argmax pi_phi is not the expert's
+                             action: the implied Q of the expert's action and of pi_phi's
+                             choice; Q-SFT can correct imitation only if the first is larger
 The slice is `eval.q_gap_split` of the (first) dataset, read once, up to
 `eval.q_gap_examples` steps; hold it out of training with `data.split`
 (e.g. data.split="train[:95%]", eval.q_gap_split="train[95%:]").
@@ -103,7 +111,11 @@ class QGapProbe:
     q_only = reweighting.reweighted_logits(pi_logits, p_logits, 1.0, self.learner.valid, "ratio", self._eps)
     q_only = q_only - jax.nn.log_softmax(pi_logits, -1)
     agree_q = jnp.all(jnp.argmax(q_only, -1) == tok[..., 0], axis=-1)
-    return q, agree_pi, agree_policy, agree_q
+    # The implied Q of pi_phi's own choice (per token, after the dataset's prefix).
+    choice = jnp.argmax(pi_logits, -1)[..., None]
+    log_ratio = jax.nn.log_softmax(p_logits, -1) - jax.nn.log_softmax(pi_logits, -1)
+    q_choice = jnp.mean(jnp.exp(jnp.take_along_axis(log_ratio, choice, -1)[..., 0]), axis=-1)
+    return q, agree_pi, agree_policy, agree_q, q_choice
 
   def __call__(self, params: Mapping[str, Any]) -> dict[str, float]:
     """params: Learner.inference_params."""
@@ -111,19 +123,19 @@ class QGapProbe:
       return {}
     has_p = layout.has_p(params)
     outs = [jax.device_get(self._fn(params, b)) for b in self.batches]
-    q = np.concatenate([o[0] for o in outs])
-    agree_pi = np.concatenate([o[1] for o in outs])
-    agree_policy = np.concatenate([o[2] for o in outs])
-    agree_q = np.concatenate([o[3] for o in outs])
+    q, agree_pi, agree_policy, agree_q, q_choice = (
+        np.concatenate([o[i] for o in outs]) for i in range(5))
     labels = np.concatenate(self.labels)
     if not has_p:
       return summarize(None, agree_pi, None, labels)
-    return summarize(q, agree_pi, agree_policy, labels, agree_q)
+    return summarize(q, agree_pi, agree_policy, labels, agree_q, q_choice)
 
 
-def summarize(q, agree_pi, agree_policy, labels, agree_q=None) -> dict[str, float]:
-  """The q_gap/* scalars from per-step implied Q, agreements and behaviour labels
-  (q, agree_policy and agree_q None without p_theta)."""
+def summarize(q, agree_pi, agree_policy, labels, agree_q=None,
+              q_pi_choice=None) -> dict[str, float]:
+  """The q_gap/* scalars from per-step implied Q (of the dataset's action, and of
+  pi_phi's argmax), agreements and behaviour labels (all but agree_pi None
+  without p_theta)."""
   out: dict[str, float] = {}
   expert = labels == EXPERT
   if expert.any():
@@ -140,6 +152,12 @@ def summarize(q, agree_pi, agree_policy, labels, agree_q=None) -> dict[str, floa
     out["q_gap/agree_policy"] = float(np.mean(agree_policy[expert]))
     if agree_q is not None:
       out["q_gap/agree_q"] = float(np.mean(agree_q[expert]))
+      out["q_gap/q_fixes"] = float(np.mean(agree_q[expert] & ~agree_pi[expert]))
+      out["q_gap/q_breaks"] = float(np.mean(~agree_q[expert] & agree_pi[expert]))
+    wrong = expert & ~agree_pi
+    if q_pi_choice is not None and wrong.any():
+      out["q_gap/q_expert_where_pi_wrong"] = float(np.mean(q[wrong]))
+      out["q_gap/q_pi_choice_where_pi_wrong"] = float(np.mean(q_pi_choice[wrong]))
   return out
 
 
