@@ -40,7 +40,7 @@ def output_stem(env: str, seed: int, beta: Optional[float] = None,
                 extraction: Optional[str] = None) -> str:
   """<task>-seed<S>[-<extraction>][-beta<B>]: the file name (without .json) of one evaluation."""
   _, task = envs.parse_env_id(env)
-  stem = f"{task}-seed{int(seed)}"
+  stem = f"{task.replace(':', '-')}-seed{int(seed)}"   # BabyAI-PickupLoc-v0:strict
   if extraction is not None:
     stem += f"-{extraction}"
   return stem if beta is None else f"{stem}-beta{float(beta)!r}"

@@ -230,3 +230,36 @@ def test_several_envs_in_one_process_and_clean_exit():
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "OK" in proc.stdout
   assert "EGL" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_babyai_strict_ends_a_wrong_pickup_as_a_failure(strict):
+  """The distractor picks up the wrong object: with ":strict" that is a terminal failure
+  (reward 0), without it the episode goes on; the env id keeps its option."""
+  env_id = "babyai:BabyAI-PickupLoc-v0" + (":strict" if strict else "")
+  env = envs.make_env(env_id, seed=0)
+  rng = np.random.default_rng(0)
+  try:
+    for seed in range(20):
+      env.reset(seed=seed)
+      env.start_systematic("distractor", None, rng)
+      for _ in range(env.max_steps):
+        _, reward, terminated, truncated, info = env.step(env.expert_action(rng, 0.0))
+        if terminated or truncated or env.systematic_done():
+          break
+      if env.systematic_done():   # the wrong object is in the agent's hands
+        break
+    assert env.systematic_done() and not info["success"] and reward == 0.0
+    assert terminated == strict
+    assert env.env_id == env_id
+  finally:
+    env.close()
+
+
+def test_babyai_strict_needs_a_level_that_has_it():
+  with pytest.raises(ValueError, match="no strict mode"):
+    envs.make_env("babyai:BabyAI-GoToLocal-v0:strict", seed=0)
+  with pytest.raises(ValueError, match="unknown option 'lenient'"):
+    envs.parse_env_id("babyai:BabyAI-PickupLoc-v0:lenient")
+  with pytest.raises(ValueError, match="takes none"):
+    envs.parse_env_id("metaworld:reach-v3:strict")

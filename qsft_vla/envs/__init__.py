@@ -1,7 +1,8 @@
 """Simulator adapters by id: `make_env("babyai:BabyAI-GoToLocal-v0", seed=0)`.
 
-Ids are "<prefix>:<name>": "babyai:<BabyAI level>" (minigrid) and
-"metaworld:<task>-v3". Each adapter implements qsft_vla.envs.base.SimEnv and
+Ids are "<prefix>:<name>[:<option>]": "babyai:<BabyAI level>" (minigrid; option
+"strict": a wrong pickup / door / placement ends the episode as a failure, as
+BabyAI's strict verifier defines it) and "metaworld:<task>-v3". Each adapter implements qsft_vla.envs.base.SimEnv and
 matches one robot config (`robot_config_for`). A simulator's package is only
 imported when one of its ids is used. TF-free.
 """
@@ -12,22 +13,30 @@ import importlib
 
 from qsft_vla.envs.base import SimEnv
 
-# prefix -> (module, adapter class, robot config module, example id)
+# prefix -> (module, adapter class, robot config module, example id, options)
 _ADAPTERS = {
     "babyai": ("qsft_vla.envs.babyai", "BabyAIEnv", "robot_configs.babyai",
-               "babyai:BabyAI-GoToLocal-v0"),
+               "babyai:BabyAI-GoToLocal-v0", ("strict",)),
     "metaworld": ("qsft_vla.envs.metaworld", "MetaWorldEnv", "robot_configs.metaworld",
-                  "metaworld:pick-place-v3"),
+                  "metaworld:pick-place-v3", ()),
 }
 
 
 def parse_env_id(env_id: str) -> tuple[str, str]:
-  """(prefix, name) of "<prefix>:<name>"; ValueError for an unknown prefix. Imports nothing."""
+  """(prefix, name) of "<prefix>:<name>[:<option>]" (the name keeps its option);
+  ValueError for an unknown prefix or option. Imports nothing."""
   prefix, sep, name = str(env_id).partition(":")
   if not sep or prefix not in _ADAPTERS or not name:
     known = ", ".join(f"{p}: (e.g. {a[3]})" for p, a in _ADAPTERS.items())
     raise ValueError(f"unknown environment id {env_id!r}: expected <prefix>:<name> with a "
                      f"known prefix: {known}")
+  base, sep, option = name.partition(":")
+  allowed = _ADAPTERS[prefix][4]
+  if sep and option not in allowed:
+    raise ValueError(f"unknown option {option!r} in environment id {env_id!r}; {prefix} "
+                     + (f"takes {', '.join(allowed)}" if allowed else "takes none"))
+  if not base:
+    raise ValueError(f"environment id {env_id!r} has no name before its option")
   return prefix, name
 
 
@@ -41,6 +50,7 @@ def check_env_id(env_id: str) -> None:
   """Raises ValueError naming the known prefixes, or the known levels/tasks, for a bad id."""
   prefix, name = parse_env_id(env_id)
   names = known_names(prefix)
+  name = name.partition(":")[0]
   if name not in names:
     raise ValueError(f"unknown {prefix} name {name!r} in {env_id!r}; known: {', '.join(names)}")
 

@@ -10,6 +10,11 @@ the mission succeeded, or failed for good (e.g. the wrong object was picked
 up: terminal with success False). Truncated: the level's time limit (or a
 smaller `max_steps`).
 
+Strict (id "babyai:<level>:strict"): BabyAI's strict verifier, so picking up the
+wrong object, opening the wrong door or placing next to the wrong object ends
+the episode as a failure (terminal, reward 0) instead of letting the agent try
+again: mistakes are costly. Pickup*, Open* and PutNext* levels only.
+
 Expert: minigrid's BabyAIBot with epsilon-random actions (noise = epsilon, the
 probability of a uniformly random action). The bot is told the action that was
 really taken, so it replans around random actions (it plans to undo them); if
@@ -58,6 +63,8 @@ class BabyAIEnv(SimEnv):
 
   def __init__(self, level: str, seed: int = 0, max_steps: int | None = None):
     super().__init__(f"babyai:{level}", seed)
+    level, _, option = level.partition(":")
+    self.strict = option == "strict"
     if level not in gym.registry:
       raise ValueError(f"unknown BabyAI level {level!r}; known: {', '.join(levels())}")
     if max_steps is not None and max_steps < 1:
@@ -77,6 +84,13 @@ class BabyAIEnv(SimEnv):
     # Level generation prints "Sampling rejected: ..." on retries; keep CLIs clean.
     with contextlib.redirect_stdout(io.StringIO()):
       obs, _ = self._env.reset(seed=seed)
+    if self.strict:
+      instrs = self._env.unwrapped.instrs
+      if not hasattr(instrs, "strict"):
+        raise ValueError(f"babyai:{self.level}:strict: the level's instruction "
+                         f"({type(instrs).__name__}) has no strict mode; strict applies to "
+                         "Pickup*, Open* and PutNext* levels")
+      instrs.strict = True   # read by verify() at every step
     self._mission = obs["mission"]
     self._t = 0
     self._bot = None
