@@ -258,7 +258,8 @@ def test_invalid_logits_do_not_matter():
   assert L.LearnerConfig.from_dict(L.LearnerConfig().to_dict()) == L.LearnerConfig()
 
 
-@pytest.mark.parametrize("backup,mc", [("max", True), ("mean", False), ("mean", True)])
+@pytest.mark.parametrize("backup,mc", [("max", True), ("mean", False), ("mean", True),
+                                       ("expectile", False)])
 def test_backup_and_monte_carlo_bound_reach_the_weights(backup, mc):
   """The last token's weight is r + gamma * R(x') with R the chosen backup of the
   target network at the next state, bounded below by G_t when mc_lower_bound."""
@@ -278,7 +279,8 @@ def test_backup_and_monte_carlo_bound_reach_the_weights(backup, mc):
     pi_next = lrn.mask_pi_logits(lrn.model.apply(
         state.params_pi, nxt["next_observation"], nxt["next_history_mask"], nxt["text_ids"],
         nxt["text_mask"], nxt["action_tokens"], False))[:, 0]
-    r_next = targets.support_ratio_max(pi_next, tgt_next, lrn.valid[0])
+    r_next = (targets.support_ratio_max(pi_next, tgt_next, lrn.valid[0]) if backup == "max" else
+              targets.support_ratio_expectile(pi_next, tgt_next, lrn.valid[0], 0.9))
   assert float(metrics["r_next_first"]) == pytest.approx(float(np.mean(r_next)), rel=1e-5)
   if backup == "mean":  # the same init for p and target: sum of valid p_bar < 1, nonzero
     assert 0.0 < float(np.mean(r_next)) <= 1.0

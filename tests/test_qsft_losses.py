@@ -412,6 +412,36 @@ def test_support_ratio_excludes_rare_and_invalid_tokens():
       float(targets.support_ratio_max(pi_logits + 3.0, p_logits - 2.0, actions)), 0.8, rtol=1e-5)
 
 
+def _expectile_bisect(values, weights, tau):
+  """The tau-expectile of a discrete distribution, by bisection on its defining equation."""
+  lo, hi = min(values), max(values)
+  for _ in range(200):
+    m = (lo + hi) / 2
+    g = sum(w * (tau if v >= m else 1 - tau) * (v - m) for v, w in zip(values, weights))
+    lo, hi = (m, hi) if g > 0 else (lo, m)
+  return (lo + hi) / 2
+
+
+def test_support_ratio_expectile_known_answers():
+  pi_logits, p_logits = _ratio_case()
+  actions = np.array([True, True, True, False])
+  # Support {0, 1} (id 2 is rarer than eps, id 3 no action): ratios 0.5, 0.8 under pi 0.5, 0.3.
+  r = lambda tau, **kw: float(targets.support_ratio_expectile(pi_logits, p_logits, actions,  # noqa
+                                                              tau, **kw))
+  np.testing.assert_allclose(r(0.5), (0.25 + 0.24) / 0.8, rtol=1e-5)   # the pi-weighted mean
+  for tau in (0.7, 0.9, 0.99):
+    np.testing.assert_allclose(r(tau), _expectile_bisect([0.5, 0.8], [0.5 / 0.8, 0.3 / 0.8], tau),
+                               rtol=1e-5)
+  assert 0.5 < r(0.9) < r(0.99) < 0.8 + 1e-6   # towards the in-support max, never past it
+  np.testing.assert_allclose(r(0.9, eps=0.9), 0.5, rtol=1e-5)  # the max's fallback
+  # A wider support (eps 1e-5 admits id 2, ratio 200 with pi 5e-5): weighted by pi, the rare
+  # action's huge ratio moves the expectile far less than it moves the max (200).
+  wide = float(targets.support_ratio_expectile(pi_logits, p_logits, actions, 0.9, eps=1e-5))
+  np.testing.assert_allclose(wide, _expectile_bisect([0.5, 0.8, 200.0],
+                                                     [0.5, 0.3, 5e-5], 0.9), rtol=1e-4)
+  assert wide < 1.0
+
+
 def test_support_ratio_broadcasts_a_per_dimension_mask():
   pi_logits, p_logits = _ratio_case()
   logits_pi = np.broadcast_to(pi_logits, (5, 2, 4))

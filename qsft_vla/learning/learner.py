@@ -40,8 +40,8 @@ attend only to the observation prefix and itself, so tokens fed at positions
 >= 1 cannot reach it. We feed zeros.
 
 Targets (LearnerConfig.backup, mc_lower_bound, mc_mix): the paper's in-support
-max of p_theta_bar / pi_phi at the next state, or the behaviour's value
-sum_b p_theta_bar(b); optionally bounded below by the return-to-go G_t and/or
+max of p_theta_bar / pi_phi at the next state, the behaviour's value
+sum_b p_theta_bar(b), or the expectile of the in-support ratios between them; optionally bounded below by the return-to-go G_t and/or
 mixed with it. With mc_mix = 1 the target is G_t alone and the target network is
 never evaluated; with one action dimension it is evaluated at the next state only.
 
@@ -280,7 +280,7 @@ class Learner:
       nobs, nhm = batch["next_observation"], batch["next_history_mask"]
       # The "mean" backup needs no pi_phi at the next state (one forward pass less),
       # unless p_theta's logits are built on pi_phi's.
-      need_pi_next = cfg.backup == "max" or cfg.p_parametrization == "residual"
+      need_pi_next = cfg.backup != "mean" or cfg.p_parametrization == "residual"
       # The target at the current state only gives the inside-step weights of tokens
       # 0..D-2: with one action dimension there are none (one forward pass less).
       need_now = tokens.shape[-1] > 1
@@ -320,6 +320,13 @@ class Learner:
           tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
           r_within = targets.support_ratio_max(pi_sg, tgt_now_l, self.valid, cfg.eps)
         r_next = targets.support_ratio_max(pi_next[:, 0], tgt_next[:, 0], self.valid[0], cfg.eps)
+      elif cfg.backup == "expectile":
+        tau = cfg.expectile_tau
+        if need_now:
+          tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
+          r_within = targets.support_ratio_expectile(pi_sg, tgt_now_l, self.valid, tau, cfg.eps)
+        r_next = targets.support_ratio_expectile(pi_next[:, 0], tgt_next[:, 0], self.valid[0],
+                                                 tau, cfg.eps)
       else:
         if need_now:
           tgt_now_l = self.p_logits_from(pi_sg, tgt_now)

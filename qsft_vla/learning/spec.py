@@ -23,7 +23,7 @@ RESIDUALS = ("dummy", "uniform")
 EXTRACTIONS = ("p", "ratio")
 P_PARAMETRIZATIONS = ("independent", "residual")
 DEFAULT_EPS = 1e-4  # support threshold on pi_phi (QSFT.md)
-BACKUPS = ("max", "mean")
+BACKUPS = ("max", "mean", "expectile")
 SCHEDULES = ("joint", "sequential")
 ARCHITECTURES = ("separate", "shared")
 RETIRED_FIELDS = ("filter_threshold",)
@@ -53,8 +53,11 @@ class LearnerConfig:
   # 1 = pure Monte Carlo (no bootstrap: the target network is never evaluated).
   mc_mix: float = 0.0
   # "max": the paper's in-support max of p_bar / pi at the next state; "mean": its
-  # expectation under pi, sum_b p_bar(b) (the behaviour's value; no ratio noise).
+  # expectation under pi, sum_b p_bar(b) (the behaviour's value; no ratio noise);
+  # "expectile": the expectile_tau-expectile of the in-support ratios under pi, a soft
+  # max between the two (targets.support_ratio_expectile).
   backup: str = "max"
+  expectile_tau: float = 0.9
   # "independent": p_theta's own logits (the paper); "residual": stop_grad(log pi) + the
   # p network's output, whose head starts at zero (learning/reweighting.residual_p_logits).
   p_parametrization: str = "independent"
@@ -96,6 +99,8 @@ class LearnerConfig:
       raise ValueError(f"mc_mix must be in [0, 1], got {self.mc_mix}")
     if not (np.isfinite(self.filter_quantile) and 0.0 <= self.filter_quantile <= 1.0):
       raise ValueError(f"filter_quantile must be in [0, 1], got {self.filter_quantile}")
+    if not (np.isfinite(self.expectile_tau) and 0.5 <= self.expectile_tau < 1.0):
+      raise ValueError(f"expectile_tau must be in [0.5, 1), got {self.expectile_tau}")
     if not 0.0 <= self.ratio_eps < 1.0:
       raise ValueError(f"ratio_eps must be in [0, 1), got {self.ratio_eps}")
 

@@ -63,6 +63,41 @@ def support_ratio_max(pi_logits, p_target_logits, valid_mask, eps=DEFAULT_EPS):
   return jnp.exp(jnp.where(jnp.any(support, axis=-1), best, fallback))
 
 
+def support_ratio_expectile(pi_logits, p_target_logits, valid_mask, tau, eps=DEFAULT_EPS,
+                            iterations=30):
+  """The tau-expectile of p_theta_bar(b|x) / pi_phi(b|x) over b ~ pi_phi restricted to
+  the support (valid b with pi_phi(b|x) > eps): a soft in-support max.
+
+  The hard max of support_ratio_max takes the largest of several noisy ratios of
+  two networks, which exceeds 1/gamma wherever every supported action is about as
+  good, so weights pile up at the clip and the ranking between near-1 actions is
+  noise. The expectile (as IQL's value backup) moves from the pi-weighted mean of
+  the ratios (tau = 0.5) towards their max (tau -> 1) without reading the single
+  largest one. m solves sum_b pi(b) |tau - 1[r_b < m]| (r_b - m) = 0; the
+  fixed-point iteration m <- weighted mean with weights pi(b) |tau - 1[r_b < m]|
+  reaches it in at most one step per distinct ratio (`iterations` of them).
+  Falls back like support_ratio_max where no valid b is in the support.
+  Returns float32[...] for logits [..., V].
+  """
+  log_pi = jax.nn.log_softmax(jnp.asarray(pi_logits, jnp.float32), axis=-1)
+  log_p = jax.nn.log_softmax(jnp.asarray(p_target_logits, jnp.float32), axis=-1)
+  valid = jnp.broadcast_to(jnp.asarray(valid_mask, bool), log_pi.shape)
+  support = valid & (log_pi > jnp.log(jnp.asarray(eps, jnp.float32)))
+  ratio = jnp.exp(jnp.where(support, log_p - log_pi, 0.0))
+  w = jnp.where(support, jnp.exp(log_pi), 0.0)
+  total = jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
+  m = jnp.sum(w * ratio, axis=-1, keepdims=True) / total        # tau = 0.5: the mean
+
+  def body(_, m):
+    c = w * jnp.where(ratio >= m, tau, 1.0 - tau)
+    return jnp.sum(c * ratio, axis=-1, keepdims=True) / jnp.maximum(
+        jnp.sum(c, axis=-1, keepdims=True), 1e-30)
+
+  m = jax.lax.fori_loop(0, iterations, body, m)[..., 0]
+  fallback = support_ratio_max(pi_logits, p_target_logits, valid_mask, eps)
+  return jnp.where(jnp.any(support, axis=-1), m, fallback)
+
+
 def behavior_value(p_target_logits, valid_mask):
   """The "mean" backup: E_{b ~ pi}[p_theta_bar(b|x) / pi(b|x)] = sum over valid b of
   p_theta_bar(b|x), the implied value of the behaviour policy at x (SARSA-like).
