@@ -318,8 +318,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
                                  batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
                                  validate=tcfg.validate_data, keep_returns=thresholds,
                                  stats=setup.stats)
-  prepare = batches_lib.BatchPreparer(setup.policy.text_tokenizer,
-                                      setup.policy.model_config.max_text_len)
+  prepare = batches_lib.BatchPreparer(policy.text_tokenizer, policy.model_config.max_text_len)
   probe = q_gap.maybe_probe(cfg, setup, prepare)
   meta = setup.meta()
   stale = checkpoints.remove_interrupted_saves(checkpoints.directory(workdir))
@@ -365,7 +364,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     progress.pause()
     guard.before_save(at_step, state)
     try:
-      checkpoints.save(mngr, at_step, _state_items(state), meta, setup.policy.text_tokenizer,
+      checkpoints.save(mngr, at_step, _state_items(state), meta, policy.text_tokenizer,
                        extra={data_iterator.ITEM: data_iterator.DataIteratorSave(it)})
     except (OSError, ValueError, RuntimeError) as e:  # disk full, permissions, I/O errors
       previous = [s for s in mngr.all_steps() if s < at_step]

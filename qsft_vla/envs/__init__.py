@@ -2,8 +2,9 @@
 
 Ids are "<prefix>:<name>[:<option>]": "babyai:<BabyAI level>" (minigrid; option
 "strict": a wrong pickup / door / placement ends the episode as a failure, as
-BabyAI's strict verifier defines it) and "metaworld:<task>-v3". Each adapter implements qsft_vla.envs.base.SimEnv and
-matches one robot config (`robot_config_for`). A simulator's package is only
+BabyAI's strict verifier defines it) and "metaworld:<task>-v3". Each adapter
+implements qsft_vla.envs.base.SimEnv and matches one robot config
+(`robot_config_for`). A simulator's package is only
 imported when one of its ids is used. TF-free.
 """
 

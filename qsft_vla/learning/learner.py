@@ -41,7 +41,8 @@ attend only to the observation prefix and itself, so tokens fed at positions
 
 Targets (LearnerConfig.backup, mc_lower_bound, mc_mix): the paper's in-support
 max of p_theta_bar / pi_phi at the next state, the behaviour's value
-sum_b p_theta_bar(b), or the expectile of the in-support ratios between them; optionally bounded below by the return-to-go G_t and/or
+sum_b p_theta_bar(b), or the expectile of the in-support ratios between them
+(targets.backup_value); optionally bounded below by the return-to-go G_t and/or
 mixed with it. With mc_mix = 1 the target is G_t alone and the target network is
 never evaluated; with one action dimension it is evaluated at the next state only.
 
@@ -315,23 +316,12 @@ class Learner:
       r_within = jnp.zeros(tokens.shape, jnp.float32)  # read only at columns 1..D-1
       if not cfg.bootstraps:  # pure Monte Carlo: the bootstrap terms are multiplied by 0
         r_next = jnp.zeros(tokens.shape[:1], jnp.float32)
-      elif cfg.backup == "max":
-        if need_now:
-          tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
-          r_within = targets.support_ratio_max(pi_sg, tgt_now_l, self.valid, cfg.eps)
-        r_next = targets.support_ratio_max(pi_next[:, 0], tgt_next[:, 0], self.valid[0], cfg.eps)
-      elif cfg.backup == "expectile":
-        tau = cfg.expectile_tau
-        if need_now:
-          tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
-          r_within = targets.support_ratio_expectile(pi_sg, tgt_now_l, self.valid, tau, cfg.eps)
-        r_next = targets.support_ratio_expectile(pi_next[:, 0], tgt_next[:, 0], self.valid[0],
-                                                 tau, cfg.eps)
       else:
+        def backup(pi_l, tgt_l, valid):
+          return targets.backup_value(cfg.backup, pi_l, tgt_l, valid, cfg.eps, cfg.expectile_tau)
         if need_now:
-          tgt_now_l = self.p_logits_from(pi_sg, tgt_now)
-          r_within = targets.behavior_value(tgt_now_l, self.valid)
-        r_next = targets.behavior_value(tgt_next[:, 0], self.valid[0])
+          r_within = backup(pi_sg, self.p_logits_from(pi_sg, tgt_now), self.valid)
+        r_next = backup(pi_next[:, 0] if need_pi_next else None, tgt_next[:, 0], self.valid[0])
       w, td_mask = targets.bellman_weights(
           r_within, r_next, batch["reward"], batch["terminal"], batch["has_next"], cfg.gamma,
           cfg.clip_weights,

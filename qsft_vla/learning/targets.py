@@ -114,6 +114,20 @@ def behavior_value(p_target_logits, valid_mask):
   return jnp.sum(jnp.where(valid, p, 0.0), axis=-1)
 
 
+def backup_value(backup: str, pi_logits, p_target_logits, valid_mask, eps=DEFAULT_EPS,
+                 tau: float = 0.9):
+  """R(x) of LearnerConfig.backup: "max" (support_ratio_max), "expectile"
+  (support_ratio_expectile at tau) or "mean" (behavior_value; pi_logits unused,
+  may be None)."""
+  if backup == "max":
+    return support_ratio_max(pi_logits, p_target_logits, valid_mask, eps)
+  if backup == "expectile":
+    return support_ratio_expectile(pi_logits, p_target_logits, valid_mask, tau, eps)
+  if backup == "mean":
+    return behavior_value(p_target_logits, valid_mask)
+  raise ValueError(f"unknown backup {backup!r}")
+
+
 def bellman_weights(R_within, R_next_first, reward, terminal, has_next, gamma, clip=True,  # pylint: disable=invalid-name
                     return_to_go=None, mixed_return=None, mc_mix=0.0):
   """Per-token Q-SFT weights w[B, D] and the mask of tokens that have a target.

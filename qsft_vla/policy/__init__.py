@@ -11,5 +11,5 @@
 Imports no TensorFlow, TFDS, Reverb or optax (tests/test_tf_free_core.py).
 """
 
-from qsft_vla.policy.bundle import TrainedPolicy, load  # noqa: F401
+from qsft_vla.policy.bundle import TrainedPolicy  # noqa: F401
 from qsft_vla.policy.controller import Controller, ControllerError, ObservationError  # noqa: F401

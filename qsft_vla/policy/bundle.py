@@ -150,16 +150,11 @@ class TrainedPolicy:
     policy = cls.from_meta(meta, text, where)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     groups = policy.param_groups(policy.abstract_variables())
-    wanted = {g: groups[g] for g in ("params_pi", "params_p")}
+    wanted = {g: groups[g] for g in layout.ACTING_GROUPS}
     wanted = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
     out = checkpoints.restore(checkpoints.manager(ckpt_dir, read_only=True), step, wanted)
     checkpoints.check_finite({g: out[g] for g in wanted}, where)
     params = layout.inference_params(policy.learner, out["params_pi"], out["params_p"])
     return policy.with_params(params, step=step, path=where)
-
-
-def load(path: str, step: Optional[int] = None) -> TrainedPolicy:
-  """TrainedPolicy.load."""
-  return TrainedPolicy.load(path, step)
 

@@ -52,7 +52,7 @@ TEXT_TOKENIZER = "text_tokenizer"
 PARAM_ITEMS = layout.GROUPS
 OPT = "opt"
 CHECKSUMS = "qsft_checksums.json"
-INFERENCE_ITEMS = ("params_pi", "params_p", META, TEXT_TOKENIZER)  # what TrainedPolicy.load reads
+INFERENCE_ITEMS = layout.ACTING_GROUPS + (META, TEXT_TOKENIZER)  # what TrainedPolicy.load reads
 
 
 def directory(workdir: str) -> str:
@@ -229,28 +229,28 @@ def set_aside(ckpt_dir: str, step: int) -> str:
   return f"{src}.damaged-{n}"
 
 
-def read_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
-  verify(ckpt_dir, step, (META,))
-  path = os.path.join(ckpt_dir, str(step), META, "metadata")
+def _read_json_item(ckpt_dir: str, step: int, item: str, what: str) -> Any:
+  """A JSON item of one step (orbax JsonSave writes <item>/metadata), checked
+  against the manifest first."""
+  verify(ckpt_dir, step, (item,))
+  path = os.path.join(ckpt_dir, str(step), item, "metadata")
   try:
     with open(path) as f:
-      meta = json.load(f)
+      return json.load(f)
   except (OSError, ValueError) as e:
-    raise CheckpointError(f"{ckpt_dir}/{step}: unreadable metadata {path}: {e}") from e
+    raise CheckpointError(f"{ckpt_dir}/{step}: unreadable {what} {path}: {e}") from e
+
+
+def read_meta(ckpt_dir: str, step: int) -> dict[str, Any]:
+  meta = _read_json_item(ckpt_dir, step, META, "metadata")
   check_meta(meta, f"{ckpt_dir}/{step}")
   return meta
 
 
 def read_text_tokenizer(ckpt_dir: str, step: int) -> TextTokenizer:
   """The instruction tokenizer saved with a step (checked against the manifest)."""
-  verify(ckpt_dir, step, (TEXT_TOKENIZER,))
-  where = f"{ckpt_dir}/{step}/{TEXT_TOKENIZER}"
-  try:
-    with open(os.path.join(ckpt_dir, str(step), TEXT_TOKENIZER, "metadata")) as f:
-      doc = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"{where}: unreadable tokenizer: {e}") from e
-  return TextTokenizer.from_str(json.dumps(doc), where=where)
+  doc = _read_json_item(ckpt_dir, step, TEXT_TOKENIZER, "tokenizer")
+  return TextTokenizer.from_str(json.dumps(doc), where=f"{ckpt_dir}/{step}/{TEXT_TOKENIZER}")
 
 
 def check_finite(tree, where: str) -> None:

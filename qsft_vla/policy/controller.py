@@ -125,7 +125,7 @@ class Controller:
     # On the device once (numpy params, e.g. jax.device_get'ed from training,
     # would otherwise be copied to the device on every act()).
     self._params = jax.device_put(dict(policy.params))
-    self._has_p = layout.has_p(self._params)
+    self._has_p = policy.has_p
     self._check_model(policy.image_sizes)
     self._image_sizes = {cam: tuple(int(x) for x in policy.image_sizes[cam])
                          for cam in self._model_config.cameras}

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 GROUPS = ("params_pi", "params_p", "params_target")
+ACTING_GROUPS = GROUPS[:2]  # what acting reads of a checkpoint (not the target)
 P_HEAD = "head_1"  # p_theta's head in a shared trunk (head 0, "head", is pi_phi's)
 
 

@@ -99,9 +99,12 @@ class QGapProbe:
     if p_logits is None:  # BC / filtered BC: no p_theta; only agree_pi means anything then
       p_logits = pi_logits
     tok = jnp.asarray(batch["action_tokens"], jnp.int32)[..., None]
-    log_pi = jnp.take_along_axis(jax.nn.log_softmax(pi_logits, -1), tok, -1)[..., 0]
-    log_p = jnp.take_along_axis(jax.nn.log_softmax(p_logits, -1), tok, -1)[..., 0]
-    q = jnp.mean(jnp.exp(log_p - log_pi), axis=-1)                           # [B]
+    log_ratio = jax.nn.log_softmax(p_logits, -1) - jax.nn.log_softmax(pi_logits, -1)
+
+    def implied_q(ids):  # [B]: p / pi at the given token per dimension, mean over dims
+      return jnp.mean(jnp.exp(jnp.take_along_axis(log_ratio, ids, -1)[..., 0]), axis=-1)
+
+    q = implied_q(tok)
     agree_pi = jnp.all(jnp.argmax(pi_logits, -1) == tok[..., 0], axis=-1)
     logits = reweighting.reweighted_logits(pi_logits, p_logits, self._beta, self.learner.valid,
                                       self._extraction, self._eps)
@@ -112,9 +115,7 @@ class QGapProbe:
     q_only = q_only - jax.nn.log_softmax(pi_logits, -1)
     agree_q = jnp.all(jnp.argmax(q_only, -1) == tok[..., 0], axis=-1)
     # The implied Q of pi_phi's own choice (per token, after the dataset's prefix).
-    choice = jnp.argmax(pi_logits, -1)[..., None]
-    log_ratio = jax.nn.log_softmax(p_logits, -1) - jax.nn.log_softmax(pi_logits, -1)
-    q_choice = jnp.mean(jnp.exp(jnp.take_along_axis(log_ratio, choice, -1)[..., 0]), axis=-1)
+    q_choice = implied_q(jnp.argmax(pi_logits, -1)[..., None])
     return q, agree_pi, agree_policy, agree_q, q_choice
 
   def __call__(self, params: Mapping[str, Any]) -> dict[str, float]:
