@@ -59,6 +59,7 @@ from typing import Any, Callable, Iterator
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (CLI noise)
 
 import numpy as np  # pylint: disable=g-import-not-at-top
+from absl import logging  # pylint: disable=g-import-not-at-top
 import tqdm  # pylint: disable=g-import-not-at-top
 
 from data_tools import cli  # pylint: disable=g-import-not-at-top
@@ -128,8 +129,13 @@ class _Source:
 def _regular(path: str) -> str:
   """`path` if it is a regular file; a FIFO, device or socket is refused (reading
   one would hang or never end)."""
-  if not stat.S_ISREG(os.stat(path).st_mode):
-    raise DataError(path, "not a regular file (a FIFO, device or socket); refusing to read it")
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as e:  # a dangling or looping symbolic link
+    raise DataError(path, f"cannot read it: {e.strerror}") from None
+  if not stat.S_ISREG(mode):
+    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+    raise DataError(path, f"not a regular file ({kind}); refusing to read it")
   return path
 
 
@@ -215,11 +221,21 @@ def _hdf5_groups(path: str, root: str):
       f.close()
       raise DataError(path, f"no group {root!r} (set --hdf5_root to the group holding the "
                       "episodes)")
-    names = sorted(k for k in f[root] if f[root].get(k, getclass=True, getlink=False)
-                   is h5py.Group)
+    members = sorted(f[root])
   except (KeyError, OSError, RuntimeError) as e:
     f.close()
     raise DataError(path, f"cannot read the HDF5 structure under {root!r}: {e}") from e
+  names, skipped = [], []
+  for k in members:
+    try:  # a dangling external link fails here, by name
+      kind = f[root].get(k, getclass=True, getlink=False)
+    except (KeyError, OSError, RuntimeError) as e:
+      f.close()
+      raise DataError(path, f"cannot read member {k!r} under {root!r}: {e}") from e
+    (names if kind is h5py.Group else skipped).append(k)
+  if skipped:  # metadata arrays beside the episodes are common; say what was left out
+    logging.warning("%s: skipping %d member(s) under %r that are not episode groups: %s",
+                    path, len(skipped), root, ", ".join(skipped[:10]))
   if not names:
     f.close()
     raise DataError(path, f"no episode groups under {root!r}")

@@ -276,7 +276,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module_spec = importlib.util.spec_from_file_location(
       "_qsft_config_" + os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except  (a config file is user code)
+    raise ConfigError(f"{path}: cannot load the config file: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path}: no get_config() function")
   cfg = module.get_config(variant) if variant else module.get_config()

@@ -279,7 +279,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def _check_workdir(workdir: str) -> None:
-  """A workdir (or its nearest existing parent) must be a writable folder."""
+  """A workdir (or its nearest existing parent) must be a writable folder, and a
+  config.json in it must be one this binary wrote (it is replaced later)."""
   path = workdir
   while not os.path.exists(path):
     path = os.path.dirname(path)
@@ -287,6 +288,16 @@ def _check_workdir(workdir: str) -> None:
     raise TrainingError(f"--workdir {workdir}: {path} is a file, not a folder")
   if not os.access(path, os.W_OK | os.X_OK):
     raise TrainingError(f"--workdir {workdir}: {path} is not writable")
+  config_json = os.path.join(workdir, CONFIG_JSON)
+  if os.path.lexists(config_json):
+    try:
+      with open(config_json, encoding="utf-8") as f:
+        ours = {"robot", "learner", "train"} <= set(json.load(f))
+    except (OSError, ValueError, TypeError):
+      ours = False
+    if not ours:
+      raise TrainingError(f"--workdir {workdir}: {config_json} is not a config written by "
+                          "qsft_vla.train; refusing to overwrite it (choose another --workdir)")
 
 
 def train(cfg, workdir: str) -> dict[str, Any]:
@@ -452,17 +463,18 @@ def main(argv):
   logging.info("done: %s", json.dumps(summary))
 
 
-def check_override_names(argv) -> Optional[str]:
-  """The message for the first `--config.a.b=...` that names no field of the config
-  file given by `--config=`, else None. ml_collections finds these while absl parses
-  the flags and raises a raw AttributeError there, before main() can say anything."""
+def check_config_args(argv) -> Optional[str]:
+  """The message for a `--config=` file that does not load (missing, not Python, an
+  unknown variant, an invalid value) or the first `--config.a.b=...` that names no
+  field of it, else None. ml_collections meets both while absl parses the flags
+  and raises a raw traceback there, before main() can say anything."""
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if path is None:
     return None
   try:
     cfg = qconfig.load_config_file(path)
-  except Exception:  # pylint: disable=broad-except
-    return None  # a bad config file is reported by the flag parser itself
+  except qconfig.ConfigError as e:
+    return f"--config={path}: {e}"
   for arg in argv:
     if not arg.startswith("--config."):
       continue
@@ -481,8 +493,8 @@ def check_override_names(argv) -> Optional[str]:
 if __name__ == "__main__":
   _define_flags()
   import sys  # pylint: disable=g-import-not-at-top
-  unknown = check_override_names(sys.argv[1:])
-  if unknown:
-    print(f"train: error: {unknown}", file=sys.stderr)
+  refused = check_config_args(sys.argv[1:])
+  if refused:
+    print(f"train: error: {refused}", file=sys.stderr)
     sys.exit(2)
   app.run(main)

@@ -1,4 +1,5 @@
-"""data_tools.convert: npz/HDF5 round trips, key mapping, and refused inputs."""
+"""data_tools.convert: npz/HDF5 round trips, key mapping, overwrite. (Refused inputs, through the
+binary: tests/bad_inputs/cases.py.)"""
 
 import dataclasses
 import json
@@ -6,7 +7,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import zipfile
 
 import h5py
 import numpy as np
@@ -214,96 +214,6 @@ def test_fixed_instruction_resize_and_terminal_flag(tmp_path):
   assert stats["terminal_rate"] == 0.0 and stats["num_steps"] == 4
 
 
-def _bad(rng, case):
-  """(config, files {name: arrays}, extra convert kwargs, expected message parts)."""
-  good = lambda: babyai_episode(rng, 6)  # noqa: E731
-  mw = lambda: metaworld_episode(rng, 6)  # noqa: E731
-  if case == "nan_action":
-    ep = mw()
-    ep["action"][3, 2] = np.nan
-    return (METAWORLD, {"a.npz": mw(), "b.npz": ep}, {},
-            ["b.npz", "step 3", "'action'", "non-finite"])
-  if case == "missing_key":
-    ep = good()
-    del ep["image"]
-    return BABYAI, {"a.npz": ep}, {}, ["a.npz", "'image'", "missing", "--keys=image="]
-  if case == "image_shape":
-    ep = good()
-    ep["image"] = ep["image"][:, :48]
-    return BABYAI, {"a.npz": ep}, {}, ["a.npz", "'image'", "56x56", "--resize"]
-  if case == "image_dtype":
-    ep = good()
-    ep["image"] = ep["image"].astype(np.float32) / 255
-    return BABYAI, {"a.npz": ep}, {}, ["a.npz", "'image'", "uint8", "float32"]
-  if case == "empty_episode":
-    ep = good()
-    ep["image"], ep["action"] = ep["image"][:0], ep["action"][:0]
-    return BABYAI, {"a.npz": good(), "b.npz": ep}, {}, ["b.npz", "'action'", "empty episode"]
-  if case == "discrete_value":
-    ep = good()
-    ep["action"][2] = 9
-    return BABYAI, {"a.npz": ep}, {}, ["a.npz", "step 2", "'action'", "not in [0.0, 1.0"]
-  if case == "out_of_bounds_reject":
-    ep = mw()
-    ep["action"][4, 0] = -1.25
-    return (METAWORLD, {"a.npz": ep}, {"out_of_bounds": "reject"},
-            ["a.npz", "step 4", "'action'", "outside [-1.0, 1.0]"])
-  if case == "mapped_key_named":
-    ep = mw()
-    ep["acts"] = ep.pop("action")
-    ep["acts"][1, 0] = np.inf
-    return (METAWORLD, {"a.npz": ep}, {"key_map": {"action": "acts"}},
-            ["a.npz", "step 1", "'acts'", "RLDS key 'action'"])
-  if case == "terminal_not_last":
-    ep = good()
-    ep["is_terminal"] = np.array([0, 0, 1, 0, 0, 0], bool)
-    return BABYAI, {"a.npz": ep}, {}, ["a.npz", "step 2", "'is_terminal'", "last step"]
-  if case == "object_array":
-    ep = good()
-    ep["language_instruction"] = np.array(["a", None], dtype=object)
-    return BABYAI, {"a.npz": ep}, {}, ["a.npz", "'language_instruction'", "pickle"]
-  raise ValueError(case)
-
-
-BAD_CASES = ["nan_action", "missing_key", "image_shape", "image_dtype", "empty_episode",
-             "discrete_value", "out_of_bounds_reject", "mapped_key_named", "terminal_not_last",
-             "object_array"]
-
-
-@pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_npz_input_refused_and_nothing_left(tmp_path, case):
-  config, files, kwargs, parts = _bad(np.random.default_rng(3), case)
-  for name, arrays in files.items():
-    save_npz(tmp_path / "in", name, **arrays)
-  out = tmp_path / "out"
-  with pytest.raises(DataError) as e:
-    convert_lib.convert(str(tmp_path / "in"), "npz", spec_of(config), str(out),
-                        progress=False, **kwargs)
-  for part in parts:
-    assert part in str(e.value), (part, str(e.value))
-  assert_nothing_written(tmp_path)
-
-
-def test_bad_hdf5_names_file_group_step_key(tmp_path):
-  rng = np.random.default_rng(4)
-  path = tmp_path / "in" / "d.h5"
-  path.parent.mkdir()
-  with h5py.File(path, "w") as f:
-    for name in ("ep0", "ep1"):
-      g = f.create_group(name)
-      ep = metaworld_episode(rng, 5)
-      g.attrs["language_instruction"] = str(ep.pop("language_instruction"))
-      for k, v in ep.items():
-        g[k] = v
-    f["ep1"]["state"][2, 7] = np.nan
-  with pytest.raises(DataError) as e:
-    convert_lib.convert(str(path), "hdf5", spec_of(METAWORLD), str(tmp_path / "out"),
-                        progress=False)
-  msg = str(e.value)
-  assert "d.h5" in msg and "group 'ep1'" in msg and "step 2" in msg and "'state'" in msg
-  assert_nothing_written(tmp_path)
-
-
 def test_bad_arguments_refused_before_writing(tmp_path):
   spec = spec_of(BABYAI)
   save_npz(tmp_path / "in", "a.npz", **babyai_episode(np.random.default_rng(5), 3))
@@ -336,102 +246,3 @@ def test_binary_converts(tmp_path):
   assert r.returncode == 0, r.stdout + r.stderr
   assert "episodes 1, steps 4" in r.stdout and "cast action: int64 -> float32" in r.stdout
   assert (tmp_path / "out" / statistics.STATS_FILE).exists()
-
-
-def _damaged_npz(folder, case, rng):
-  """Writes a.npz (good) and b.npz damaged as `case`; returns the message parts."""
-  save_npz(folder, "a.npz", **babyai_episode(rng, 6))
-  b = os.path.join(folder, "b.npz")
-  if case == "bad_crc":   # one flipped byte inside the stored image member
-    save_npz(folder, "b.npz", **babyai_episode(rng, 6))
-    with zipfile.ZipFile(b) as z:
-      info = z.getinfo("image.npy")
-    with open(b, "r+b") as f:
-      f.seek(info.header_offset + 30 + len(info.filename) + info.file_size // 2)
-      byte = f.read(1)
-      f.seek(-1, os.SEEK_CUR)
-      f.write(bytes([byte[0] ^ 0xFF]))
-    return ["b.npz", "'image'", "corrupt archive member", "CRC"]
-  if case == "huge_header":  # a header claiming ~14.6 TiB over a few bytes of data
-    ep = babyai_episode(rng, 6)
-    with zipfile.ZipFile(b, "w") as z:
-      for key, value in ep.items():
-        with z.open(key + ".npy", "w") as f:
-          if key == "image":
-            header = np.lib.format.header_data_from_array_1_0(value)
-            header["shape"] = (4_000_000, 4_000_000)
-            np.lib.format.write_array_header_1_0(f, header)
-            f.write(b"\0" * 64)
-          else:
-            np.lib.format.write_array(f, np.asarray(value))
-    return ["b.npz", "'image'", "declares", "(4000000, 4000000)", "holds 64 bytes"]
-  if case in ("zeros", "random"):
-    with open(b, "wb") as f:
-      f.write(bytes(4096) if case == "zeros" else rng.bytes(4096))
-    return ["b.npz", "not an .npz archive"]
-  if case == "npy":
-    with open(b, "wb") as f:
-      np.save(f, np.zeros(3))
-    return ["b.npz", "single array"]
-  if case == "fifo":
-    os.mkfifo(b)
-    return ["b.npz", "not a regular file"]
-  raise ValueError(case)
-
-
-@pytest.mark.parametrize("case", ["bad_crc", "huge_header", "zeros", "random", "npy", "fifo"])
-def test_damaged_npz_files_refused_and_nothing_left(tmp_path, case):
-  """Damaged or hostile files are one DataError naming the file (and key), never a
-  traceback, a multi-terabyte allocation or a hang; nothing is written."""
-  parts = _damaged_npz(tmp_path / "in", case, np.random.default_rng(5))
-  with pytest.raises(DataError) as e:
-    convert_lib.convert(str(tmp_path / "in"), "npz", spec_of(BABYAI), str(tmp_path / "out"),
-                        progress=False)
-  for part in parts:
-    assert part in str(e.value), (part, str(e.value))
-  assert_nothing_written(tmp_path)
-
-
-def _one_episode_h5(path, seed, **replace):
-  """`path`: one 5-step Meta-World episode in group ep0; `replace` swaps a key's value."""
-  path.parent.mkdir()
-  with h5py.File(path, "w") as f:
-    g = f.create_group("ep0")
-    ep = metaworld_episode(np.random.default_rng(seed), 5)
-    g.attrs["language_instruction"] = str(ep.pop("language_instruction"))
-    for k, v in ep.items():
-      g[k] = replace.get(k, v)
-
-
-@pytest.mark.parametrize("where", ["episode", "key"])
-def test_hdf5_dangling_external_link_is_named(tmp_path, where):
-  path = tmp_path / "in" / "d.h5"
-  if where == "key":
-    _one_episode_h5(path, 6, state=h5py.ExternalLink("missing.h5", "/state"))
-  else:
-    _one_episode_h5(path, 6)
-    with h5py.File(path, "a") as f:
-      f["ep1"] = h5py.ExternalLink("missing.h5", "/ep")
-  with pytest.raises(DataError) as e:
-    convert_lib.convert(str(path), "hdf5", spec_of(METAWORLD), str(tmp_path / "out"),
-                        progress=False)
-  assert "d.h5" in str(e.value)
-  if where == "key":
-    assert "group 'ep0'" in str(e.value) and "'state'" in str(e.value)
-  assert_nothing_written(tmp_path)
-
-
-@pytest.mark.parametrize("offset", [0, 8, 96])  # signature, superblock, root object header
-def test_bit_flipped_hdf5_structure_is_named_and_nothing_written(tmp_path, offset):
-  """A flipped byte in the HDF5 file's structure: one DataError naming the file. (A flip in
-  raw dataset bytes cannot be seen: HDF5 keeps no checksum of contiguous data; the
-  episode checks catch it only where it makes a value non-finite or out of bounds.)"""
-  path = tmp_path / "in" / "d.h5"
-  _one_episode_h5(path, 7)
-  data = bytearray(path.read_bytes())
-  data[offset] ^= 0xFF
-  path.write_bytes(bytes(data))
-  with pytest.raises(DataError, match=r"d\.h5: cannot open as HDF5"):
-    convert_lib.convert(str(path), "hdf5", spec_of(METAWORLD), str(tmp_path / "out"),
-                        progress=False)
-  assert_nothing_written(tmp_path)

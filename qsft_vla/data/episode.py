@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from qsft_vla.errors import DataError  # noqa: F401 (re-exported)
+from qsft_vla.errors import DataError, instruction_problem  # noqa: F401 (re-exported)
 from qsft_vla.robot import RobotSpec
 
 METADATA_KEYS = ("episode_id", "source", "noise", "behavior", "success", "return")
@@ -140,9 +140,11 @@ def check_episode(ep: dict[str, Any], spec: RobotSpec, where: str, *,
     if not isinstance(s, str):
       raise DataError(where, f"expected a string, got {type(s).__name__}", step=t,
                       key="language_instruction")
-    if spec.instruction_source == "step" and not s.strip():
-      raise DataError(where, "empty instruction (the robot reads instructions from steps; "
-                      "set robot.instruction.source='fixed' for a fixed one)", step=t,
+    problem = instruction_problem(s)
+    if problem and (spec.instruction_source == "step" or problem.startswith("not valid")):
+      hint = (" (the robot reads instructions from steps; set "
+              "robot.instruction.source='fixed' for a fixed one)" if not s.strip() else "")
+      raise DataError(where, f"unusable instruction {s!r}: {problem}{hint}", step=t,
                       key="language_instruction")
 
   oob_counts, first = _check_bounds(action, spec, where, policy)

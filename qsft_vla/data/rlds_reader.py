@@ -22,26 +22,44 @@ from qsft_vla.data.episode import DataError
 from qsft_vla.robot import RobotSpec
 
 
-def open_builder(data_dir: str):
-  """The TFDS builder of an RLDS dataset directory, with a clear error if it is not one."""
+def dataset_info_path(data_dir: str) -> str:
+  """The dataset's dataset_info.json; a DataError if `data_dir` is not a dataset folder."""
   if not os.path.isdir(data_dir):
-    raise DataError(data_dir, "dataset directory does not exist")
-  if not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+    raise DataError(data_dir, "dataset directory does not exist" if not os.path.exists(data_dir)
+                    else "not a folder (a dataset is a TFDS dataset directory)")
+  info = os.path.join(data_dir, "dataset_info.json")
+  if not os.path.exists(info):
     raise DataError(data_dir, "not a TFDS dataset directory (no dataset_info.json); "
                     "make one with `python -m data_tools.convert` or `data_tools.generate`")
-  info = os.path.join(data_dir, "dataset_info.json")
+  return info
+
+
+def open_builder(data_dir: str):
+  """The TFDS builder of an RLDS dataset directory, with a clear error if it is not one."""
+  info = dataset_info_path(data_dir)
   try:
     with open(info, encoding="utf-8") as f:
       json.load(f)
   except (OSError, ValueError) as e:
     raise DataError(info, f"unreadable ({type(e).__name__}: {e}); the dataset's description is "
                     "damaged: restore it or regenerate the dataset") from e
+  features = os.path.join(data_dir, "features.json")
+  if not os.path.exists(features):
+    raise DataError(features, "missing: the dataset's feature description is gone; restore it "
+                    "or regenerate the dataset")
   try:
     builder = tfds.builder_from_directory(data_dir)
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(data_dir, f"cannot open as a TFDS dataset: {type(e).__name__}: {e}") from e
+    # TFDS reads dataset_info.json and features.json here; a ParseError is the former.
+    where = info if type(e).__name__ == "ParseError" else data_dir
+    raise DataError(where, f"cannot open as a TFDS dataset: {type(e).__name__}: {e}") from e
   if "steps" not in builder.info.features:
     raise DataError(data_dir, "not an RLDS dataset: episodes have no 'steps'", key="steps")
+  for name, split in builder.info.splits.items():
+    for path in split.filepaths:  # before reading: TF would fail mid-read, naming nothing
+      if not os.path.isfile(os.fspath(path)):
+        raise DataError(os.fspath(path), f"missing record file of split {name!r} (listed in "
+                        "dataset_info.json); restore it or regenerate the dataset")
   return builder
 
 

@@ -131,6 +131,8 @@ class RLDSWriter:
                provenance: dict[str, Any] | None = None, split: str = "train",
                episodes_per_shard: int = 100, image_encoding: str = "png",
                overwrite: bool = False, protect=()):
+    if not (isinstance(episodes_per_shard, int) and episodes_per_shard >= 1):
+      raise ValueError(f"episodes_per_shard must be an integer >= 1, got {episodes_per_shard!r}")
     self.out = os.path.abspath(out)
     self.protect = tuple(protect)   # paths that must survive an overwrite (the input)
     self.spec = spec

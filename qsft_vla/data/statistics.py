@@ -63,9 +63,7 @@ def cache_path(data_dir: str, split: str = "train") -> str:
 
 def fingerprint(data_dir: str, spec: RobotSpec, split: str = "train") -> str:
   """Changes when the dataset files or the robot's view of them change."""
-  info_path = os.path.join(data_dir, "dataset_info.json")
-  if not os.path.exists(info_path):
-    raise DataError(data_dir, "not a TFDS dataset directory (no dataset_info.json)")
+  info_path = rlds_reader.dataset_info_path(data_dir)
   with open(info_path, "rb") as f:
     info_hash = hashlib.sha256(f.read()).hexdigest()
   # Our own cache files are beside the data but are not the data. Every file's

@@ -95,6 +95,18 @@ class LearnerConfig:
       v = getattr(self, name)
       if not (np.isfinite(v) and 0.0 <= v <= 1e6):
         raise ValueError(f"{name} must be a finite number in [0, 1e6], got {v}")
+    if not (np.isfinite(self.gamma) and 0.0 <= self.gamma < 1.0):
+      raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")
+    if not (np.isfinite(self.eps) and 0.0 <= self.eps < 1.0):
+      raise ValueError(f"eps must be in [0, 1), got {self.eps}")
+    for name in ("lr_pi", "lr_p"):
+      v = getattr(self, name)
+      if not (np.isfinite(v) and v >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    if self.grad_clip_norm is not None and not (np.isfinite(self.grad_clip_norm)
+                                                and self.grad_clip_norm > 0):
+      raise ValueError(f"grad_clip_norm must be a finite number > 0 or None, got "
+                       f"{self.grad_clip_norm}")
     if not (np.isfinite(self.mc_mix) and 0.0 <= self.mc_mix <= 1.0):
       raise ValueError(f"mc_mix must be in [0, 1], got {self.mc_mix}")
     if not (np.isfinite(self.filter_quantile) and 0.0 <= self.filter_quantile <= 1.0):

@@ -180,7 +180,8 @@ def resolve(path: str, step: Optional[int] = None) -> tuple[str, int]:
   one step directory; the latest complete step unless `step` is given."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
-    raise CheckpointError(f"{path}: no such directory")
+    raise CheckpointError(f"{path}: " + ("a file, not a training workdir or checkpoint folder"
+                                         if os.path.exists(path) else "no such directory"))
   base = os.path.basename(path)
   if step is None and base.isdigit() and os.path.isdir(os.path.join(path, META)):
     return os.path.dirname(path), int(base)

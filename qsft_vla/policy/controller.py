@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qsft_vla import errors
 from qsft_vla.errors import CheckpointError
 from qsft_vla.learning import reweighting
 from qsft_vla.policy import bundle, layout
@@ -284,14 +285,9 @@ class Controller:
       instruction = self._spec.instruction_text
     if not isinstance(instruction, str):
       raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
-    try:
-      instruction.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate (e.g. from a bad decode upstream)
-      raise ValueError(f"instruction is not valid Unicode text ({e.reason} at index "
-                       f"{e.start}): {instruction!r}") from None
-    if not any(ch.isalnum() for ch in instruction):  # blank, or only invisible marks
-      raise ValueError(f"instruction must be text with at least one letter or digit, got "
-                       f"{instruction!r}")
+    problem = errors.instruction_problem(instruction)
+    if problem:
+      raise ValueError(f"instruction {instruction!r} refused: {problem}")
     ids, mask = self._text_tokenizer.encode_batch([instruction], self._model_config.max_text_len)
     # Encoded once per episode (e.g. MiniLM: most of an RT-1 act() otherwise);
     # fetched to host so act() keeps taking numpy inputs only.
