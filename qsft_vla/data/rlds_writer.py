@@ -21,6 +21,7 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from qsft_vla.data.episode import METADATA_KEYS, DataError, check_episode, step_features
@@ -196,17 +197,26 @@ class RLDSWriter:
     # SequentialWriter wants the steps as a list of step dicts.
     n = report["length"]
     example["steps"] = [_index(example["steps"], t) for t in range(n)]
-    self._writer.add_examples({self.split: [example]})
+    self._tf_write(self._writer.add_examples, {self.split: [example]})
     self.num_episodes += 1
     self.num_steps += n
     return report
+
+  def _tf_write(self, fn, arg) -> None:
+    """TF reports a full disk or an I/O error as its own OpError: made an OSError (the
+    binaries' "cannot write" class); __exit__ then removes the unfinished dataset."""
+    try:
+      fn(arg)
+    except tf.errors.OpError as e:
+      raise OSError(f"--out {self.out}: cannot write the dataset: {e.message}; nothing was "
+                    "kept") from None
 
   def __exit__(self, exc_type, exc, tb):
     try:
       if exc_type is None:
         if self.num_episodes == 0:
           raise DataError(self.out, "no episodes were written")
-        self._writer.close_splits([self.split])
+        self._tf_write(self._writer.close_splits, [self.split])
         with open(os.path.join(self._tmp, PROVENANCE_FILE), "w") as f:
           json.dump({"name": self.name, "num_episodes": self.num_episodes,
                      "num_steps": self.num_steps, **self.spec.to_dict(),

@@ -50,17 +50,19 @@ class Case:
   expect: str = "refused"            # or "warned": exit 0 with the parts in the output
   may_write: tuple[str, ...] = ()    # what a "warned" run may create (path prefixes)
   timeout: float = 120.0
+  file_size_limit: int | None = None  # bytes: a file may not grow past this (a full disk)
 
 
 CASES: dict[str, Case] = {}
 
 
 def case(entry: str, *parts: str, name: str | None = None, expect: str = "refused",
-         may_write: tuple[str, ...] = (), timeout: float = 120.0):
+         may_write: tuple[str, ...] = (), timeout: float = 120.0,
+         file_size_limit: int | None = None):
   def register(setup):
     n = name or setup.__name__
     assert n not in CASES, f"two cases named {n}"
-    CASES[n] = Case(n, entry, setup, parts, expect, may_write, timeout)
+    CASES[n] = Case(n, entry, setup, parts, expect, may_write, timeout, file_size_limit)
     return setup
   return register
 
@@ -479,6 +481,15 @@ def convert_keys_missing_source(d, fixtures):
   return _convert(d, "--keys=image=pixels")
 
 
+# A full disk, for real: the OS refuses to let any file grow past 64 kB (EFBIG).
+@case("data_tools.convert", "File too large", file_size_limit=64_000)
+def convert_disk_full(d, fixtures):
+  rng = np.random.default_rng(1)
+  for i in range(6):
+    _npz(os.path.join(d, "in"), f"e{i}.npz", _babyai_episode(rng))
+  return _convert(d)
+
+
 # --------------------------------------------------------------------------- #
 # data_tools.generate
 
@@ -527,6 +538,11 @@ def generate_over_users_folder(d, fixtures):
   with open(os.path.join(d, "out", "notes.txt"), "w") as f:
     f.write("mine")
   return _generate(d, "--overwrite")
+
+
+@case("data_tools.generate", "File too large", file_size_limit=16_000)
+def generate_disk_full(d, fixtures):
+  return _generate(d, "--episodes=12", "--image_encoding=png")
 
 
 @case("data_tools.generate", "a_file")

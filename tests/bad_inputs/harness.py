@@ -34,6 +34,7 @@ import hashlib
 import importlib
 import json
 import os
+import resource
 import runpy
 import signal
 import subprocess
@@ -102,6 +103,9 @@ def _child(case, run: Any, log: str) -> None:
   os.dup2(fd, 1)
   os.dup2(fd, 2)
   code = 1
+  if case.file_size_limit:  # writes past it fail with EFBIG instead of killing the process
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (case.file_size_limit, case.file_size_limit))
   try:
     if case.entry == "api":
       try:
