@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -101,6 +102,12 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
   stem = output_stem(env, seed, beta, extraction)
   out_dir = os.path.join(root, "eval")
   video_dir = os.path.join(out_dir, "videos", stem)
+  try:  # before the episodes, not after them: a read-only workdir fails at once
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out_dir):
+      pass
+  except OSError as e:
+    raise OSError(f"{out_dir}: cannot write the results here ({e.strerror})") from None
   for old in glob.glob(os.path.join(video_dir, "episode_*.gif")):
     os.remove(old)
   summary, per_episode = loop.evaluate(env, controller, int(episodes), int(seed),

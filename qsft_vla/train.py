@@ -24,6 +24,8 @@ import dataclasses
 import json
 import logging as std_logging
 import os
+import sys
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -286,8 +288,11 @@ def _check_workdir(workdir: str) -> None:
     path = os.path.dirname(path)
   if not os.path.isdir(path):
     raise TrainingError(f"--workdir {workdir}: {path} is a file, not a folder")
-  if not os.access(path, os.W_OK | os.X_OK):
-    raise TrainingError(f"--workdir {workdir}: {path} is not writable")
+  try:  # a real write: os.access says yes to root on a read-only mount or immutable folder
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise TrainingError(f"--workdir {workdir}: {path} is not writable ({e.strerror})") from None
   config_json = os.path.join(workdir, CONFIG_JSON)
   if os.path.lexists(config_json):
     try:
@@ -459,7 +464,9 @@ def main(argv):
   try:
     summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
   except (qconfig.ConfigError, checkpoints.CheckpointError, TrainingError, DataError) as e:
-    raise app.UsageError(str(e)) from None
+    # One line, as the data tools say it (a UsageError would print the flags' help first).
+    print(f"train: error: {e}", file=sys.stderr)
+    sys.exit(1)
   logging.info("done: %s", json.dumps(summary))
 
 
@@ -492,7 +499,6 @@ def check_config_args(argv) -> Optional[str]:
 
 if __name__ == "__main__":
   _define_flags()
-  import sys  # pylint: disable=g-import-not-at-top
   refused = check_config_args(sys.argv[1:])
   if refused:
     print(f"train: error: {refused}", file=sys.stderr)

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import zipfile
 from typing import Any, Callable
 
@@ -51,6 +52,7 @@ class Case:
   may_write: tuple[str, ...] = ()    # what a "warned" run may create (path prefixes)
   timeout: float = 120.0
   file_size_limit: int | None = None  # bytes: a file may not grow past this (a full disk)
+  teardown: Callable[[str], None] | None = None  # after the run (e.g. make it deletable again)
 
 
 CASES: dict[str, Case] = {}
@@ -58,11 +60,12 @@ CASES: dict[str, Case] = {}
 
 def case(entry: str, *parts: str, name: str | None = None, expect: str = "refused",
          may_write: tuple[str, ...] = (), timeout: float = 120.0,
-         file_size_limit: int | None = None):
+         file_size_limit: int | None = None, teardown: Callable[[str], None] | None = None):
   def register(setup):
     n = name or setup.__name__
     assert n not in CASES, f"two cases named {n}"
-    CASES[n] = Case(n, entry, setup, parts, expect, may_write, timeout, file_size_limit)
+    CASES[n] = Case(n, entry, setup, parts, expect, may_write, timeout, file_size_limit,
+                    teardown)
     return setup
   return register
 
@@ -111,6 +114,23 @@ def _flip(path, offset=None, mask=0xFF):
 def _truncate(path, keep=0.5):
   with open(path, "r+b") as f:
     f.truncate(int(os.path.getsize(path) * keep))
+
+
+def _read_only(path):
+  """No one may write in `path`, root included: the mode, and as root the immutable flag
+  (root ignores the mode, as it would a read-only mount's absence)."""
+  os.chmod(path, 0o555)
+  if os.geteuid() == 0:
+    subprocess.run(["chattr", "+i", path], check=True, capture_output=True)
+
+
+def _writable_again(d):
+  for root, dirs, _ in os.walk(d):
+    for name in dirs:
+      path = os.path.join(root, name)
+      if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", path], check=False, capture_output=True)
+      os.chmod(path, 0o755)
 
 
 def _largest(folder, pattern=""):
@@ -437,6 +457,14 @@ def convert_overwrite_dataset_with_users_file(d, fixtures):
   return _convert(d, "--overwrite", out=out)
 
 
+@case("data_tools.convert", "locked/", teardown=_writable_again)
+def convert_out_in_read_only_folder(d, fixtures):
+  _one_npz(d)
+  os.makedirs(os.path.join(d, "locked"))
+  _read_only(os.path.join(d, "locked"))
+  return _convert(d, out=os.path.join(d, "locked", "out"))
+
+
 @case("data_tools.convert", "nope.py")
 def convert_missing_config(d, fixtures):
   _one_npz(d)
@@ -705,6 +733,13 @@ def train_workdir_under_a_file(d, fixtures):
   return _train(d, fixtures["babyai_data"], workdir=os.path.join(d, "a_file", "run"))
 
 
+@case("qsft_vla.train", "locked", "not writable", teardown=_writable_again)
+def train_workdir_read_only(d, fixtures):
+  os.makedirs(os.path.join(d, "locked"))
+  _read_only(os.path.join(d, "locked"))
+  return _train(d, fixtures["babyai_data"], workdir=os.path.join(d, "locked", "run"))
+
+
 @case("qsft_vla.train", "nope.py")
 def train_missing_config(d, fixtures):
   return _train(d, fixtures["babyai_data"], config=os.path.join(REPO, "robot_configs", "nope.py"))
@@ -770,6 +805,13 @@ def evaluate_workdir_is_a_file(d, fixtures):
   with open(os.path.join(d, "a_file"), "w") as f:
     f.write("mine")
   return _evaluate(os.path.join(d, "a_file"))
+
+
+@case("qsft_vla.evaluate", "run/eval", "cannot write the results", teardown=_writable_again)
+def evaluate_read_only_workdir(d, fixtures):
+  run = _copy(fixtures, "qsft_run", d, "run")
+  _read_only(run)
+  return _evaluate(run)
 
 
 @case("qsft_vla.evaluate", "damaged", "sha256")

@@ -102,6 +102,9 @@ def _child(case, run: Any, log: str) -> None:
   fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
   os.dup2(fd, 1)
   os.dup2(fd, 2)
+  # Python's streams onto those descriptors (under pytest they are capture objects).
+  sys.stdout = open(1, "w", closefd=False)  # pylint: disable=consider-using-with
+  sys.stderr = open(2, "w", closefd=False)  # pylint: disable=consider-using-with
   code = 1
   if case.file_size_limit:  # writes past it fail with EFBIG instead of killing the process
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -156,7 +159,10 @@ def run_case(case, fixtures: dict[str, str], root: str) -> dict[str, Any]:
     os.waitpid(pid, 0)
   with open(log, errors="replace") as f:
     output = f.read()
-  outcome, detail = classify(case, code, output, before, snapshot(where))
+  after = snapshot(where)
+  if case.teardown:
+    case.teardown(where)
+  outcome, detail = classify(case, code, output, before, after)
   return {"entry": case.entry, "outcome": outcome, "want": case.expect, "exit": code,
           "seconds": round(time.time() - start, 2), "detail": detail,
           "message": output.strip().splitlines()[-1] if output.strip() else ""}
