@@ -288,6 +288,8 @@ def _damaged(d, kind, rng):
     os.mkfifo(b)
   elif kind == "directory":
     os.mkdir(b)
+  elif kind == "dev_zero":  # endless zeros: reading it would never end
+    os.symlink("/dev/zero", b)
   elif kind == "dangling_link":
     os.symlink(os.path.join(d, "nowhere.npz"), b)
   elif kind == "link_loop":
@@ -302,6 +304,7 @@ DAMAGED = {"bad_crc": ["b.npz", "'image'", "CRC"],
            "empty_file": ["b.npz"], "single_npy": ["b.npz", "single array"],
            "truncated": ["b.npz"], "pickled_member": ["b.npz", "'image'"],
            "fifo": ["b.npz", "not a regular file"], "directory": ["b.npz", "a folder"],
+           "dev_zero": ["b.npz", "not a regular file"],
            "dangling_link": ["b.npz", "No such file"],
            "link_loop": ["b.npz", "symbolic links"]}
 
