@@ -102,9 +102,8 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
   stem = output_stem(env, seed, beta, extraction)
   out_dir = os.path.join(root, "eval")
   video_dir = os.path.join(out_dir, "videos", stem)
-  try:  # before the episodes, not after them: a read-only workdir fails at once
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=out_dir):
+  try:  # before the episodes, not after them (a read-only workdir fails at once); creates nothing
+    with tempfile.TemporaryFile(dir=out_dir if os.path.isdir(out_dir) else root):
       pass
   except OSError as e:
     raise OSError(f"{out_dir}: cannot write the results here ({e.strerror})") from None
