@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -120,6 +121,8 @@ def _child(case, run: Any, log: str) -> None:
         code = 1
     else:
       sys.argv = [case.entry] + list(run)
+      # runpy's note that the driver imported the module first (on purpose: once, not per case).
+      warnings.filterwarnings("ignore", r".*found in sys\.modules", RuntimeWarning)
       try:
         runpy.run_module(case.entry, run_name="__main__", alter_sys=True)
         code = 0
