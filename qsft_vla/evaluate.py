@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from qsft_vla import config as qconfig
 from qsft_vla import envs
-from qsft_vla.policy import Controller, TrainedPolicy, checkpoints
+from qsft_vla.policy import Controller, ControllerError, TrainedPolicy, checkpoints
 from qsft_vla.evaluation import loop, outcomes
 
 
@@ -218,7 +218,7 @@ def main(argv):
                  temperature=f.temperature, checkpoint_step=f.checkpoint_step,
                  video_episodes=f.video_episodes, max_steps=f.max_steps, progress=f.progress,
                  extraction=f.extraction)
-  except (ValueError, OSError) as e:  # bad flags, checkpoint or env: one line, no traceback
+  except (ValueError, OSError, ControllerError) as e:  # bad flags, checkpoint, env; refused acts
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 1
   print(format_result(result))

@@ -24,13 +24,13 @@ def ckpt_dir(tmp_path_factory):
   cache = {}
 
   def get(robot="babyai", algorithm="qsft", architecture="separate", image_size=None,
-          p_parametrization="independent"):
-    key = (robot, algorithm, architecture, image_size, p_parametrization)
+          p_parametrization="independent", ratio_eps=0.01):
+    key = (robot, algorithm, architecture, image_size, p_parametrization, ratio_eps)
     if key not in cache:
       d = tmp_path_factory.mktemp("_".join(map(str, key)))
       cache[key] = write_checkpoint(
           d, robot, algorithm, architecture, image_size=image_size,
-          **{"learner.p_parametrization": p_parametrization})
+          **{"learner.p_parametrization": p_parametrization, "learner.ratio_eps": ratio_eps})
     return cache[key]
 
   return get
@@ -119,6 +119,8 @@ def reference_tokens(path, obs, history_mask, beta, extraction="p"):
       score = np.where(pi_ok, log_pi + beta * np.exp(log_p), -np.inf)
     else:  # the implied Q = p / pi over the support pi > ratio_eps
       support = pi_ok & (log_pi > np.log(ck.learner.ratio_eps))
+      if not support.any():  # the valid id of largest pi alone
+        support = np.arange(len(log_pi)) == np.argmax(np.where(pi_ok, log_pi, -np.inf))
       ratio = np.exp(np.where(support, log_p - log_pi, 0.0))
       score = np.where(support, log_pi + beta * ratio, -np.inf)
     tokens[0, j] = int(np.argmax(score))
@@ -150,9 +152,14 @@ def test_tokens_equal_teacher_forced_argmax(ckpt_dir, robot, architecture):
   assert ctrl._act_fn._cache_size() == compiled  # beta is traced: no recompilation
 
 
-@pytest.mark.parametrize("p_parametrization", ["independent", "residual"])
-def test_ratio_extraction_equals_teacher_forced_argmax(ckpt_dir, p_parametrization):
-  path = ckpt_dir("babyai", "qsft", "separate", p_parametrization=p_parametrization)
+# ratio_eps 0.14: about half of BabyAI's 7 actions (pi ~ 1/7 at init) fall outside the
+# support, whose -inf logits must not read as non-finite.
+@pytest.mark.parametrize("p_parametrization,ratio_eps", [("independent", 0.01),
+                                                         ("residual", 0.01),
+                                                         ("independent", 0.14)])
+def test_ratio_extraction_equals_teacher_forced_argmax(ckpt_dir, p_parametrization, ratio_eps):
+  path = ckpt_dir("babyai", "qsft", "separate", p_parametrization=p_parametrization,
+                  ratio_eps=ratio_eps)
   ck, _ = load_reference(path)
   ctrl = controller(path, extraction="ratio")
   assert ctrl.extraction == "ratio" and ctrl.beta == ck.learner.ratio_beta

@@ -473,8 +473,11 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
         p_logits = reweighting.mask_logits(p_logits, p_ok)
       logits = reweighting.reweighted_logits(pi_logits, p_logits, beta, pi_ok, extraction, ratio_eps)
       tok = reweighting.select(logits, temperature, jax.random.fold_in(call_key, j))
-      finite = jnp.all(jnp.where(pi_ok, jnp.isfinite(pi_logits) & jnp.isfinite(p_logits)
-                                 & jnp.isfinite(logits), True))
+      # The networks' logits must be finite; the reweighted ones may be -inf off the
+      # ratio extraction's support, but never NaN, and the chosen one must be finite.
+      finite = (jnp.all(jnp.where(pi_ok, jnp.isfinite(pi_logits) & jnp.isfinite(p_logits)
+                                  & ~jnp.isnan(logits), True))
+                & jnp.all(jnp.isfinite(jnp.take_along_axis(logits, tok[..., None], -1))))
       return (tok, caches), (tok[0], finite)
 
     prev = jnp.zeros((1,), jnp.int32)
