@@ -13,15 +13,17 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 
-def instruction_problem(text: str) -> Optional[str]:
+def instruction_problem(text: str, require_text: bool = True) -> Optional[str]:
   """Why `text` cannot be an instruction, or None. One rule for the data (every
   episode's instructions) and the robot host (Controller.reset), so a dataset
-  never holds an instruction the policy could not be given."""
+  never holds an instruction the policy could not be given. require_text=False
+  (a robot whose instruction is fixed: the steps' text is not read) checks only
+  that it can be stored."""
   try:
     text.encode("utf-8")
   except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a bad decode upstream
     return f"not valid Unicode text ({e.reason} at index {e.start})"
-  if not any(ch.isalnum() for ch in text):  # blank, or only invisible marks
+  if require_text and not any(ch.isalnum() for ch in text):  # blank, or only invisible marks
     return "no letter or digit (blank, or only invisible marks such as zero-width spaces)"
   return None
 

@@ -140,8 +140,8 @@ def check_episode(ep: dict[str, Any], spec: RobotSpec, where: str, *,
     if not isinstance(s, str):
       raise DataError(where, f"expected a string, got {type(s).__name__}", step=t,
                       key="language_instruction")
-    problem = instruction_problem(s)
-    if problem and (spec.instruction_source == "step" or problem.startswith("not valid")):
+    problem = instruction_problem(s, require_text=spec.instruction_source == "step")
+    if problem:
       hint = (" (the robot reads instructions from steps; set "
               "robot.instruction.source='fixed' for a fixed one)" if not s.strip() else "")
       raise DataError(where, f"unusable instruction {s!r}: {problem}{hint}", step=t,
