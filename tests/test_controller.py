@@ -89,15 +89,17 @@ def load_reference(path):
   return _LOADED[path]
 
 
-def reference_tokens(path, obs, history_mask, beta, extraction="p"):
+def reference_tokens(path, obs, history_mask, beta, extraction="p", with_q=False):
   """Greedy decoding by teacher forcing (model __call__), masks and reweighting
-  written out in numpy: position j takes the argmax given the tokens before it."""
+  written out in numpy: position j takes the argmax given the tokens before it.
+  with_q: also the implied Q = p / pi of each chosen token."""
   ck, apply = load_reference(path)
   mc, tok = ck.model_config, ck.action_tokenizer
   text_ids, text_mask = ck.text_tokenizer.encode_batch([INSTRUCTION], mc.max_text_len)
   obs = {k: (resize_images(v, ck.image_sizes[k]) if k in ck.image_sizes else v)
          for k, v in obs.items()}
   tokens = np.zeros((1, mc.num_action_dims), np.int32)
+  q = np.zeros(mc.num_action_dims)
   for j, bins in enumerate(tok.bins_per_dim):
     def logits(name):
       return np.asarray(apply(ck.params[name], obs, history_mask, text_ids, text_mask, tokens),
@@ -124,7 +126,8 @@ def reference_tokens(path, obs, history_mask, beta, extraction="p"):
       ratio = np.exp(np.where(support, log_p - log_pi, 0.0))
       score = np.where(support, log_pi + beta * ratio, -np.inf)
     tokens[0, j] = int(np.argmax(score))
-  return tokens[0]
+    q[j] = np.exp(log_p[tokens[0, j]] - log_pi[tokens[0, j]])
+  return (tokens[0], q) if with_q else tokens[0]
 
 
 @pytest.mark.parametrize("robot,architecture", [("babyai", "separate"), ("babyai", "shared"),
@@ -154,6 +157,30 @@ def test_tokens_equal_teacher_forced_argmax(ckpt_dir, robot, architecture):
 
 # ratio_eps 0.14: about half of BabyAI's 7 actions (pi ~ 1/7 at init) fall outside the
 # support, whose -inf logits must not read as non-finite.
+@pytest.mark.parametrize("robot,architecture", [("babyai", "separate"), ("metaworld", "shared")])
+def test_info_holds_the_implied_q_of_the_chosen_tokens(ckpt_dir, robot, architecture):
+  """act(return_info=True): per dimension p / pi of the token chosen, as teacher forcing
+  gives it; the success estimate is the last one clipped to [0, 1]; BC has none."""
+  path = ckpt_dir(robot, "qsft", architecture)
+  ctrl = controller(path)
+  ctrl.beta = 4.0
+  ctrl.reset(INSTRUCTION)
+  rng = np.random.RandomState(2)
+  frames = [random_observation(ctrl.spec, rng) for _ in range(2)]
+  windows = pipeline_windows(frames, load_reference(path)[0].model_config.window)
+  for frame, (obs, mask) in zip(frames, windows):
+    action, info = ctrl.act(frame, return_info=True)
+    want_tokens, want_q = reference_tokens(path, obs, mask, 4.0, with_q=True)
+    np.testing.assert_array_equal(ctrl.action_tokenizer.encode(action), want_tokens)
+    assert info["q"].shape == (len(ctrl.spec.action_dims),) and info["q"].dtype == np.float32
+    np.testing.assert_allclose(info["q"], want_q, rtol=2e-4)
+    assert info["success_estimate"] == pytest.approx(float(np.clip(want_q[-1], 0, 1)), rel=2e-4)
+  bc = controller(ckpt_dir(robot, "bc"))
+  bc.reset(INSTRUCTION)
+  _, info = bc.act(frames[0], return_info=True)
+  assert info == {"q": None, "success_estimate": None}
+
+
 @pytest.mark.parametrize("p_parametrization,ratio_eps", [("independent", 0.01),
                                                          ("residual", 0.01),
                                                          ("independent", 0.14)])

@@ -297,8 +297,23 @@ class Controller:
     self._frames = []
     self._valid = 0  # real (not padding) frames in the window
 
-  def act(self, observation: Mapping[str, Any]) -> np.ndarray:
+  def act(self, observation: Mapping[str, Any], return_info: bool = False):
     """The action float32[D] for this observation (appended to the history).
+
+    return_info: return (action, info) instead, with the policy's own value of it
+    (None for both entries without p_theta, i.e. BC and filtered BC):
+      info["q"]: float32[D], per action dimension, the implied Q of the chosen
+        token, p_theta / pi_phi of that token given the observation and the
+        tokens chosen before it, as the Bellman weights read it. Trained on
+        rewards rescaled to [0, 1] with weights clipped to [0, 1], it estimates
+        the discounted return of taking the action so far (the last entry: the
+        whole action) and continuing as the data's behaviour did. It is a ratio
+        of two networks: outside [0, 1] where they disagree, noisy where pi_phi
+        is small.
+      info["success_estimate"]: the last entry of q clipped to [0, 1]. With a
+        success reward of 1 (BabyAI, and Meta-World's success flag) it is a
+        discounted success probability: gamma^(steps to success) times success,
+        so a lower estimate of the chance to succeed from here.
 
     Raises ObservationError for a malformed observation, ControllerError when the
     policy's logits come out non-finite (e.g. a finite state so large the network
@@ -314,9 +329,9 @@ class Controller:
       self._frames = self._frames[1:] + [frame]
     self._valid = min(self._valid + 1, self._model_config.window)
     obs, history_mask = self._window()
-    tokens, finite = self._act_fn(self._params, obs, history_mask, *self._text,
-                                  np.float32(self._beta), np.float32(self._temperature),
-                                  self._key, np.uint32(self._draws))
+    tokens, finite, q = self._act_fn(self._params, obs, history_mask, *self._text,
+                                     np.float32(self._beta), np.float32(self._temperature),
+                                     self._key, np.uint32(self._draws))
     self._draws += 1
     if not bool(finite):  # argmax of NaN logits is a valid-looking bin: never act on it
       self._frames, self._valid = before  # the refused frame does not enter the history
@@ -325,7 +340,12 @@ class Controller:
     action = self._guard(self._action_tokenizer.decode(np.asarray(tokens)))
     self._latencies_ms.append((time.perf_counter() - start) * 1e3)
     self._calls += 1
-    return action
+    if not return_info:
+      return action
+    if not self._has_p:
+      return action, {"q": None, "success_estimate": None}
+    q = np.asarray(q, np.float32)
+    return action, {"q": q, "success_estimate": float(np.clip(q[-1], 0.0, 1.0))}
 
   def _window(self):
     """The model inputs of the current history: ({camera: uint8[1, window, h, w, 3],
@@ -431,7 +451,8 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
   instruct_fn(params, text_ids, text_mask) -> {net: the model's
   encode_instruction}, once per episode.
   act_fn(params, obs, history_mask, text_ids, text_mask, encoded, beta,
-  temperature, key, draw) -> int32[D] tokens.
+  temperature, key, draw) -> (int32[D] tokens, bool finite, float32[D] the
+  implied Q = p / pi of each chosen token; meaningless without p_theta).
   """
   mc = model.config
   valid = np.arange(mc.action_vocab)[None, :] < np.asarray(bins_per_dim)[:, None]
@@ -478,11 +499,15 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
       finite = (jnp.all(jnp.where(pi_ok, jnp.isfinite(pi_logits) & jnp.isfinite(p_logits)
                                   & ~jnp.isnan(logits), True))
                 & jnp.all(jnp.isfinite(jnp.take_along_axis(logits, tok[..., None], -1))))
-      return (tok, caches), (tok[0], finite)
+      # The implied Q of the chosen token, from the softmaxes the Bellman weights read.
+      chosen = lambda x: jnp.take_along_axis(jax.nn.log_softmax(x, -1), tok[..., None], -1)
+      q = jnp.exp(chosen(p_logits) - chosen(pi_logits))[0, 0]
+      return (tok, caches), (tok[0], finite, q)
 
     prev = jnp.zeros((1,), jnp.int32)
-    _, (tokens, finite) = jax.lax.scan(token, (prev, caches), jnp.arange(mc.num_action_dims))
-    return tokens, jnp.all(finite)
+    _, (tokens, finite, q) = jax.lax.scan(token, (prev, caches),
+                                          jnp.arange(mc.num_action_dims))
+    return tokens, jnp.all(finite), q
 
   return jax.jit(instruct_fn), jax.jit(act_fn)
 
