@@ -174,9 +174,21 @@ def format_result(result: dict[str, Any]) -> str:
       outcomes.format_table({result["label"]: result}),
       f"controller latency per act(): p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms "
       f"over {lat['calls']} calls",
+      *_estimate_lines(result),
       f"wrote {result['json']}" + (f" and videos in {result['video_dir']}"
                                    if result["video_dir"] else ""),
   ])
+
+
+def _estimate_lines(result: dict[str, Any]) -> list[str]:
+  """The policy's own success estimates and how well they predict success (Q-SFT only)."""
+  if "mean_success_estimate_first" not in result:
+    return []
+  auc = lambda a: "n/a (one outcome only)" if a is None else f"{a:.3f}"  # noqa: E731
+  return [f"success estimate (clipped p/pi of the whole action): first step mean "
+          f"{result['mean_success_estimate_first']:.3f}, AUC {auc(result['auc_first'])}; "
+          f"episode mean {result['mean_success_estimate_mean']:.3f}, "
+          f"AUC {auc(result['auc_mean'])}"]
 
 
 # --------------------------------------------------------------------------- #

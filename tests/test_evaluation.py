@@ -261,3 +261,52 @@ def test_paired_sign_test_known_answers():
   assert outcomes.paired_sign_test([1, 0], [1, 0])["p_value"] == 1.0
   with pytest.raises(ValueError, match="equal lengths"):
     outcomes.paired_sign_test([1], [1, 0])
+
+
+def test_auc_known_answers():
+  assert outcomes.auc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+  assert outcomes.auc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+  assert outcomes.auc([0.5] * 4, [0, 1, 0, 1]) == 0.5
+  assert outcomes.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+  assert outcomes.auc([0.2, 0.3], [1, 1]) is None
+  rng = np.random.default_rng(0)   # against all pairs, with ties
+  s, y = rng.integers(0, 5, 60).astype(float), rng.random(60) < 0.4
+  pairs = [(a > b) + 0.5 * (a == b) for a in s[y] for b in s[~y]]
+  assert outcomes.auc(s, y) == pytest.approx(np.mean(pairs))
+  with pytest.raises(ValueError, match="3 scores for 2 labels"):
+    outcomes.auc([1, 2, 3], [0, 1])
+
+
+class Valued:
+  """A policy that reports a success estimate with each action, as a Q-SFT Controller."""
+  has_p = True
+
+  def __init__(self, inner):
+    self.inner, self.t = inner, 0
+
+  def bind_env(self, env):
+    self.inner.bind_env(env)
+
+  def reset(self, instruction):
+    self.t = 0
+    self.inner.reset(instruction)
+
+  def act(self, observation, return_info=False):
+    assert return_info
+    self.t += 1
+    return self.inner.act(observation), {"q": None, "success_estimate": 1.0 / self.t}
+
+
+def test_success_estimates_are_recorded_and_scored():
+  summary, per = loop.evaluate(BABYAI, Valued(loop.ExpertPolicy(noise=0.5, seed=1)), 12, seed=3,
+                               progress=False)
+  for r in per:
+    assert r["success_estimate_first"] == 1.0
+    assert r["success_estimate_mean"] == pytest.approx(np.mean(1.0 / np.arange(1, r["length"] + 1)))
+  assert summary["mean_success_estimate_first"] == 1.0
+  # The episode mean falls with the length, so it ranks short (successful) episodes first.
+  want = outcomes.auc([r["success_estimate_mean"] for r in per], [r["success"] for r in per])
+  assert summary["auc_mean"] == want and summary["auc_first"] in (0.5, None)
+  plain, per_plain = loop.evaluate(BABYAI, loop.ExpertPolicy(noise=0.5, seed=1), 2, seed=3,
+                                   progress=False)
+  assert per_plain[0]["success_estimate_first"] is None and "auc_first" not in plain

@@ -256,8 +256,11 @@ def evaluate(env_id: str | SimEnv, policy: Actor, episodes: int, seed: int, *,
   progress: a tqdm bar over episodes (rate, ETA, running success rate).
 
   Per-episode results: index, reset_seed, instruction, success, return, length,
-  terminated, truncated, video (path or None). The summary is
-  outcomes.summarize(per_episode) plus env_id, seed, max_steps and wall_seconds.
+  terminated, truncated, video (path or None), and the policy's own success
+  estimates where it has them (a Q-SFT Controller: has_p): at the first step and
+  averaged over the episode (success_estimate_first / _mean, else None). The
+  summary is outcomes.summarize(per_episode) plus env_id, seed, max_steps and
+  wall_seconds.
   Policy actions that are malformed or out of bounds raise PolicyActionError.
   """
   if isinstance(episodes, bool) or int(episodes) != episodes or episodes < 0:
@@ -322,6 +325,8 @@ def _run_episode(env: SimEnv, policy: Actor, spec: RobotSpec, index: int, seed: 
   obs = env.reset(reset_seed)
   instruction = env.instruction
   policy.reset(instruction)
+  values = bool(getattr(policy, "has_p", False))  # a Q-SFT Controller: it can say its Q
+  estimates = []
   limit = env.max_steps if max_steps is None else min(env.max_steps, int(max_steps))
   frames = [env.render()] if want_video else None
   total = 0.0
@@ -329,7 +334,12 @@ def _run_episode(env: SimEnv, policy: Actor, spec: RobotSpec, index: int, seed: 
   terminated = truncated = success = False
   while length < limit:
     where = f"episode {index} (reset seed {reset_seed}), step {length}"
-    action = check_action(policy.act(obs), spec, where)
+    if values:
+      action, info = policy.act(obs, return_info=True)
+      estimates.append(info["success_estimate"])
+    else:
+      action = policy.act(obs)
+    action = check_action(action, spec, where)
     obs, reward, terminated, truncated, info = env.step(action)
     length += 1
     total += float(reward)
@@ -346,4 +356,6 @@ def _run_episode(env: SimEnv, policy: Actor, spec: RobotSpec, index: int, seed: 
     _write_gif(video, frames, success, fps)
   return {"index": index, "reset_seed": reset_seed, "instruction": instruction,
           "success": bool(success), "return": total, "length": length,
-          "terminated": bool(terminated), "truncated": bool(truncated), "video": video}
+          "terminated": bool(terminated), "truncated": bool(truncated), "video": video,
+          "success_estimate_first": estimates[0] if estimates else None,
+          "success_estimate_mean": float(np.mean(estimates)) if estimates else None}

@@ -39,12 +39,37 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
   return low, high
 
 
+def auc(scores: Iterable[float], labels: Iterable[bool]) -> float | None:
+  """The area under the ROC curve of `scores` for predicting `labels`: the chance
+  that a random positive scores above a random negative, ties counting half
+  (Mann-Whitney U / (n_pos * n_neg), from average ranks). None without both classes."""
+  s = np.asarray(list(scores), np.float64)
+  y = np.asarray(list(labels), bool)
+  if s.shape != y.shape:
+    raise ValueError(f"{s.size} scores for {y.size} labels")
+  n_pos, n_neg = int(y.sum()), int((~y).sum())
+  if not n_pos or not n_neg:
+    return None
+  order = np.argsort(s, kind="mergesort")
+  ranks = np.empty(len(s), np.float64)
+  ranks[order] = np.arange(1, len(s) + 1)
+  for value in np.unique(s):  # ties share their average rank
+    tied = s == value
+    ranks[tied] = ranks[tied].mean()
+  u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
+  return float(u / (n_pos * n_neg))
+
+
 def summarize(episode_results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
   """Aggregates per-episode results (each with "success", "return", "length").
 
   Returns success_rate, ci_low/ci_high (95% Wilson), episodes, successes,
   mean/std of return and length (population std). With no episodes the rate
-  and means are NaN and the interval is (0, 1).
+  and means are NaN and the interval is (0, 1). Where every episode has the
+  policy's own success estimates (Controller.act(return_info=True): at the first
+  step, "success_estimate_first", and averaged over the episode,
+  "success_estimate_mean"), also their means and how well they predict success:
+  auc_first and auc_mean (None with only one outcome among the episodes).
   """
   results = list(episode_results)
   for i, r in enumerate(results):
@@ -67,7 +92,21 @@ def summarize(episode_results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
       "std_return": float(returns.std()) if n else nan,
       "mean_length": float(lengths.mean()) if n else nan,
       "std_length": float(lengths.std()) if n else nan,
+      **_estimates(results),
   }
+
+
+def _estimates(results) -> dict[str, Any]:
+  keys = ("success_estimate_first", "success_estimate_mean")
+  if not results or any(r.get(k) is None for r in results for k in keys):
+    return {}
+  success = [bool(r["success"]) for r in results]
+  out = {}
+  for k in keys:
+    values = [float(r[k]) for r in results]
+    out[f"mean_{k}"] = float(np.mean(values))
+    out["auc_" + k.rsplit("_", 1)[1]] = auc(values, success)
+  return out
 
 
 def _fmt(x: float, spec: str) -> str:
