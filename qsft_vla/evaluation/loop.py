@@ -5,7 +5,9 @@
 
 Any object with `reset(instruction)` and `act(observation) -> float32[D]` is an
 Actor here (the robot Controller, ExpertPolicy, RandomPolicy); the trained
-policy itself is qsft_vla.policy.TrainedPolicy.
+policy itself is qsft_vla.policy.TrainedPolicy. An Actor whose `has_p` is true
+(a Q-SFT Controller) is asked `act(observation, return_info=True)` instead, and
+its success estimates are recorded and scored (outcomes.summarize).
 
 Episodes. Episode i is reset with `eval_reset_seed(seed, i)`, a function of
 (seed, i) only, so every policy evaluated with the same seed sees the same
