@@ -26,12 +26,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Optional
 
 from qsft_vla import config as qconfig
 from qsft_vla import envs
+from qsft_vla import paths
 from qsft_vla.policy import Controller, ControllerError, TrainedPolicy, checkpoints
 from qsft_vla.evaluation import loop, outcomes
 
@@ -102,11 +102,10 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
   stem = output_stem(env, seed, beta, extraction)
   out_dir = os.path.join(root, "eval")
   video_dir = os.path.join(out_dir, "videos", stem)
-  try:  # before the episodes, not after them (a read-only workdir fails at once); creates nothing
-    with tempfile.TemporaryFile(dir=out_dir if os.path.isdir(out_dir) else root):
-      pass
+  try:  # before the episodes, not after them (a read-only workdir fails at once)
+    paths.check_writable_folder(out_dir)
   except OSError as e:
-    raise OSError(f"{out_dir}: cannot write the results here ({e.strerror})") from None
+    raise OSError(f"{out_dir}: cannot write the results here ({e})") from None
   for old in glob.glob(os.path.join(video_dir, "episode_*.gif")):
     os.remove(old)
   summary, per_episode = loop.evaluate(env, controller, int(episodes), int(seed),

@@ -25,7 +25,6 @@ import json
 import logging as std_logging
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -38,6 +37,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from qsft_vla import config as qconfig
+from qsft_vla import paths
 from qsft_vla.learning import learner as learner_lib
 from qsft_vla.models import registry
 from qsft_vla.policy import checkpoints, layout
@@ -283,16 +283,10 @@ def _write_atomic(path: str, text: str) -> None:
 def _check_workdir(workdir: str) -> None:
   """A workdir (or its nearest existing parent) must be a writable folder, and a
   config.json in it must be one this binary wrote (it is replaced later)."""
-  path = workdir
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path):
-    raise TrainingError(f"--workdir {workdir}: {path} is a file, not a folder")
-  try:  # a real write: os.access says yes to root on a read-only mount or immutable folder
-    with tempfile.TemporaryFile(dir=path):
-      pass
+  try:
+    paths.check_writable_folder(workdir)
   except OSError as e:
-    raise TrainingError(f"--workdir {workdir}: {path} is not writable ({e.strerror})") from None
+    raise TrainingError(f"--workdir {workdir}: {e}") from None
   config_json = os.path.join(workdir, CONFIG_JSON)
   if os.path.lexists(config_json):
     try:

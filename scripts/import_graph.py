@@ -25,7 +25,7 @@ PACKAGES = ("qsft_vla", "data_tools")
 # longest matching prefix ranks a module; "qsft_vla" itself is its __init__ only.
 LAYERS = {
     # 0: what everything may use
-    "qsft_vla": 0, "qsft_vla.errors": 0, "qsft_vla.checksums": 0,
+    "qsft_vla": 0, "qsft_vla.errors": 0, "qsft_vla.checksums": 0, "qsft_vla.paths": 0,
     # 1: schemas: a robot, its action tokens, an episode, a learner's settings
     "qsft_vla.robot": 1, "qsft_vla.tokenizers": 1, "qsft_vla.data.episode": 1,
     "qsft_vla.learning.spec": 1,

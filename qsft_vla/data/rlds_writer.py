@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from qsft_vla import paths
 from qsft_vla.data.episode import METADATA_KEYS, DataError, check_episode, step_features
 from qsft_vla.robot import RobotSpec
 
@@ -155,11 +156,10 @@ class RLDSWriter:
         raise FileExistsError(f"{self.out} already exists; choose another --out or remove it")
       check_replaceable(self.out, self.protect)
     parent = os.path.dirname(self.out)
-    existing = parent
-    while not os.path.exists(existing):
-      existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-      raise NotADirectoryError(f"--out {self.out}: {existing} is a file, not a folder")
+    try:
+      paths.check_writable_folder(parent)
+    except OSError as e:
+      raise type(e)(f"--out {self.out}: {e}") from None
     os.makedirs(parent, exist_ok=True)
     remove_stale_temporaries(self.out)
     self._tmp = tempfile.mkdtemp(prefix=f"{_tmp_prefix(self.out)}{os.getpid()}-", dir=parent)
