@@ -380,6 +380,11 @@ def _one_npz(d):
   _npz(os.path.join(d, "in"), "a.npz", _babyai_episode(np.random.default_rng(0)))
 
 
+def _convert_one_npz(d, *extra):
+  _one_npz(d)
+  return _convert(d, *extra)
+
+
 @case("data_tools.convert", "nowhere", "does not exist")
 def convert_missing_input(d, fixtures):
   return _convert(d, inp=os.path.join(d, "nowhere"))
@@ -488,28 +493,14 @@ def convert_config_not_python(d, fixtures):
   return _convert(d, config=os.path.join(d, "config.py"))
 
 
-@case("data_tools.convert", "image:rgb", "name=source")
-def convert_keys_malformed(d, fixtures):
-  _one_npz(d)
-  return _convert(d, "--keys=image:rgb")
-
-
-@case("data_tools.convert", "image", "twice")
-def convert_keys_twice(d, fixtures):
-  _one_npz(d)
-  return _convert(d, "--keys=image=a,image=b")
-
-
-@case("data_tools.convert", "rgb", "unknown name")
-def convert_keys_unknown_name(d, fixtures):
-  _one_npz(d)
-  return _convert(d, "--keys=rgb=image")
-
-
-@case("data_tools.convert", "a.npz", "'pixels'")
-def convert_keys_missing_source(d, fixtures):
-  _one_npz(d)
-  return _convert(d, "--keys=image=pixels")
+for _name, _extra, _parts in [
+    ("keys_malformed", "--keys=image:rgb", ["image:rgb", "name=source"]),
+    ("keys_twice", "--keys=image=a,image=b", ["image", "twice"]),
+    ("keys_unknown_name", "--keys=rgb=image", ["rgb", "unknown name"]),
+    ("keys_missing_source", "--keys=image=pixels", ["a.npz", "'pixels'"]),
+]:
+  case("data_tools.convert", *_parts, name=f"convert_{_name}")(
+      lambda d, fixtures, _extra=_extra: _convert_one_npz(d, _extra))
 
 
 # A full disk, for real: the OS refuses to let any file grow past 64 kB (EFBIG).
