@@ -3,6 +3,7 @@
   python -m qsft_vla.evaluate --workdir=DIR [--env=babyai:BabyAI-GoToLocal-v0] \\
       [--episodes=50] [--seed=1000] [--beta=4.0] [--temperature=0] [--checkpoint_step=K] \\
       [--video_episodes=3] [--max_steps=64]
+  python -m qsft_vla.evaluate --server=HOST:PORT [--token_file=F] (--workdir=DIR | --out_dir=D) ...
 
 The policy is the robot-host Controller (the same code a robot runs), driven
 by evaluation.loop: episode i is reset from (seed, i) only, so every checkpoint,
@@ -16,6 +17,12 @@ BabyAI-GoToLocal-v0). With an explicit --beta the stem is
 <task>-seed<S>-beta<B>, so a beta sweep keeps every result. GIFs of the first
 episodes go to DIR/eval/videos/<stem>/ (a rerun replaces them). DIR is the
 run's workdir even when --workdir names its checkpoints/ or a step directory.
+
+With --server the policy is the one qsft_vla.serve serves, driven through
+qsft_vla.client.PolicyClient exactly as a remote robot drives it: the same
+episodes give the same numbers as evaluating the checkpoint here. beta,
+extraction, temperature and the step are then the server's; defaults come
+from the eval config its run sent; the stem ends in "-server".
 `run()` does the same without absl. TF-free.
 """
 
@@ -32,6 +39,7 @@ from typing import Any, Optional
 from qsft_vla import config as qconfig
 from qsft_vla import envs
 from qsft_vla import paths
+from qsft_vla.robot import RobotSpec
 from qsft_vla.policy import Controller, ControllerError, TrainedPolicy, checkpoints
 from qsft_vla.evaluation import loop, outcomes
 
@@ -57,21 +65,102 @@ def label(algorithm: str, beta: float, temperature: float, extraction: str = "p"
   return f"{algorithm} ({', '.join(parts)})" if parts else algorithm
 
 
-def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
-        seed: Optional[int] = None, beta: Optional[float] = None, temperature: float = 0.0,
+def run(workdir: Optional[str] = None, env: Optional[str] = None,
+        episodes: Optional[int] = None, seed: Optional[int] = None,
+        beta: Optional[float] = None, temperature: float = 0.0,
         checkpoint_step: Optional[int] = None, video_episodes: Optional[int] = None,
         max_steps: Optional[int] = None, progress: bool = True,
-        extraction: Optional[str] = None) -> dict[str, Any]:
-  """Evaluates a checkpoint of `workdir`; writes and returns the result dict.
+        extraction: Optional[str] = None, server: Optional[str] = None,
+        token: Optional[str] = None, out_dir: Optional[str] = None) -> dict[str, Any]:
+  """Evaluates a checkpoint of `workdir`, or the policy qsft_vla.serve serves at
+  `server` ("HOST:PORT", with its `token`); writes and returns the result dict.
 
   None means: from the checkpoint's eval config (env, episodes, seed,
-  max_steps, video_episodes), the run's learner.extraction and its beta, the latest step
-  (checkpoint_step). Returns outcomes.summarize's fields (success_rate, ci_low,
-  ci_high, episodes, successes, mean/std return and length) plus what was
-  evaluated, per_episode results, controller latency, timings and the paths
-  written ("json", "video_dir").
+  max_steps, video_episodes; a server sends its run's), the run's
+  learner.extraction and its beta, the latest step (checkpoint_step). beta,
+  extraction, temperature and checkpoint_step are the server's own when it
+  serves: giving them with `server` is an error. out_dir: where the JSON and
+  videos go (default <workdir>/eval; needed with a server and no workdir).
+  Returns outcomes.summarize's fields (success_rate, ci_low, ci_high, episodes,
+  successes, mean/std return and length) plus what was evaluated, per_episode
+  results, latency per act() (through a server: the round trip), timings and
+  the paths written ("json", "video_dir").
   """
   start = time.time()
+  if server is None:
+    if workdir is None:
+      raise ValueError("give --workdir (a training run) or --server (HOST:PORT of "
+                       "qsft_vla.serve)")
+    actor, about = _local_policy(workdir, checkpoint_step, beta, temperature, extraction, seed)
+  else:
+    given = [name for name, value in (("beta", beta), ("extraction", extraction),
+                                      ("checkpoint_step", checkpoint_step)) if value is not None]
+    given += ["temperature"] if temperature else []
+    if given:
+      raise ValueError(f"--{', --'.join(given)}: the server's own (start qsft_vla.serve with "
+                       "them); not settable per evaluation")
+    if workdir is None and out_dir is None:
+      raise ValueError("--server needs --out_dir (or --workdir) for the results")
+    actor, about = _remote_policy(server, token)
+  try:
+    eval_cfg = about.pop("eval_cfg")
+    env = env or eval_cfg.get("env")
+    if not env:
+      raise ValueError(f"{about['checkpoint']}: no --env given and the checkpoint's config "
+                       "has no eval.env")
+    episodes = eval_cfg["episodes"] if episodes is None else episodes
+    seed = eval_cfg["seed"] if seed is None else seed
+    max_steps = eval_cfg["max_steps"] if max_steps is None else max_steps
+    video_episodes = eval_cfg["video_episodes"] if video_episodes is None else video_episodes
+    if isinstance(episodes, bool) or int(episodes) != episodes or episodes < 1:
+      raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
+    _check_robot(about.pop("robot"), about["checkpoint"], env)
+
+    load_seconds = time.time() - start
+    if out_dir is None:
+      # <workdir>/checkpoints/<step> for a local checkpoint; the workdir as given otherwise.
+      out_dir = os.path.join(about["workdir"] or _run_root(workdir), "eval")
+    stem = output_stem(env, seed, beta, extraction) + ("-server" if server else "")
+    video_dir = os.path.join(out_dir, "videos", stem)
+    try:  # before the episodes, not after them (a read-only workdir fails at once)
+      paths.check_writable_folder(out_dir)
+    except OSError as e:
+      raise OSError(f"{out_dir}: cannot write the results here ({e})") from None
+    for old in glob.glob(os.path.join(video_dir, "episode_*.gif")):
+      os.remove(old)
+    summary, per_episode = loop.evaluate(env, actor, int(episodes), int(seed),
+                                         max_steps=max_steps, video_episodes=int(video_episodes),
+                                         video_dir=video_dir, progress=progress)
+    latency = actor.latency_stats()
+  finally:
+    if server is not None:
+      actor.close()
+  result = {
+      **summary,
+      "label": label(about["algorithm"], about["beta"], about["temperature"],
+                     about["extraction"]),
+      "env": env, **about, "server": server,
+      "video_episodes": int(video_episodes),
+      "latency_ms": latency,
+      "load_seconds": load_seconds, "total_seconds": time.time() - start,
+      "json": os.path.join(out_dir, stem + ".json"),
+      "video_dir": video_dir if video_episodes else None,
+      "per_episode": per_episode,
+  }
+  _write_json(result["json"], result)
+  return result
+
+
+def _run_root(path: str) -> str:
+  """The workdir of a path to it, its checkpoints/ or one step directory."""
+  path = os.path.abspath(path)
+  if os.path.basename(path).isdigit():
+    path = os.path.dirname(path)
+  return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+
+
+def _local_policy(workdir, checkpoint_step, beta, temperature, extraction, seed):
+  """(Controller, what it is) for a checkpoint; a damaged latest step falls back."""
   try:
     policy = TrainedPolicy.load(workdir, checkpoint_step)
   except checkpoints.DamagedCheckpointError:
@@ -84,52 +173,39 @@ def run(workdir: str, env: Optional[str] = None, episodes: Optional[int] = None,
     policy = TrainedPolicy.load(workdir, step)
   # The schema's defaults where a checkpoint's config lacks an eval field.
   eval_cfg = {**qconfig.eval_defaults().to_dict(), **(policy.config.get("eval") or {})}
-  env = env or eval_cfg.get("env")
-  if not env:
-    raise ValueError(f"{policy.path}: no --env given and the checkpoint's config has no eval.env")
-  episodes = eval_cfg["episodes"] if episodes is None else episodes
-  seed = eval_cfg["seed"] if seed is None else seed
-  max_steps = eval_cfg["max_steps"] if max_steps is None else max_steps
-  video_episodes = eval_cfg["video_episodes"] if video_episodes is None else video_episodes
-  if isinstance(episodes, bool) or int(episodes) != episodes or episodes < 1:
-    raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
-  _check_robot(policy, env)
-
-  controller = Controller(policy, beta=beta, temperature=temperature, seed=int(seed),
+  run_seed = eval_cfg["seed"] if seed is None else seed
+  controller = Controller(policy, beta=beta, temperature=temperature, seed=int(run_seed),
                           extraction=extraction)
-  load_seconds = time.time() - start
-  root = os.path.dirname(os.path.dirname(policy.path))  # <workdir>/checkpoints/<step>
-  stem = output_stem(env, seed, beta, extraction)
-  out_dir = os.path.join(root, "eval")
-  video_dir = os.path.join(out_dir, "videos", stem)
-  try:  # before the episodes, not after them (a read-only workdir fails at once)
-    paths.check_writable_folder(out_dir)
-  except OSError as e:
-    raise OSError(f"{out_dir}: cannot write the results here ({e})") from None
-  for old in glob.glob(os.path.join(video_dir, "episode_*.gif")):
-    os.remove(old)
-  summary, per_episode = loop.evaluate(env, controller, int(episodes), int(seed),
-                                       max_steps=max_steps, video_episodes=int(video_episodes),
-                                       video_dir=video_dir, progress=progress)
-  algorithm = policy.learner.algorithm
-  result = {
-      **summary,
-      "label": label(algorithm, controller.beta, controller.temperature, controller.extraction),
-      "env": env, "algorithm": algorithm, "architecture": policy.learner.architecture,
-      "extraction": controller.extraction, "beta": controller.beta, "temperature": controller.temperature,
-      "checkpoint_step": policy.step, "checkpoint": policy.path, "workdir": root,
-      "video_episodes": int(video_episodes),
-      "latency_ms": controller.latency_stats(),
-      "load_seconds": load_seconds, "total_seconds": time.time() - start,
-      "json": os.path.join(out_dir, stem + ".json"),
-      "video_dir": video_dir if video_episodes else None,
-      "per_episode": per_episode,
-  }
-  _write_json(result["json"], result)
-  return result
+  return controller, {
+      "eval_cfg": eval_cfg, "robot": policy.robot, "algorithm": policy.learner.algorithm,
+      "architecture": policy.learner.architecture, "extraction": controller.extraction,
+      "beta": controller.beta, "temperature": controller.temperature,
+      "checkpoint_step": policy.step, "checkpoint": policy.path,
+      "workdir": os.path.dirname(os.path.dirname(policy.path))}  # <workdir>/checkpoints/<step>
 
 
-def _check_robot(policy: TrainedPolicy, env: str) -> None:
+def _remote_policy(server: str, token: Optional[str]):
+  """(PolicyClient, what it serves) for qsft_vla.serve at HOST:PORT."""
+  from qsft_vla.client import PolicyClient  # pylint: disable=g-import-not-at-top
+  host, sep, port = server.rpartition(":")
+  if not sep or not host or not port.isdigit():
+    raise ValueError(f"--server must be HOST:PORT, got {server!r}")
+  client = PolicyClient(host, int(port), token=token)
+  meta = client.metadata()
+  try:
+    robot = RobotSpec.from_config(meta["robot"], where=f"{client.url} metadata")
+  except (KeyError, TypeError) as e:
+    client.close()
+    raise ValueError(f"{client.url}: metadata without a robot ({e!r})") from None
+  eval_cfg = {**qconfig.eval_defaults().to_dict(), **(meta.get("eval") or {})}
+  return client, {
+      "eval_cfg": eval_cfg, "robot": robot, "algorithm": meta.get("algorithm"),
+      "architecture": None, "extraction": meta.get("extraction"), "beta": meta.get("beta"),
+      "temperature": meta.get("temperature"), "checkpoint_step": meta.get("checkpoint_step"),
+      "checkpoint": f"{client.url} (run {meta.get('run')})", "workdir": None}
+
+
+def _check_robot(robot: RobotSpec, where: str, env: str) -> None:
   """The env's robot must be the one the checkpoint was trained for."""
   env_spec = envs.robot_spec_for(env)
 
@@ -138,9 +214,9 @@ def _check_robot(policy: TrainedPolicy, env: str) -> None:
             "state_dim": spec.state_dim,
             "action": [(d.name, d.kind, d.bins) for d in spec.action_dims]}
 
-  if shape(policy.robot) != shape(env_spec):
-    raise ValueError(f"{policy.path}: the checkpoint is for robot {policy.robot.name!r} "
-                     f"{shape(policy.robot)}, but {env} is robot {env_spec.name!r} "
+  if shape(robot) != shape(env_spec):
+    raise ValueError(f"{where}: the checkpoint is for robot {robot.name!r} "
+                     f"{shape(robot)}, but {env} is robot {env_spec.name!r} "
                      f"{shape(env_spec)}")
 
 
@@ -165,13 +241,21 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def _read_token(path: str) -> str:
+  from qsft_vla import serve  # pylint: disable=g-import-not-at-top
+  return serve.read_token(path)
+
+
 def format_result(result: dict[str, Any]) -> str:
   lat = result["latency_ms"]
+  where = result["workdir"] if result.get("server") is None else result["checkpoint"]
+  per_act = "round trip per act() through the server" if result.get("server") else \
+      "controller latency per act()"
   return "\n".join([
-      f"{result['env']}: checkpoint step {result['checkpoint_step']} of {result['workdir']}, "
+      f"{result['env']}: checkpoint step {result['checkpoint_step']} of {where}, "
       f"seed {result['seed']}",
       outcomes.format_table({result["label"]: result}),
-      f"controller latency per act(): p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms "
+      f"{per_act}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms "
       f"over {lat['calls']} calls",
       *_estimate_lines(result),
       f"wrote {result['json']}" + (f" and videos in {result['video_dir']}"
@@ -197,7 +281,11 @@ def _estimate_lines(result: dict[str, Any]) -> list[str]:
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "Training workdir (or its checkpoints/ or a step "
-                      "directory).", required=True)
+                      "directory); with --server, only where the results go.")
+  flags.DEFINE_string("server", None, "HOST:PORT of a running qsft_vla.serve: evaluate the "
+                      "policy it serves, through qsft_vla.client (the robot's path).")
+  flags.DEFINE_string("token_file", None, "The server's token file (with --server).")
+  flags.DEFINE_string("out_dir", None, "Where the JSON and videos go (default: <workdir>/eval).")
   flags.DEFINE_string("env", None, "Environment id, e.g. babyai:BabyAI-GoToLocal-v0 or "
                       "metaworld:pick-place-v3 (default: the run's eval.env).")
   flags.DEFINE_integer("episodes", None, "Episodes (default: the run's eval.episodes).")
@@ -221,6 +309,7 @@ def main(argv):
     print(f"evaluate: error: unexpected arguments {argv[1:]}", file=sys.stderr)
     return 1
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from qsft_vla.client import ServerError  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if not f["verbosity"].present:  # orbax logs every file it restores at INFO
     logging.set_verbosity(logging.WARNING)
@@ -228,8 +317,9 @@ def main(argv):
     result = run(f.workdir, env=f.env, episodes=f.episodes, seed=f.seed, beta=f.beta,
                  temperature=f.temperature, checkpoint_step=f.checkpoint_step,
                  video_episodes=f.video_episodes, max_steps=f.max_steps, progress=f.progress,
-                 extraction=f.extraction)
-  except (ValueError, OSError, ControllerError) as e:  # bad flags, checkpoint, env; refused acts
+                 extraction=f.extraction, server=f.server, out_dir=f.out_dir,
+                 token=_read_token(f.token_file) if f.token_file else None)
+  except (ValueError, OSError, ControllerError, ServerError) as e:  # bad flags, checkpoint, env; refused acts
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 1
   print(format_result(result))

@@ -28,16 +28,16 @@ LAYERS = {
     "qsft_vla": 0, "qsft_vla.errors": 0, "qsft_vla.checksums": 0, "qsft_vla.paths": 0,
     # 1: schemas: a robot, its action tokens, an episode, a learner's settings
     "qsft_vla.robot": 1, "qsft_vla.tokenizers": 1, "qsft_vla.data.episode": 1,
-    "qsft_vla.learning.spec": 1,
+    "qsft_vla.learning.spec": 1, "qsft_vla.wire": 1,
     # 2: components built on the schemas: networks, weights, the Q-SFT math, simulators
     "qsft_vla.weights": 2, "qsft_vla.models": 2, "qsft_vla.learning": 2, "qsft_vla.envs": 2,
     # 3: the config schema, which validates through the components
     "qsft_vla.config": 3,
-    # 4: a trained policy on the robot host; data pipelines; evaluation
-    "qsft_vla.policy": 4, "qsft_vla.data": 4, "qsft_vla.evaluation": 4,
+    # 4: a trained policy on the robot host (or its remote client); data pipelines; evaluation
+    "qsft_vla.policy": 4, "qsft_vla.client": 4, "qsft_vla.data": 4, "qsft_vla.evaluation": 4,
     # 5: training and the binaries
     "qsft_vla.learning.learner": 5, "qsft_vla.training": 5, "qsft_vla.train": 5,
-    "qsft_vla.evaluate": 5,
+    "qsft_vla.evaluate": 5, "qsft_vla.serve": 5,
     # 6: the data tools
     "data_tools": 6,
 }
