@@ -166,6 +166,13 @@ class PolicyClient:
             "p99_ms": float(np.percentile(rt, 99)), "mean_ms": float(rt.mean()),
             "max_ms": float(rt.max()), "server_p50_ms": float(np.nanpercentile(server, 50))}
 
+  @property
+  def last_timing(self) -> dict[str, float]:
+    """The last act(): its round trip and the server's compute within it, in milliseconds."""
+    if not self._round_trip_ms:
+      return {"round_trip_ms": float("nan"), "server_ms": float("nan")}
+    return {"round_trip_ms": self._round_trip_ms[-1], "server_ms": self._server_ms[-1]}
+
   def reset_latency_stats(self) -> None:
     self._round_trip_ms.clear()
     self._server_ms.clear()

@@ -137,6 +137,7 @@ def test_policy_client_is_a_remote_controller(server, policy):
         np.testing.assert_array_equal(action, want)
         np.testing.assert_allclose(info["q"], want_info["q"], rtol=1e-6)
     assert client.latency_stats()["calls"] == 6
+    assert client.last_timing["round_trip_ms"] >= client.last_timing["server_ms"] > 0
 
 
 def test_bad_requests_get_error_replies_and_the_session_goes_on(server):
