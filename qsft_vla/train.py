@@ -28,7 +28,9 @@ import sys
 import time
 from typing import Any, Optional
 
-import jax
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (its C++ start-up lines)
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
@@ -369,6 +371,11 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   logging.info("training %s (%s) for %d steps, batch %d, %d device(s); workdir %s",
                cfg.learner.algorithm, cfg.model.name, tcfg.num_steps, tcfg.batch_size,
                jax.device_count(), workdir)
+  for line in policy.describe().splitlines()[1:]:  # robot, actions, model, data
+    logging.info("  %s", line)
+  logging.info("  metrics: %s and `tensorboard --logdir %s`; checkpoints every %d steps",
+               os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "tensorboard"),
+               tcfg.checkpoint_every)
 
   def save(at_step):
     progress.pause()
@@ -443,18 +450,28 @@ def _define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietOrbax:
-  """Drops orbax's per-file INFO lines (dozens per checkpoint); warnings still show."""
+class _QuietLibraries:
+  """Drops the libraries' lines a user should not have to read, so the log opens with
+  what is trained on what: orbax's per-file INFO lines (dozens per checkpoint), TFDS's
+  INFO lines on reading a dataset, jax's probes of absent backends ("Unable to
+  initialize backend 'rocm'", "libtpu.so"), TF's deprecation warnings about its own
+  code. Their errors, and every other library's warnings, still show."""
+
+  # (path fragment of the logging module, the highest level dropped), Python's levels
+  # (absl.logging.INFO is absl's verbosity, 0).
+  RULES = (("/orbax/", std_logging.INFO), ("/tensorflow_datasets/", std_logging.INFO),
+           ("/jax/_src/xla_bridge.py", std_logging.INFO),
+           ("/tensorflow/python/util/deprecation.py", std_logging.WARNING))
 
   def filter(self, record) -> bool:
-    # Python's level numbers (absl.logging.INFO is absl's verbosity, 0).
-    return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
+    return not any(part in record.pathname and record.levelno <= level
+                   for part, level in self.RULES)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
   except (qconfig.ConfigError, checkpoints.CheckpointError, TrainingError, DataError) as e:

@@ -283,6 +283,10 @@ def test_kill_9_and_resume_logs_the_same_losses(dataset, tmp_path):
   assert "resumed" in r.stderr
   r = _run_binary([*args, f"--workdir={tmp_path / 'straight'}"], timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
+  # The log opens with what is trained on what, not with the libraries' start-up lines.
+  assert "training qsft (rt1_small) for 16 steps" in r.stderr.splitlines()[0], r.stderr[:3000]
+  for noise in ("Unable to initialize backend", "libtpu", "differ on disk", "deprecated"):
+    assert noise not in r.stderr, noise
 
   a = metrics_lib.read_jsonl(str(killed))
   b = metrics_lib.read_jsonl(str(tmp_path / "straight"))
@@ -303,13 +307,19 @@ def test_build_for_known_statistics_needs_no_tensorflow():
   assert "BUILT RT1Small" in out
 
 
-def test_binary_log_filter_drops_orbax_info_only():
+def test_binary_log_filter_drops_the_libraries_noise_only():
   import logging as std_logging
-  quiet = train._QuietOrbax()  # pylint: disable=protected-access
+  quiet = train._QuietLibraries()  # pylint: disable=protected-access
 
-  def record(level, path):
-    return std_logging.LogRecord("absl", level, path, 1, "msg", None, None)
+  def kept(level, path):
+    return quiet.filter(std_logging.LogRecord("absl", level, path, 1, "msg", None, None))
 
-  assert not quiet.filter(record(std_logging.INFO, "/site-packages/orbax/checkpoint/x.py"))
-  assert quiet.filter(record(std_logging.WARNING, "/site-packages/orbax/checkpoint/x.py"))
-  assert quiet.filter(record(std_logging.INFO, "/work/qsft_vla/train.py"))
+  site = "/venv/lib/python3.11/site-packages"
+  assert not kept(std_logging.INFO, f"{site}/orbax/checkpoint/x.py")
+  assert kept(std_logging.WARNING, f"{site}/orbax/checkpoint/x.py")
+  assert not kept(std_logging.INFO, f"{site}/tensorflow_datasets/core/dataset_info.py")
+  assert kept(std_logging.WARNING, f"{site}/tensorflow_datasets/core/dataset_info.py")
+  assert not kept(std_logging.INFO, f"{site}/jax/_src/xla_bridge.py")
+  assert not kept(std_logging.WARNING, f"{site}/tensorflow/python/util/deprecation.py")
+  assert kept(std_logging.ERROR, f"{site}/tensorflow/python/util/deprecation.py")
+  assert kept(std_logging.INFO, "/work/qsft_vla/train.py")
