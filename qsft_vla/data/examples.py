@@ -98,7 +98,7 @@ def episode_fn(data_dir: str, dataset_index: int, spec: RobotSpec, *, window: in
                                    [fail(where, "steps", "empty episode (0 steps)")])
     with tf.control_dependencies([nonempty]):
       raw = steps_ds.batch(_ALL_STEPS).get_single_element()
-    s = rlds_reader.canonicalize_steps(raw, spec, data_dir)
+    s = rlds_reader.canonicalize_steps(raw, spec, data_dir, batched=True)
     s["action"] = tf.cast(s["action"], tf.float32)
     if spec.state_dim:
       s["observation"]["state"] = tf.cast(s["observation"]["state"], tf.float32)

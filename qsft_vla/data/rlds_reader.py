@@ -93,33 +93,116 @@ def _get(tree: dict[str, Any], path: str, where: str):
   return node
 
 
+ARGMAX = ":argmax"  # an action part that is a one-hot vector: its index is one dimension
+
+
+def action_parts(spec: RobotSpec) -> list[tuple[str, bool]]:
+  """[(path, argmax)] of rlds_keys.action: one path ("action", a float vector of the
+  robot's action_dim), or several joined by "," that are concatenated in token order,
+  each a scalar or vector feature (bool, int or float; cast to float32) or a one-hot
+  vector read as its index ("action/terminate_episode:argmax"), as Open X-Embodiment
+  datasets store their actions."""
+  parts = []
+  for part in str(spec.rlds_keys["action"]).split(","):
+    part = part.strip()
+    parts.append((part[:-len(ARGMAX)], True) if part.endswith(ARGMAX) else (part, False))
+  return parts
+
+
+def action_is_one_vector(spec: RobotSpec) -> bool:
+  """Whether rlds_keys.action names one float vector feature (our own datasets' layout)."""
+  parts = action_parts(spec)
+  return len(parts) == 1 and not parts[0][1]
+
+
 def canonical_step_keys(spec: RobotSpec) -> dict[str, str]:
-  """Canonical flat name -> dataset path, e.g. {"observation/image": "observation/image"}."""
+  """Canonical flat name -> dataset path, e.g. {"observation/image": "observation/image"}.
+
+  "action" maps to rlds_keys.action as written (see action_parts for several
+  parts); "discount" is left out when rlds_keys.discount is "" (datasets without
+  one, e.g. fractal20220817_data: read as 1)."""
   k = spec.rlds_keys
   out = {f"observation/{cam}": k["cameras"][cam] for cam in spec.camera_names}
   if spec.state_dim:
     out["observation/state"] = k["state"]
   for name in ("action", "reward", "discount", "is_first", "is_last", "is_terminal"):
-    out[name] = k[name]
+    if name != "discount" or k[name]:
+      out[name] = k[name]
   if spec.instruction_source == "step":
     out["language_instruction"] = k["language_instruction"]
   return out
 
 
-def canonicalize_steps(steps: dict[str, Any], spec: RobotSpec, where: str) -> dict[str, Any]:
+def feature_paths(spec: RobotSpec) -> dict[str, str]:
+  """Every dataset path the robot reads -> its canonical name (the action's parts
+  each under "action")."""
+  out = {}
+  for name, path in canonical_step_keys(spec).items():
+    if name == "action":
+      out.update({p: name for p, _ in action_parts(spec)})
+    else:
+      out[path] = name
+  return out
+
+
+def canonicalize_steps(steps: dict[str, Any], spec: RobotSpec, where: str,
+                       batched: bool = False) -> dict[str, Any]:
   """Maps a (tf or numpy) steps dict to the canonical nested layout.
 
-  Works on tensors inside tf.data maps too. A fixed instruction is filled in by
-  the caller (it is not in the data).
+  Works on tensors inside tf.data maps too: one step, or (batched) all steps of
+  an episode with a leading T axis. A fixed instruction is filled in by the
+  caller (it is not in the data).
   """
   out: dict[str, Any] = {"observation": {}}
   for name, path in canonical_step_keys(spec).items():
-    value = _get(steps, path, where)
-    if name.startswith("observation/"):
-      out["observation"][name.split("/", 1)[1]] = value
+    if name == "action":
+      out[name] = _action(steps, spec, where, batched)
+    elif name.startswith("observation/"):
+      out["observation"][name.split("/", 1)[1]] = _get(steps, path, where)
     else:
-      out[name] = value
+      out[name] = _get(steps, path, where)
+  if "discount" not in out:
+    out["discount"] = tf.ones_like(tf.cast(out["reward"], tf.float32))
   return out
+
+
+def _action(steps, spec: RobotSpec, where: str, batched: bool):
+  if action_is_one_vector(spec):
+    return _get(steps, spec.rlds_keys["action"], where)  # as stored
+  pieces = []
+  for path, argmax in action_parts(spec):
+    x = tf.convert_to_tensor(_get(steps, path, where))
+    if argmax:
+      x = tf.cast(tf.argmax(x, axis=-1), tf.float32)[..., None]
+    else:
+      x = tf.cast(x, tf.float32)
+      if x.shape.rank == int(batched):  # a scalar feature: one dimension
+        x = x[..., None]
+    pieces.append(x)
+  return tf.concat(pieces, axis=-1)
+
+
+def check_action_features(builder, spec: RobotSpec, where: str) -> None:
+  """The action's parts must be bool, int or float features whose widths add up to
+  the robot's action dimensions (a one-hot part counts one)."""
+  if action_is_one_vector(spec):
+    return  # checked with the other features, as float32[action_dim]
+  width = 0
+  for path, argmax in action_parts(spec):
+    f = step_feature(builder, path)
+    dtype = tf.dtypes.as_dtype(getattr(f, "np_dtype", None) or f.dtype)
+    shape = tuple(f.shape)
+    if not (dtype.is_floating or dtype.is_integer or dtype.is_bool) or len(shape) > 1:
+      raise DataError(where, f"action part declared {dtype.name}{list(shape)}: expected a "
+                      "bool, int or float scalar or vector", key=path)
+    if argmax and len(shape) != 1:
+      raise DataError(where, f"action part {path}{ARGMAX} must be a one-hot vector, declared "
+                      f"shape {list(shape)}", key=path)
+    width += 1 if argmax or not shape else shape[0]
+  if width != spec.action_dim:
+    raise DataError(where, f"the action parts {spec.rlds_keys['action']!r} give {width} "
+                    f"dimensions; robot {spec.name!r} has {spec.action_dim} "
+                    f"({', '.join(d.name for d in spec.action_dims)})", key="action")
 
 
 def step_feature(builder, path: str):
@@ -143,10 +226,11 @@ def check_dataset_keys(builder, spec: RobotSpec, where: str) -> None:
       flat[prefix[:-1]] = f
 
   walk(step_features, "")
-  for name, path in canonical_step_keys(spec).items():
+  for path, name in feature_paths(spec).items():
     if path not in flat:
       raise DataError(where, f"dataset steps have no {path!r} (needed for {name}); present: "
                       f"{sorted(flat)}; fix robot.rlds_keys", key=path)
+  check_action_features(builder, spec, where)
 
 
 def iterate_episodes(data_dir: str, spec: RobotSpec, split: str = "train"
