@@ -1,12 +1,19 @@
-"""Converts users' episodes (.npz files or HDF5 groups) into our RLDS dataset.
+"""Converts users' episodes (.npz files, HDF5 groups, a LeRobotDataset) into our RLDS dataset.
 
   python -m data_tools.convert --input=DIR --format=npz --config=robot_configs/babyai.py --out=OUT
   python -m data_tools.convert --input=demos.hdf5 --format=hdf5 --hdf5_root=data \
       --config=robot_configs/metaworld.py --out=OUT --keys=image=agentview_rgb,action=actions
+  python -m data_tools.convert --input=my_lerobot_dataset --format=lerobot \
+      --config=robot_configs/metaworld.py --out=OUT --keys=image=observation.images.top
 
 Input. npz: a folder of *.npz files (or one file), one episode each, in sorted
 file name order; loaded without pickle. hdf5: a .h5/.hdf5 file or a folder of
 them; every group under --hdf5_root is one episode, in sorted name order.
+lerobot: a LeRobotDataset folder in the v3.0 layout (meta/, data/ parquet,
+videos/ MP4; data_tools/lerobot.py), one episode per row of its episode
+metadata; its keys are LeRobot's feature names, with these defaults: <camera>
+-> observation.images.<camera>, state -> observation.state, reward ->
+next.reward (zeros without it), language_instruction -> the frame's task string.
 
 Keys of an episode (name -> default source key; `--keys=name=source,...`
 overrides, nested HDF5 paths like obs/rgb allowed):
@@ -62,14 +69,14 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 import tqdm  # pylint: disable=g-import-not-at-top
 
-from data_tools import cli  # pylint: disable=g-import-not-at-top
+from data_tools import cli, lerobot  # pylint: disable=g-import-not-at-top
 from qsft_vla.config import ConfigError  # pylint: disable=g-import-not-at-top
 from qsft_vla.data import rlds_reader, statistics  # pylint: disable=g-import-not-at-top
 from qsft_vla.data.episode import UNKNOWN_NOISE, DataError  # pylint: disable=g-import-not-at-top
 from qsft_vla.data.rlds_writer import RLDSWriter  # pylint: disable=g-import-not-at-top
 from qsft_vla.robot import RobotSpec  # pylint: disable=g-import-not-at-top
 
-FORMATS = ("npz", "hdf5")
+FORMATS = ("npz", "hdf5", "lerobot")
 TERMINAL_RULES = ("auto", "true", "false")
 _FIXED_KEYS = ("action", "reward", "state", "language_instruction", "is_terminal", "terminal",
                "success")
@@ -92,10 +99,15 @@ def parse_keys(text: str) -> dict[str, str]:
   return out
 
 
-def source_keys(spec: RobotSpec, key_map: dict[str, str] | None = None) -> dict[str, str]:
+def source_keys(spec: RobotSpec, key_map: dict[str, str] | None = None,
+                fmt: str = "npz") -> dict[str, str]:
   """Our name -> key in the user's files: defaults, overridden by `key_map`."""
   keys = {cam: cam for cam in spec.camera_names}
   keys.update({k: k for k in _FIXED_KEYS})
+  if fmt == "lerobot":  # LeRobot's own feature names
+    keys.update({cam: f"observation.images.{cam}" for cam in spec.camera_names})
+    keys.update(state="observation.state", reward="next.reward",
+                language_instruction=lerobot.TASK_KEY)
   unknown = set(key_map or {}) - set(keys)
   if unknown:
     raise ValueError(f"--keys: unknown name(s) {sorted(unknown)}; known: {sorted(keys)}")
@@ -493,10 +505,12 @@ def convert(input_path: str, fmt: str, robot_spec, out: str,
   if out_of_bounds:
     spec = dataclasses.replace(spec, out_of_bounds=out_of_bounds)
   _check_readable_back(spec)
-  opt = _Options(source_keys(spec, key_map), terminal, resize)
+  opt = _Options(source_keys(spec, key_map, fmt), terminal, resize)
   if fmt == "npz":
     files = _npz_files(input_path)
     total, sources = len(files), _npz_sources(files)
+  elif fmt == "lerobot":
+    total, sources = lerobot.count(input_path), lerobot.sources(input_path, _Source)
   else:
     files = _hdf5_files(input_path)
     total, sources = _hdf5_count(files, hdf5_root), _hdf5_sources(files, hdf5_root)
@@ -560,7 +574,8 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("input", None, "Folder of .npz files, or .h5/.hdf5 file(s).", required=True)
+  flags.DEFINE_string("input", None, "Folder of .npz files, .h5/.hdf5 file(s), or a "
+                      "LeRobotDataset folder (v3.0).", required=True)
   flags.DEFINE_enum("format", None, list(FORMATS), "Input format.", required=True)
   flags.DEFINE_string("config", None, "Robot config: robot_configs/<x>.py[:variant].",
                       required=True)
