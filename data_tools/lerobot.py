@@ -150,6 +150,8 @@ def decode_video(path: str, times: np.ndarray, fps: float, where: str, key: str)
   out: list[np.ndarray] = []
   try:
     with av.open(path) as container:
+      if not container.streams.video:
+        raise DataError(where, f"{path} has no video stream", key=key)
       stream = container.streams.video[0]
       start = max(float(times[0]) - tol, 0.0)
       container.seek(int(start / stream.time_base), stream=stream, backward=True)

@@ -38,6 +38,7 @@ IMPORTS = {
     "data_tools.validate": ("data_tools.validate",),
     "qsft_vla.train": ("qsft_vla.train",),
     "qsft_vla.evaluate": ("qsft_vla.evaluate",),
+    "qsft_vla.serve": ("qsft_vla.serve",),
     "api": ("qsft_vla.policy.controller",),
 }
 
@@ -513,6 +514,94 @@ def convert_disk_full(d, fixtures):
 
 
 # --------------------------------------------------------------------------- #
+# data_tools.convert --format=lerobot: damaged LeRobotDatasets (v3.0 layout).
+
+def _lerobot(d, fixtures, damage, *extra):
+  root = _copy(fixtures, "lerobot", d, "in")
+  damage(root)
+  return _convert(d, "--keys=image=observation.images.top", *extra, config=METAWORLD,
+                  fmt="lerobot")
+
+
+def _lerobot_info(edit):
+  def damage(root):
+    path = os.path.join(root, "meta", "info.json")
+    with open(path) as f:
+      info = json.load(f)
+    edit(info)
+    with open(path, "w") as f:
+      json.dump(info, f)
+  return damage
+
+
+def _lerobot_episodes(edit):
+  def damage(root):
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    path = os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet")
+    rows = pq.read_table(path).to_pylist()
+    edit(rows)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+  return damage
+
+
+def _cut(rel, keep=0.5):
+  def damage(root):
+    path = os.path.join(root, rel)
+    with open(path, "r+b") as f:
+      f.truncate(int(os.path.getsize(path) * keep))
+  return damage
+
+
+_VIDEO_1 = "videos/observation.images.top/chunk-000/file-001.mp4"
+_DATA_0 = "data/chunk-000/file-000.parquet"
+for _name, _damage, _parts in [
+    ("no_info", lambda r: os.remove(os.path.join(r, "meta", "info.json")),
+     ["in", "meta/info.json"]),
+    ("info_not_json", lambda r: open(os.path.join(r, "meta", "info.json"), "w").write("{"),
+     ["info.json", "unreadable"]),
+    ("v2_layout", _lerobot_info(lambda i: i.update(codebase_version="v2.1")),
+     ["info.json", "v2.1", "v3"]),
+    ("no_data_path", _lerobot_info(lambda i: i.pop("data_path")), ["info.json", "data_path"]),
+    ("no_episode_metadata", lambda r: shutil.rmtree(os.path.join(r, "meta", "episodes")),
+     ["in", "meta/episodes"]),
+    ("no_tasks", lambda r: os.remove(os.path.join(r, "meta", "tasks.parquet")),
+     ["tasks.parquet", "missing"]),
+    ("missing_video", lambda r: os.remove(os.path.join(r, _VIDEO_1)),
+     ["episode 2", "file-001.mp4", "missing"]),
+    ("truncated_video", _cut(_VIDEO_1, 0.4), ["episode 2", "file-001.mp4"]),
+    ("video_not_mp4", lambda r: open(os.path.join(r, _VIDEO_1), "wb").write(b"not a video"),
+     ["episode 2", "file-001.mp4"]),
+    ("truncated_parquet", _cut(_DATA_0), ["file-000.parquet", "parquet"]),
+    ("length_disagrees", _lerobot_episodes(lambda rows: rows[1].update(length=9)),
+     ["episode 1", "9"]),
+    ("timestamps_past_the_video",
+     _lerobot_episodes(lambda rows: rows[2].update(
+         {"videos/observation.images.top/from_timestamp": 30.0})),
+     ["episode 2", "file-001.mp4", "no frame at"]),
+    ("unknown_task_index", lambda r: __import__("pyarrow.parquet").parquet.write_table(
+        __import__("pyarrow").table({"task_index": [5], "__index_level_0__": ["x"]}),
+        os.path.join(r, "meta", "tasks.parquet")), ["episode 0", "task_index"]),
+]:
+  case("data_tools.convert", *_parts, name=f"convert_lerobot_{_name}")(
+      lambda d, fixtures, _damage=_damage: _lerobot(d, fixtures, _damage))
+
+
+@case("data_tools.convert", "observation.images.image", "--keys")
+def convert_lerobot_default_camera_key_absent(d, fixtures):
+  root = _copy(fixtures, "lerobot", d, "in")
+  return _convert(d, config=METAWORLD, fmt="lerobot", inp=root)
+
+
+@case("data_tools.convert", "lerobot", "not a folder")
+def convert_lerobot_input_is_a_file(d, fixtures):
+  path = os.path.join(d, "lerobot")
+  with open(path, "w") as f:
+    f.write("x")
+  return _convert(d, config=METAWORLD, fmt="lerobot", inp=path)
+
+
+# --------------------------------------------------------------------------- #
 # data_tools.generate
 
 def _generate(d, *extra, env="babyai:BabyAI-GoToLocal-v0", out=None):
@@ -837,6 +926,82 @@ def evaluate_falls_back_to_an_intact_step(d, fixtures):
   shutil.copytree(newest, os.path.join(run, "checkpoints", "99"))
   _flip(_largest(os.path.join(run, "checkpoints", "99", "params_pi")), mask=0x10)
   return _evaluate(run)
+
+
+# --------------------------------------------------------------------------- #
+# qsft_vla.serve: refused before it serves (a server that starts would run until
+# killed: every case here must be refused).
+
+_HELD_SOCKETS: dict[str, Any] = {}
+
+
+def _serve(run, *extra):
+  return [f"--workdir={run}", "--port=0", *extra]
+
+
+def _release_port(d):
+  sock = _HELD_SOCKETS.pop(d, None)
+  if sock is not None:
+    sock.close()
+
+
+@case("qsft_vla.serve", "nowhere")
+def serve_missing_workdir(d, fixtures):
+  return _serve(os.path.join(d, "nowhere"))
+
+
+@case("qsft_vla.serve", "token", "empty")
+def serve_empty_token_file(d, fixtures):
+  token = os.path.join(d, "token")
+  with open(token, "w") as f:
+    f.write("\n")
+  return _serve(_copy(fixtures, "qsft_run", d, "run"), f"--token_file={token}")
+
+
+@case("qsft_vla.serve", "no_token", "cannot read")
+def serve_missing_token_file(d, fixtures):
+  return _serve(_copy(fixtures, "qsft_run", d, "run"), f"--token_file={os.path.join(d, 'no_token')}")
+
+
+@case("qsft_vla.serve", "token", "one word")
+def serve_token_with_spaces(d, fixtures):
+  token = os.path.join(d, "token")
+  with open(token, "w") as f:
+    f.write("two words\n")
+  return _serve(_copy(fixtures, "qsft_run", d, "run"), f"--token_file={token}")
+
+
+@case("qsft_vla.serve", "127.0.0.1", "already in use", teardown=_release_port)
+def serve_port_in_use(d, fixtures):
+  import socket  # pylint: disable=g-import-not-at-top
+  sock = socket.socket()
+  sock.bind(("127.0.0.1", 0))
+  sock.listen()
+  _HELD_SOCKETS[d] = sock
+  run = _copy(fixtures, "qsft_run", d, "run")
+  return [f"--workdir={run}", f"--port={sock.getsockname()[1]}"]
+
+
+@case("qsft_vla.serve", "nosuchhost.invalid")
+def serve_unknown_host(d, fixtures):
+  return _serve(_copy(fixtures, "qsft_run", d, "run"), "--host=nosuchhost.invalid")
+
+
+@case("qsft_vla.serve", "damaged", "sha256")
+def serve_bit_flipped_params(d, fixtures):
+  run = _copy(fixtures, "qsft_run", d, "run")
+  _flip(_largest(os.path.join(_step_dir(run), "params_pi")), mask=0x10)
+  return _serve(run)
+
+
+for _name, _extra, _parts in [
+    ("negative_beta", ["--beta=-1"], ["beta", "-1"]),
+    ("nan_beta", ["--beta=nan"], ["beta", "nan"]),
+    ("zero_sessions", ["--max_sessions=0"], ["max_sessions"]),
+    ("missing_step", ["--checkpoint_step=99"], ["99"]),
+]:
+  case("qsft_vla.serve", *_parts, name=f"serve_{_name}")(
+      lambda d, fixtures, _extra=_extra: _serve(_copy(fixtures, "qsft_run", d, "run"), *_extra))
 
 
 # --------------------------------------------------------------------------- #
