@@ -124,7 +124,7 @@ def main(argv):
   med = {v: float(np.median(t)) * 1e3 for v, t in times.items()}
   q = {v: (float(np.percentile(t, 10)) * 1e3, float(np.percentile(t, 90)) * 1e3)
        for v, t in times.items()}
-  m = next(iter(runs.values()))[0].model_config
+  m = next(iter(runs.values()))[0].policy.model_config
   lines = [
       f"# Training step time: Q-SFT vs BC ({_CONFIG.value})",
       "",
