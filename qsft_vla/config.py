@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 
 from qsft_vla import robot
+from qsft_vla.learning import sharding
 from qsft_vla.learning import spec as learner_spec
 # Re-exported: config files and callers catch qconfig.ConfigError.
 from qsft_vla.errors import ConfigError, check_dataclass_fields  # noqa: F401
@@ -165,6 +166,11 @@ def train_defaults() -> ml_collections.ConfigDict:
   # Steps with a non-finite loss or gradient are skipped (nothing changes); more
   # than this many stop training with an error. 0: stop at the first.
   t.max_nonfinite_steps = 0
+  # Devices: the mesh is (data, fsdp) over all of them. fsdp > 1 splits params,
+  # target and optimiser states over fsdp devices (FSDP), placed by "REGEX:AXIS"
+  # rules on the leaves' names (learning/sharding.py); the math does not change.
+  t.fsdp = 1
+  t.sharding_rules = sharding.DEFAULT_RULES
   return t
 
 
@@ -321,11 +327,18 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
 
 def _validate_train(t, where):
   for name in ("num_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
-               "max_nonfinite_steps"):
+               "max_nonfinite_steps", "fsdp"):
     v = t[name]
     low = 0 if name in ("num_steps", "max_nonfinite_steps") else 1
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
       raise ConfigError(f"{where}: train.{name} must be an integer >= {low}, got {v!r}")
+  if isinstance(t.sharding_rules, str):
+    raise ConfigError(f"{where}: train.sharding_rules must be a list of 'REGEX:AXIS' strings, "
+                      f"got the string {t.sharding_rules!r}")
+  try:
+    sharding.parse_rules(t.sharding_rules)
+  except ValueError as e:
+    raise ConfigError(f"{where}: train.{e}") from None
 
 
 def _validate_eval(e, where):

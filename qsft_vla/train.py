@@ -34,13 +34,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from jax.sharding import Mesh
 import ml_collections
 from ml_collections import config_flags
 
 from qsft_vla import config as qconfig
 from qsft_vla import paths
 from qsft_vla.learning import learner as learner_lib
+from qsft_vla.learning import sharding
 from qsft_vla.models import registry
 from qsft_vla.policy import checkpoints, layout
 from qsft_vla.policy.bundle import TrainedPolicy
@@ -104,6 +104,16 @@ class Setup:
     return self.learner.init(rng, example, variables)
 
 
+def _devices_line(mesh, state) -> str:
+  """"1 device(s)", or with FSDP the mesh and the state's bytes on the fullest device."""
+  if mesh.devices.size == 1:
+    return "1 device(s)"
+  held = sharding.bytes_per_device(state)
+  total = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(state))
+  return (f"{mesh.devices.size} devices (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}), "
+          f"state {max(held.values()) / 2**20:.1f} of {total / 2**20:.1f} MiB per device")
+
+
 def learner_config(cfg) -> learner_lib.LearnerConfig:
   fields = dict(cfg.learner.items())
   # Donation saves a copy of the state on accelerators; the CPU backend cannot donate.
@@ -142,8 +152,12 @@ def build(cfg, stats: Optional[list[dict[str, Any]]] = None) -> Setup:
   if cfg.train.batch_size % devices.size:
     raise qconfig.ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by "
                               f"the {devices.size} devices of the mesh")
-  learner = learner_lib.Learner(model, lcfg, action_tokenizer.valid_mask(),
-                                mesh=Mesh(devices, ("data",)))
+  try:
+    mesh = sharding.make_mesh(devices, cfg.train.fsdp)
+  except ValueError as e:
+    raise qconfig.ConfigError(str(e)) from None
+  learner = learner_lib.Learner(model, lcfg, action_tokenizer.valid_mask(), mesh=mesh,
+                                sharding_rules=tuple(cfg.train.sharding_rules))
   policy = TrainedPolicy(
       model_name=cfg.model.name, model=model, model_config=model_cfg, learner=lcfg,
       action_tokenizer=action_tokenizer, text_tokenizer=text_tokenizer, robot=spec,
@@ -169,9 +183,10 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) 
   """A workdir resumes only the run it holds: same model, learner and action space."""
   for key in ("model", "learner", "action_tokenizer"):
     a, b = dict(saved[key]), dict(current[key])
-    if key == "learner":  # how the step is compiled does not change the run
-      a.pop("donate_state", None)
-      b.pop("donate_state", None)
+    if key == "learner":  # how the step is computed does not change the run
+      for field in ("donate_state", "microbatches"):
+        a.pop(field, None)
+        b.pop(field, None)
     if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
       raise checkpoints.CheckpointError(
           f"{where} holds a checkpoint with a different {key} than this config; use a new "
@@ -368,9 +383,9 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   step = int(state.step)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=step)
   progress = metrics_lib.Progress(step, tcfg.num_steps)
-  logging.info("training %s (%s) for %d steps, batch %d, %d device(s); workdir %s",
+  logging.info("training %s (%s) for %d steps, batch %d, %s; workdir %s",
                cfg.learner.algorithm, cfg.model.name, tcfg.num_steps, tcfg.batch_size,
-               jax.device_count(), workdir)
+               _devices_line(setup.learner.mesh, state), workdir)
   for line in policy.describe().splitlines()[1:]:  # robot, actions, model, data
     logging.info("  %s", line)
   logging.info("  metrics: %s and `tensorboard --logdir %s`; checkpoints every %d steps",

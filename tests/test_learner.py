@@ -112,7 +112,7 @@ def test_qsft_losses_decrease_and_metrics():
 
 def test_jit_on_mesh_equals_plain_function_and_is_deterministic():
   lrn = make_learner(**MAIN)
-  assert lrn.mesh.axis_names == ("data",)
+  assert lrn.mesh.axis_names == ("data", "fsdp") and lrn.mesh.shape["fsdp"] == 1
   one = lrn
   if len(jax.devices()) > 1:
     one = L.Learner(lrn.model, lrn.config, VALID, mesh=Mesh(np.array(jax.devices()[:1]), ("data",)))
@@ -389,3 +389,31 @@ def test_residual_parametrization_starts_at_pi_and_cancels_pi(architecture):
   assert np.isfinite(float(metrics["loss_p"]))
   with pytest.raises(ValueError, match="p_parametrization"):
     L.LearnerConfig(p_parametrization="shared")
+
+
+@pytest.mark.parametrize("kw", [dict(algorithm="bc"),
+                                dict(MAIN, mc_mix=1.0),                  # the BabyAI default's target
+                                dict(MAIN, mc_lower_bound=True)])        # bootstrapped
+def test_microbatches_average_to_the_full_batch_step(kw):
+  """Gradient accumulation: 4 microbatches of 2 give the step of the batch of 8 when
+  every microbatch's loss mask holds as many tokens (no truncated ends here)."""
+  batch = make_batch(seed=5)
+  batch["has_next"] = np.ones(8, bool)
+  batch["return_to_go"] = np.random.default_rng(5).random(8).astype(np.float32)
+  full = make_learner(**kw)
+  micro = make_learner(**kw, microbatches=4)
+  state = init_state(full, batch)
+  s_full, m_full = full.step(state, batch)
+  s_micro, m_micro = micro.step(state, batch)
+  for k in ("loss_pi", "grad_norm_pi") + (("loss_p", "grad_norm_p") if "loss_p" in m_full else ()):
+    np.testing.assert_allclose(m_micro[k], m_full[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  for name in ("params_pi", "params_p", "params_target"):
+    if leaves(getattr(s_full, name)):  # BC has no p_theta and no target
+      assert_params_close(getattr(s_micro, name), getattr(s_full, name), 3e-3)
+
+
+def test_microbatches_must_divide_the_batch():
+  lrn = make_learner(algorithm="bc", microbatches=3)
+  batch = make_batch(seed=6)
+  with pytest.raises(ValueError, match="microbatches=3"):
+    lrn.step(init_state(lrn, batch), batch)

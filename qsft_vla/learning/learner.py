@@ -64,9 +64,10 @@ text_ids int32[B, L], text_mask bool[B, L] (tokenised outside), action_tokens
 int32[B, D], reward, terminal, has_next (and return_to_go for the Monte-Carlo
 targets). Other keys (instruction bytes, indices) are dropped.
 
-Everything is TF-free; `step` is jit-compiled on a jax.sharding.Mesh with one
-axis "data": params and optimiser state replicated, the batch sharded on its
-batch axis.
+Everything is TF-free; `step` is jit-compiled on a jax.sharding.Mesh with axes
+("data", "fsdp") (learning/sharding.py): the batch split over every device, the
+params, target and optimiser states split over "fsdp" by rules keyed on their
+names (fsdp = 1: replicated, plain data parallelism).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qsft_vla.learning import losses, polyak, reweighting, targets
+from qsft_vla.learning import losses, polyak, reweighting, sharding, targets
 # The schema lives in spec.py and the parameter layout in policy/layout.py
 # (optax-free, shared with the checkpoint loader and the Controller); the
 # schema's names are re-exported for training code.
@@ -122,10 +123,15 @@ class Learner:
     [2, B, D, V] for the shared architecture), with config.dummy_id and
     config.num_output_heads (use model_config_for).
   valid_mask: bool[D, K] (ActionTokenizer.valid_mask()); action ids are 0..K-1.
-  mesh: a Mesh with an axis "data"; default: all local devices.
+  mesh: a Mesh with axes ("data", "fsdp") (sharding.make_mesh), or only "data";
+    default: all local devices on "data".
+  sharding_rules: "REGEX:AXIS" rules placing each state leaf on the "fsdp" axis
+    (sharding.DEFAULT_RULES by default); they change where the state lives, never
+    the math.
   """
 
-  def __init__(self, model, config: LearnerConfig, valid_mask, mesh: Optional[Mesh] = None):
+  def __init__(self, model, config: LearnerConfig, valid_mask, mesh: Optional[Mesh] = None,
+               sharding_rules=sharding.DEFAULT_RULES):
     self.model = model
     self.config = config
     heads = getattr(model.config, "num_output_heads", 1)
@@ -137,7 +143,8 @@ class Learner:
     vocab = int(model.config.output_size)
     self.valid, self.p_allowed = reweighting.allowed_ids(valid_mask, vocab, self.dummy_id,
                                                     config.residual)   # [D, V] each
-    self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), ("data",))
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(jax.devices(), 1)
+    self.rules = sharding.parse_rules(sharding_rules)
     self.opt_pi = self._optimizer(config.lr_pi)
     self.opt_p = self._optimizer(config.lr_p)
     self._jit_step = None
@@ -230,7 +237,11 @@ class Learner:
     state = TrainState(step=jnp.zeros((), jnp.int32), params_pi=group_pi, params_p=group_p,
                        params_target=target, opt_pi=self.opt_pi.init(group_pi),
                        opt_p=self.opt_p.init(group_p), rng=state_rng)
-    return jax.device_put(state, NamedSharding(self.mesh, P()))
+    return jax.device_put(state, self.state_shardings(state))
+
+  def state_shardings(self, state: TrainState):
+    """Where each leaf of a TrainState (or of its abstract shapes) lives on self.mesh."""
+    return sharding.tree_shardings(state, self.mesh, self.rules)
 
   def _residual_head(self, head):
     """The p network's output layer at the start of the "residual" parametrization:
@@ -264,15 +275,42 @@ class Learner:
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     """One optimiser step on one batch [B, ...] (plain function; `step` jits it)."""
     cfg = self.config
+    train_pi, train_p = self._active(state.step)
+    rng = jax.random.fold_in(state.rng, state.step)
+    k = cfg.microbatches
+    if k == 1:
+      g_pi, g_p, aux = self._gradients(state, batch, train_pi, train_p, rng)
+    else:
+      size = batch["reward"].shape[0]
+      if size % k:
+        raise ValueError(f"batch of {size} does not split into learner.microbatches={k}")
+      micro = jax.tree_util.tree_map(lambda x: x.reshape((k, size // k) + x.shape[1:]), batch)
+
+      def accumulate(carry, mb):
+        i, total = carry
+        out = self._gradients(state, mb, train_pi, train_p, jax.random.fold_in(rng, i))
+        return (i + 1, jax.tree_util.tree_map(jnp.add, total, out)), None
+
+      zeros = jax.tree_util.tree_map(
+          jnp.zeros_like, jax.eval_shape(
+              lambda mb: self._gradients(state, mb, train_pi, train_p, rng),
+              jax.tree_util.tree_map(lambda x: x[0], micro)))
+      (_, total), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.int32), zeros), micro)
+      # The mean over microbatches: gradients and metrics alike.
+      g_pi, g_p, aux = jax.tree_util.tree_map(lambda x: x / k, total)
+    return self._update(state, g_pi, g_p, aux, train_pi, train_p)
+
+  def _gradients(self, state: TrainState, batch, train_pi, train_p, rng):
+    """(grad of pi_phi's group, grad of p_theta's group, metrics) on one (micro)batch."""
+    cfg = self.config
     obs, hm = batch["observation"], batch["history_mask"]
     ti, tm = batch["text_ids"], batch["text_mask"]
     tokens = jnp.asarray(batch["action_tokens"], jnp.int32)
-    train_pi, train_p = self._active(state.step)
     w_pi = train_pi.astype(jnp.float32)
     w_p = train_p.astype(jnp.float32)
     rng_pi = rng_p = None
     if self.model.config.dropout > 0:
-      rng_pi, rng_p = jax.random.split(jax.random.fold_in(state.rng, state.step))
+      rng_pi, rng_p = jax.random.split(rng)
     shared = cfg.num_output_heads == 2
 
     if cfg.uses_p and cfg.bootstraps:
@@ -341,6 +379,14 @@ class Learner:
 
     (_, aux), (g_pi, g_p) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params_pi, state.params_p)
+    return g_pi, g_p, aux
+
+  def _update(self, state: TrainState, g_pi, g_p, aux, train_pi, train_p):
+    """The optimiser steps, the Polyak target and the metrics, from the gradients."""
+    cfg = self.config
+    shared = cfg.num_output_heads == 2
+    w_pi = train_pi.astype(jnp.float32)
+    w_p = train_p.astype(jnp.float32)
     # A step whose losses or gradients are not all finite changes nothing (the
     # params, optimiser states and target stay bit for bit) and says so in
     # metrics["nonfinite"]; the training loop decides whether to stop.
@@ -383,13 +429,15 @@ class Learner:
     return jax.lax.scan(self.train_step, state, batch)
 
   def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    """Jitted train_steps on self.mesh: state replicated, batch sharded over "data"."""
+    """Jitted train_steps on self.mesh: the state where state_shardings puts it,
+    the batch split over every device, the metrics replicated."""
     batch = self._select(batch)
     if self._jit_step is None:
       replicated = NamedSharding(self.mesh, P())
-      spec = P("data") if self.config.steps_per_call == 1 else P(None, "data")
+      placed = self.state_shardings(state)
+      data = sharding.batch_sharding(self.mesh, steps_axis=self.config.steps_per_call > 1)
       self._jit_step = jax.jit(self.train_steps,
-                               in_shardings=(replicated, NamedSharding(self.mesh, spec)),
-                               out_shardings=(replicated, replicated),
+                               in_shardings=(placed, data),
+                               out_shardings=(placed, replicated),
                                donate_argnums=(0,) if self.config.donate_state else ())
     return self._jit_step(state, batch)

@@ -70,6 +70,11 @@ class LearnerConfig:
   architecture: str = "separate"    # "separate" backbones | "shared" trunk with two heads
   grad_clip_norm: Optional[float] = 1.0   # None: no clipping
   steps_per_call: int = 1           # optimiser steps per jit call (lax.scan)
+  # Gradient accumulation: each step's batch is split into this many microbatches
+  # whose gradients are averaged before one optimiser update (memory, not math:
+  # exact wherever the microbatches' loss masks hold as many tokens, as for BC and
+  # the Monte-Carlo target; otherwise each microbatch's masked mean counts alike).
+  microbatches: int = 1
   # filtered_bc: keep the episodes whose return is at or above this quantile of
   # their dataset's returns (data.statistics.filter_threshold). The data side drops
   # the others before batching; the learner trains on what it is given.
@@ -87,6 +92,9 @@ class LearnerConfig:
                          f"got {getattr(self, name)!r}")
     if self.steps_per_call < 1:
       raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
+    if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) \
+        or self.microbatches < 1:
+      raise ValueError(f"microbatches must be an integer >= 1, got {self.microbatches!r}")
     if not 0.0 <= self.polyak_alpha <= 1.0:
       raise ValueError(f"polyak_alpha must be in [0, 1], got {self.polyak_alpha}")
     if self.pi_steps < 0:
