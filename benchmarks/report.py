@@ -7,8 +7,10 @@ import os
 import platform
 
 import jax
+import numpy as np
 
 from qsft_vla import config as qconfig
+from qsft_vla.models import registry
 
 
 def emit(text: str, out: str | None) -> None:
@@ -57,3 +59,19 @@ def machine() -> str:
   kind = getattr(dev, "device_kind", jax.default_backend())
   return (f"{platform.machine()}, {os.cpu_count()} CPUs visible, jax {jax.__version__} on "
           f"{jax.default_backend()} ({jax.device_count()} x {kind})")
+
+
+def synthetic_batch(setup, batch_size: int, seed: int = 0):
+  """A random training batch of the run's shapes (benchmarks read no dataset)."""
+  rng = np.random.default_rng(seed)
+  obs, hm, ti, tm, tok = registry.example_inputs(setup.policy.model_config, setup.policy.image_sizes,
+                                                 batch_size)
+  obs = {k: (rng.integers(0, 256, v.shape).astype(np.uint8) if v.dtype == np.uint8
+             else rng.standard_normal(v.shape).astype(v.dtype)) for k, v in obs.items()}
+  bins = np.asarray(setup.policy.action_tokenizer.bins_per_dim)
+  tok = (rng.integers(0, 1 << 30, tok.shape) % bins).astype(np.int32)
+  return {"observation": obs, "history_mask": hm, "next_observation": obs,
+          "next_history_mask": hm, "text_ids": ti, "text_mask": tm, "action_tokens": tok,
+          "reward": (rng.random(batch_size) < 0.1).astype(np.float32),
+          "terminal": rng.random(batch_size) < 0.1, "has_next": rng.random(batch_size) < 0.9,
+          "return_to_go": rng.random(batch_size).astype(np.float32)}  # mc_mix / mc_lower_bound

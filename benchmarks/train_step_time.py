@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402  (benchmarks/report.py, beside this script)
 from qsft_vla import config as qconfig  # noqa: E402
 from qsft_vla import train  # noqa: E402
-from qsft_vla.models import registry  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", "robot_configs/babyai.py",
                               "robot config file[:variant]; the algorithm part is replaced")
@@ -42,21 +41,6 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "default: the config's train.b
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["qsft", "bc"], "learners to time (the ratio "
                                 "needs both)")
 _OUT = flags.DEFINE_string("out", None, "markdown table to write")
-
-
-def synthetic_batch(setup, batch_size: int, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  obs, hm, ti, tm, tok = registry.example_inputs(setup.policy.model_config, setup.policy.image_sizes,
-                                                 batch_size)
-  obs = {k: (rng.integers(0, 256, v.shape).astype(np.uint8) if v.dtype == np.uint8
-             else rng.standard_normal(v.shape).astype(v.dtype)) for k, v in obs.items()}
-  bins = np.asarray(setup.policy.action_tokenizer.bins_per_dim)
-  tok = (rng.integers(0, 1 << 30, tok.shape) % bins).astype(np.int32)
-  return {"observation": obs, "history_mask": hm, "next_observation": obs,
-          "next_history_mask": hm, "text_ids": ti, "text_mask": tm, "action_tokens": tok,
-          "reward": (rng.random(batch_size) < 0.1).astype(np.float32),
-          "terminal": rng.random(batch_size) < 0.1, "has_next": rng.random(batch_size) < 0.9,
-          "return_to_go": rng.random(batch_size).astype(np.float32)}  # mc_mix / mc_lower_bound
 
 
 def _config(algorithm: str):
@@ -75,7 +59,7 @@ def _learner(algorithm: str, batch_size: int):
   state = setup.init_state(pretrained=_PRETRAINED.value)
   jax.block_until_ready(state)
   print(f"{algorithm}: initial state in {time.perf_counter() - t0:.1f} s", flush=True)
-  batch = synthetic_batch(setup, batch_size)
+  batch = report.synthetic_batch(setup, batch_size)
   t0 = time.perf_counter()
   state, metrics = setup.learner.step(state, batch)
   jax.block_until_ready(metrics)
