@@ -481,3 +481,18 @@ def test_keep_returns_filters_episodes_before_batching(sparse_dir, threshold):
     assert b["episode_return"].shape == (16,) and (b["episode_return"] == 1.0).all()
     assert set(b["episode_index"].tolist()) == {0}
 
+
+
+@pytest.mark.parametrize("window, image_size", [(1, None), (3, (32, 48))])
+def test_example_spec_is_what_the_pipeline_yields(hand_dir, window, image_size):
+  """examples.example_spec (the layout replay tables store) is the pipeline's
+  element before batching: same keys, shapes and dtypes."""
+  from qsft_vla.data import examples
+  cfg = _cfg(hand_dir, window=window, image_size=image_size)
+  ds = pipeline.make_dataset(cfg.data, SPEC, TOKENIZER, gamma=GAMMA, batch_size=4, seed=0,
+                             train=True, validate=False)
+  got = tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape[1:], s.dtype), ds.element_spec)
+  want = examples.example_spec(SPEC, window=window, image_size=image_size)
+  tf.nest.assert_same_structure(got, want)
+  for g, w in zip(tf.nest.flatten(got), tf.nest.flatten(want)):
+    assert g == w, (g, w)

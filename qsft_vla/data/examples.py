@@ -6,7 +6,7 @@ checks) and yields its steps; the step function decodes, checks, resizes and
 augments the frames of one example after the shuffle. episode_index and
 episode_metadata define how an episode is numbered.
 
-One training example (a leading batch axis is added by batching):
+One training example (example_spec defines it; a leading batch axis is added by batching):
   observation:        {<camera>: uint8[W, h, w, 3], "state": float32[W, S] (if state_dim)}
   history_mask:       bool[W]; False marks start-of-episode padding (a repeat of frame 0)
   next_observation:   the window ending at t+1 (the last step repeats its own window)
@@ -35,6 +35,30 @@ from qsft_vla.data.graph_errors import fail
 from qsft_vla.robot import RobotSpec
 
 _ALL_STEPS = 2**31 - 1
+
+def example_spec(spec: RobotSpec, *, window: int, image_size=None) -> dict[str, Any]:
+  """tf.TensorSpecs of one training example (the layout above): what the pipeline
+  yields before batching, and what a replay table stores (qsft_vla/replay)."""
+  def frames(cam):
+    h, w = tuple(image_size) if image_size is not None else (cam.height, cam.width)
+    return tf.TensorSpec([window, h, w, 3], tf.uint8)
+
+  obs = {cam.name: frames(cam) for cam in spec.cameras}
+  if spec.state_dim:
+    obs["state"] = tf.TensorSpec([window, spec.state_dim], tf.float32)
+  scalar = lambda dtype: tf.TensorSpec([], dtype)
+  d = spec.action_dim
+  return {
+      "observation": obs, "history_mask": tf.TensorSpec([window], tf.bool),
+      "next_observation": dict(obs), "next_history_mask": tf.TensorSpec([window], tf.bool),
+      "instruction": scalar(tf.string),
+      "action": tf.TensorSpec([d], tf.float32), "action_tokens": tf.TensorSpec([d], tf.int32),
+      "reward": scalar(tf.float32), "return_to_go": scalar(tf.float32),
+      "episode_return": scalar(tf.float32), "terminal": scalar(tf.bool),
+      "has_next": scalar(tf.bool), "episode_index": scalar(tf.int32),
+      "step_index": scalar(tf.int32), "dataset_index": scalar(tf.int32),
+  }
+
 
 # --------------------------------------------------------------------------- #
 # Episode level.
