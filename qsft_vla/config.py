@@ -15,7 +15,7 @@ import dataclasses
 import importlib.util
 import os
 import typing
-from typing import Any
+from typing import Any, Optional
 
 import ml_collections
 
@@ -190,6 +190,24 @@ def eval_defaults() -> ml_collections.ConfigDict:
   return e
 
 
+def replay_defaults() -> ml_collections.ConfigDict:
+  """The Reverb replay table (qsft_vla/replay): one item per training example,
+  in the layout of data.examples.example_spec."""
+  r = ml_collections.ConfigDict()
+  r.table = "examples"
+  r.max_size = 1_000_000        # items; the oldest go first (FIFO remover)
+  r.sampler = "uniform"         # "uniform" | "prioritized"
+  r.priority_exponent = 0.8     # prioritized only
+  # "min_size": sampling waits until min_size_to_sample items are in.
+  # "sample_to_insert": also keeps samples per insert near samples_per_insert
+  # (within error_buffer), so learners neither outrun nor starve the actors.
+  r.rate_limiter = "min_size"
+  r.min_size_to_sample = 1
+  r.samples_per_insert = 32.0
+  r.error_buffer = 1_000.0
+  return r
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The full schema, locked. Robot config files fill in the REQUIRED fields."""
   c = ml_collections.ConfigDict()
@@ -200,6 +218,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.learner = learner_defaults()
   c.train = train_defaults()
   c.eval = eval_defaults()
+  c.replay = replay_defaults()
   c.lock()
   return c
 
@@ -317,6 +336,8 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
     _validate_train(cfg.train, where)
   if "eval" in cfg:
     _validate_eval(cfg.eval, where)
+  if "replay" in cfg:
+    _validate_replay(cfg.replay, where)
   if "learner" in cfg:
     # The learner's schema checks its own fields (learning.spec.LearnerConfig).
     try:
@@ -339,6 +360,31 @@ def _validate_train(t, where):
     sharding.parse_rules(t.sharding_rules)
   except ValueError as e:
     raise ConfigError(f"{where}: train.{e}") from None
+
+
+REPLAY_SAMPLERS = ("uniform", "prioritized")
+RATE_LIMITERS = ("min_size", "sample_to_insert")
+
+
+def _validate_replay(r, where):
+  if not isinstance(r.table, str) or not r.table.strip():
+    raise ConfigError(f"{where}: replay.table must be a non-empty name, got {r.table!r}")
+  for name, allowed in (("sampler", REPLAY_SAMPLERS), ("rate_limiter", RATE_LIMITERS)):
+    if r[name] not in allowed:
+      raise ConfigError(f"{where}: replay.{name} must be one of {allowed}, got {r[name]!r}")
+  for name in ("max_size", "min_size_to_sample"):
+    if isinstance(r[name], bool) or not isinstance(r[name], int) or r[name] < 1:
+      raise ConfigError(f"{where}: replay.{name} must be an integer >= 1, got {r[name]!r}")
+  if r.min_size_to_sample > r.max_size:
+    raise ConfigError(f"{where}: replay.min_size_to_sample={r.min_size_to_sample} exceeds "
+                      f"replay.max_size={r.max_size}: sampling could never start")
+  for name in ("priority_exponent", "samples_per_insert", "error_buffer"):
+    v = r[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and v < float("inf")):
+      raise ConfigError(f"{where}: replay.{name} must be a finite number >= 0, got {v!r}")
+  if r.rate_limiter == "sample_to_insert" and r.samples_per_insert <= 0:
+    raise ConfigError(f"{where}: replay.samples_per_insert must be > 0 with the "
+                      "sample_to_insert rate limiter")
 
 
 def _validate_eval(e, where):
@@ -394,3 +440,30 @@ def as_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """Plain-JSON form (stored with datasets and checkpoints)."""
   import json  # pylint: disable=g-import-not-at-top
   return json.loads(cfg.to_json())
+
+
+def check_config_args(argv) -> Optional[str]:
+  """The message for a `--config=` file that does not load (missing, not Python, an
+  unknown variant, an invalid value) or the first `--config.a.b=...` that names no
+  field of it, else None. ml_collections meets both while absl parses the flags
+  and raises a raw traceback there, before main() can say anything."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None:
+    return None
+  try:
+    cfg = load_config_file(path)
+  except ConfigError as e:
+    return f"--config={path}: {e}"
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    parts = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(parts[:i]) or "the config"
+        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        return (f"{arg}: {'.'.join(parts[:i + 1])} is not a field of {path} "
+                f"({where} has: {', '.join(known) or 'no sub-fields'})")
+      node = node[part]
+  return None

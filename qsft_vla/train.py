@@ -34,7 +34,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-import ml_collections
 from ml_collections import config_flags
 
 from qsft_vla import config as qconfig
@@ -496,36 +495,9 @@ def main(argv):
   logging.info("done: %s", json.dumps(summary))
 
 
-def check_config_args(argv) -> Optional[str]:
-  """The message for a `--config=` file that does not load (missing, not Python, an
-  unknown variant, an invalid value) or the first `--config.a.b=...` that names no
-  field of it, else None. ml_collections meets both while absl parses the flags
-  and raises a raw traceback there, before main() can say anything."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if path is None:
-    return None
-  try:
-    cfg = qconfig.load_config_file(path)
-  except qconfig.ConfigError as e:
-    return f"--config={path}: {e}"
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    parts = arg[len("--config."):].split("=", 1)[0].split(".")
-    node = cfg
-    for i, part in enumerate(parts):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        where = ".".join(parts[:i]) or "the config"
-        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        return (f"{arg}: {'.'.join(parts[:i + 1])} is not a field of {path} "
-                f"({where} has: {', '.join(known) or 'no sub-fields'})")
-      node = node[part]
-  return None
-
-
 if __name__ == "__main__":
   _define_flags()
-  refused = check_config_args(sys.argv[1:])
+  refused = qconfig.check_config_args(sys.argv[1:])
   if refused:
     print(f"train: error: {refused}", file=sys.stderr)
     sys.exit(2)

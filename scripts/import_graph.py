@@ -37,7 +37,7 @@ LAYERS = {
     "qsft_vla.policy": 4, "qsft_vla.client": 4, "qsft_vla.data": 4, "qsft_vla.evaluation": 4,
     # 5: training and the binaries
     "qsft_vla.learning.learner": 5, "qsft_vla.training": 5, "qsft_vla.train": 5,
-    "qsft_vla.evaluate": 5, "qsft_vla.serve": 5,
+    "qsft_vla.evaluate": 5, "qsft_vla.serve": 5, "qsft_vla.replay": 5,
     # 6: the data tools
     "data_tools": 6,
 }

@@ -248,11 +248,11 @@ def _run_binary(args, **kwargs):
 
 def test_override_names_are_checked_without_running():
   cfg = f"--config={BABYAI}:bc"
-  assert train.check_config_args([cfg, "--config.learner.beta=2",
+  assert qconfig.check_config_args([cfg, "--config.learner.beta=2",
                                   "--config.robot.cameras.image.height=56"]) is None
-  msg = train.check_config_args([cfg, "--config.learner.beta.x=2"])
+  msg = qconfig.check_config_args([cfg, "--config.learner.beta.x=2"])
   assert "learner.beta.x is not a field" in msg and "no sub-fields" in msg
-  assert "has: " in train.check_config_args([cfg, "--config.train.bogus", "1"])
+  assert "has: " in qconfig.check_config_args([cfg, "--config.train.bogus", "1"])
 
 
 @pytest.mark.slow

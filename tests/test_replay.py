@@ -1,0 +1,112 @@
+"""Reverb replay (qsft_vla/replay): a real server on a free localhost port, the
+inserter, the table's signature, and a checkpoint restored by a new server."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from qsft_vla import config as qconfig
+from qsft_vla.replay import insert as insert_lib
+from qsft_vla.replay.server import ReplayServer
+
+from conftest import BABYAI_CONFIG, REPO, babyai_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return babyai_dataset(tmp_path_factory, episodes=3, max_steps=8)
+
+
+def _cfg(**replay):
+  cfg = qconfig.load_config_file(BABYAI_CONFIG)
+  cfg.replay.update(replay)
+  return cfg
+
+
+def _key(ex):
+  return (int(ex["dataset_index"]), int(ex["episode_index"]), int(ex["step_index"]))
+
+
+def _sample_all(address, table, n):
+  """Every item of a uniform table, by sampling until each was seen."""
+  import reverb
+  client = reverb.Client(address)
+  seen = {}
+  for _ in range(50):
+    for s in client.sample(table, num_samples=4 * n, emit_timesteps=False,
+                           unpack_as_table_signature=True):
+      data = tf.nest.map_structure(np.asarray, s.data)
+      seen[_key(data)] = data
+    if len(seen) == n:
+      break
+  return seen
+
+
+def test_inserted_examples_are_the_pipelines_examples(dataset):
+  cfg = _cfg()
+  want = {_key(ex): ex for ex in insert_lib.examples(_cfg(), [dataset])}
+  with ReplayServer(cfg) as server:
+    count = insert_lib.insert(cfg, [dataset], server.address)
+    assert count == len(want) == server.size()
+    got = _sample_all(server.address, cfg.replay.table, count)
+  assert set(got) == set(want)
+  for k, ex in want.items():
+    tf.nest.assert_same_structure(got[k], ex)
+    for a, b in zip(tf.nest.flatten(got[k]), tf.nest.flatten(ex)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_a_table_of_another_layout_is_refused_naming_the_key(dataset):
+  other = _cfg()
+  other.data.window = 2
+  with ReplayServer(other) as server:
+    with pytest.raises(ValueError, match=r"history_mask is bool\[2\] but .* bool\[1\]"):
+      insert_lib.insert(_cfg(), [dataset], server.address)
+    assert server.size() == 0
+
+
+def test_checkpoint_restores_the_table(dataset, tmp_path):
+  cfg = _cfg()
+  ckpt = str(tmp_path / "replay")
+  with ReplayServer(cfg, checkpoint_dir=ckpt, checkpoint_every=0) as server:
+    count = insert_lib.insert(cfg, [dataset], server.address)
+  # Stopped with a final checkpoint; a new server on the folder starts full.
+  with ReplayServer(cfg, checkpoint_dir=ckpt, checkpoint_every=0) as again:
+    assert again.size() == count
+
+
+@pytest.mark.parametrize("replay, match", [
+    (dict(sampler="lifo"), "replay.sampler"),
+    (dict(min_size_to_sample=10, max_size=5), "could never start"),
+    (dict(rate_limiter="sample_to_insert", samples_per_insert=0.0), "samples_per_insert"),
+])
+def test_bad_replay_config_is_refused(replay, match):
+  with pytest.raises(qconfig.ConfigError, match=match):
+    qconfig.validate(_cfg(**replay))
+
+
+def test_binaries_refuse_bad_flags_in_one_line(tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, "-m", "qsft_vla.replay.server",
+                         f"--config={BABYAI_CONFIG}", "--config.replay.bogus=1"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "replay.bogus" in proc.stderr, proc.stderr[-2000:]
+  proc = subprocess.run([sys.executable, "-m", "qsft_vla.replay.insert",
+                         f"--config={BABYAI_CONFIG}", f"--data={tmp_path / 'none'}",
+                         "--server=localhost:1"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "replay.insert: error:" in proc.stderr, proc.stderr[-2000:]
+  assert "none" in proc.stderr, proc.stderr[-2000:]   # the missing dataset, named
+
+
+def test_an_absent_server_is_a_clear_error(dataset):
+  import socket
+  with socket.socket() as s:   # a free port nobody listens on
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  with pytest.raises(ConnectionError, match=f"localhost:{port}: no replay server answered"):
+    insert_lib.insert(_cfg(), [dataset], f"localhost:{port}", timeout=1)
