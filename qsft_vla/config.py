@@ -99,6 +99,15 @@ def data_defaults() -> ml_collections.ConfigDict:
   d.augment.crop_scale = 0.9    # random crop keeps this fraction of each side
   d.augment.brightness = 0.1
   d.augment.contrast = 0.1
+  # "rlds": batches from data.dir through tf.data. "reverb": examples sampled from a
+  # replay server's table (qsft_vla/replay), mixed with data.dir's examples when
+  # reverb.weight < 1; data.dir is still read for its statistics (action bounds,
+  # reward scale), which must be those the table was filled with.
+  d.source = "rlds"
+  d.reverb = ml_collections.ConfigDict()
+  d.reverb.server = ""           # HOST:PORT
+  d.reverb.weight = 1.0          # share of each batch sampled from the table
+  d.reverb.timeout_s = 300.0     # a sample waiting longer is an error naming server and table
   return d
 
 
@@ -434,6 +443,16 @@ def _validate_data(d, where):
                       f"got {d.reward_rescale!r}")
   if d.image_size is not None and (len(d.image_size) != 2 or min(d.image_size) < 1):
     raise ConfigError(f"{where}: data.image_size must be (height, width), got {d.image_size!r}")
+  if d.source not in ("rlds", "reverb"):
+    raise ConfigError(f"{where}: data.source must be rlds|reverb, got {d.source!r}")
+  if d.source == "reverb":
+    if not isinstance(d.reverb.server, str) or ":" not in d.reverb.server:
+      raise ConfigError(f"{where}: data.source=reverb needs data.reverb.server=HOST:PORT, "
+                        f"got {d.reverb.server!r}")
+    if not 0.0 < d.reverb.weight <= 1.0:
+      raise ConfigError(f"{where}: data.reverb.weight must be in (0, 1], got {d.reverb.weight}")
+    if not d.reverb.timeout_s > 0:
+      raise ConfigError(f"{where}: data.reverb.timeout_s must be > 0, got {d.reverb.timeout_s}")
 
 
 def as_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -339,11 +339,19 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
   thresholds = filter_thresholds(setup)
   policy = setup.policy
-  it = pipeline.as_numpy_batches(cfg.data, policy.robot, policy.action_tokenizer,
-                                 gamma=policy.learner.gamma,
-                                 batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
-                                 validate=tcfg.validate_data, keep_returns=thresholds,
-                                 stats=setup.stats)
+  if cfg.data.source == "reverb":
+    from qsft_vla.replay import source as replay_source  # pylint: disable=g-import-not-at-top
+    it = replay_source.as_numpy_batches(cfg, policy.robot, policy.action_tokenizer,
+                                        batch_size=tcfg.batch_size, seed=cfg.seed,
+                                        keep_returns=thresholds, stats=setup.stats)
+    logging.info("sampling from replay table %r at %s (weight %g; the rest from data.dir)",
+                 cfg.replay.table, cfg.data.reverb.server, cfg.data.reverb.weight)
+  else:
+    it = pipeline.as_numpy_batches(cfg.data, policy.robot, policy.action_tokenizer,
+                                   gamma=policy.learner.gamma,
+                                   batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
+                                   validate=tcfg.validate_data, keep_returns=thresholds,
+                                   stats=setup.stats)
   prepare = batches_lib.BatchPreparer(policy.text_tokenizer, policy.model_config.max_text_len)
   probe = q_gap.maybe_probe(cfg, setup, prepare)
   meta = setup.meta()

@@ -110,3 +110,44 @@ def test_an_absent_server_is_a_clear_error(dataset):
     port = s.getsockname()[1]
   with pytest.raises(ConnectionError, match=f"localhost:{port}: no replay server answered"):
     insert_lib.insert(_cfg(), [dataset], f"localhost:{port}", timeout=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_training_samples_from_the_table(dataset, tmp_path, weight):
+  """Two training steps from replay (alone, and mixed half and half with data.dir),
+  a checkpoint, and a resumed run that samples afresh."""
+  from qsft_vla import train
+  cfg = _cfg()
+  with ReplayServer(cfg) as server:
+    insert_lib.insert(cfg, [dataset], server.address)
+    run = _cfg()
+    run.data.dir = dataset
+    run.data.shuffle_buffer = 16
+    run.data.source = "reverb"
+    run.data.reverb.server = server.address
+    run.data.reverb.weight = weight
+    run.model.rt1_small.update(width=32, depth=1, num_heads=2, conv_channels=(8, 16, 16),
+                               tokens_per_image=2, text_dim=16)
+    run.train.update(num_steps=2, batch_size=4, checkpoint_every=2, log_every=1)
+    summary = train.train(run, str(tmp_path / "run"))
+    assert summary["step"] == 2 and np.isfinite(summary["loss_pi"])
+    run.train.num_steps = 3
+    assert train.train(run, str(tmp_path / "run"))["step"] == 3
+
+
+def test_an_empty_table_is_a_clear_training_error(dataset, tmp_path):
+  from qsft_vla import train
+  from qsft_vla.errors import TrainingError
+  cfg = _cfg()
+  with ReplayServer(cfg) as server:
+    run = _cfg()
+    run.data.dir = dataset
+    run.data.source = "reverb"
+    run.data.reverb.server = server.address
+    run.data.reverb.timeout_s = 1.0
+    run.model.rt1_small.update(width=32, depth=1, num_heads=2, conv_channels=(8, 16, 16),
+                               tokens_per_image=2, text_dim=16)
+    run.train.update(num_steps=2, batch_size=4, checkpoint_every=2, log_every=1)
+    with pytest.raises(TrainingError, match=f"'examples' at {server.address} within 1 s"):
+      train.train(run, str(tmp_path / "run"))

@@ -191,7 +191,8 @@ def _keep_episode(threshold: float):
   return lambda ex: tf.cast(ex["episode_return"][0], tf.float64) >= t
 
 
-def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: int, seed: int,
+def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: Optional[int],
+                 seed: int,
                  train: bool = True, validate: bool = True,
                  keep_returns: Optional[Sequence[float]] = None,
                  stats: Optional[Sequence[Optional[dict[str, Any]]]] = None) -> tf.data.Dataset:
@@ -204,7 +205,8 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
   sampled by data.weights, steps are shuffled in one buffer of
   data.shuffle_buffer, augmentation follows data.augment, partial batches are
   dropped. train=False: one ordered pass (members concatenated), no shuffle,
-  no augmentation, last partial batch kept.
+  no augmentation, last partial batch kept. batch_size=None: unbatched examples,
+  without prefetch.
   Deterministic (data.deterministic or train=False): ordered maps and seeded
   shuffles, so the same config and seed give identical batches.
   validate: run `validate_datasets` first (a full read of the non-image data),
@@ -253,6 +255,8 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
   step_fn = examples.step_fn(spec, members[0].encoded, tuple(m.dir for m in members),
                      image_size=image_size, augment=augment, seed=seed, window=data.window)
   ds = ds.enumerate().map(step_fn, num_parallel_calls=parallel, deterministic=deterministic)
+  if batch_size is None:  # the examples themselves (replay mixes them with its samples)
+    return ds.with_options(options)
   ds = ds.batch(batch_size, drop_remainder=train)
   if data.prefetch:
     ds = ds.prefetch(tf.data.AUTOTUNE if data.prefetch < 0 else data.prefetch)
