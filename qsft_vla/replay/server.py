@@ -45,8 +45,13 @@ class ReplayServer:
       except OSError as e:
         raise OSError(f"--checkpoint_dir={checkpoint_dir}: cannot write there ({e})") from None
       checkpointer = reverb.platform.checkpointers_lib.DefaultCheckpointer(checkpoint_dir)
-    self._server = reverb.Server(tables=[table.make_table(cfg)], port=port or None,
-                                 checkpointer=checkpointer)
+    if port:
+      _check_port_free(port)
+    try:
+      self._server = reverb.Server(tables=[table.make_table(cfg)], port=port or None,
+                                   checkpointer=checkpointer)
+    except ValueError as e:  # gRPC's "Failed to BuildAndStart" says nothing of why
+      raise OSError(f"--port={port}: the replay server could not start ({e})") from None
     self.port = self._server.port
     self.address = f"localhost:{self.port}"
     self._client = reverb.Client(self.address)
@@ -94,6 +99,15 @@ class ReplayServer:
 
   def __exit__(self, *exc):
     self.stop(final_checkpoint=exc[0] is None)
+
+
+def _check_port_free(port: int) -> None:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as sock:
+    try:
+      sock.bind(("", port))
+    except OSError as e:
+      raise OSError(f"--port={port}: already in use or not allowed ({e.strerror})") from None
 
 
 def _define_flags():

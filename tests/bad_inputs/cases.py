@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import zipfile
 from typing import Any, Callable
@@ -39,6 +40,8 @@ IMPORTS = {
     "qsft_vla.train": ("qsft_vla.train",),
     "qsft_vla.evaluate": ("qsft_vla.evaluate",),
     "qsft_vla.serve": ("qsft_vla.serve",),
+    "qsft_vla.replay.server": ("qsft_vla.replay.server",),
+    "qsft_vla.replay.insert": ("qsft_vla.replay.insert",),
     "api": ("qsft_vla.policy.controller",),
 }
 
@@ -1002,6 +1005,61 @@ for _name, _extra, _parts in [
 ]:
   case("qsft_vla.serve", *_parts, name=f"serve_{_name}")(
       lambda d, fixtures, _extra=_extra: _serve(_copy(fixtures, "qsft_run", d, "run"), *_extra))
+
+
+# --------------------------------------------------------------------------- #
+# qsft_vla.replay.server: refused before it serves (as qsft_vla.serve).
+
+for _name, _extra, _parts in [
+    ("max_size_zero", ["--config.replay.max_size=0"], ["replay.max_size", "0"]),
+    ("min_size_above_max", ["--config.replay.min_size_to_sample=10",
+                            "--config.replay.max_size=5"], ["min_size_to_sample", "never"]),
+    ("unknown_sampler", ["--config.replay.sampler=lifo"], ["replay.sampler", "lifo"]),
+    ("unknown_field", ["--config.replay.bogus=1"], ["replay.bogus"]),
+    ("nan_error_buffer", ["--config.replay.error_buffer=nan"], ["error_buffer", "nan"]),
+]:
+  case("qsft_vla.replay.server", *_parts, name=f"replay_server_{_name}")(
+      lambda d, fixtures, _extra=_extra: [f"--config={BABYAI}", "--port=0", *_extra])
+
+
+@case("qsft_vla.replay.server", "checkpoint_dir", "file")
+def replay_server_checkpoint_dir_under_a_file(d, fixtures):
+  blocker = os.path.join(d, "file")
+  with open(blocker, "w") as f:
+    f.write("not a folder")
+  return [f"--config={BABYAI}", "--port=0", f"--checkpoint_dir={os.path.join(blocker, 'ckpt')}"]
+
+
+@case("qsft_vla.replay.server", "--port=", "in use", teardown=_release_port)
+def replay_server_port_in_use(d, fixtures):
+  sock = socket.socket()
+  sock.bind(("", 0))
+  sock.listen()
+  _HELD_SOCKETS[d] = sock
+  return [f"--config={BABYAI}", f"--port={sock.getsockname()[1]}"]
+
+
+# --------------------------------------------------------------------------- #
+# qsft_vla.replay.insert: refused before anything is inserted.
+
+def _insert(data, *extra):
+  return [f"--config={BABYAI}", f"--data={data}", *extra]
+
+
+@case("qsft_vla.replay.insert", "nowhere")
+def replay_insert_missing_dataset(d, fixtures):
+  return _insert(os.path.join(d, "nowhere"), "--server=localhost:1", "--timeout=1")
+
+
+@case("qsft_vla.replay.insert", "localhost:1", "no replay server answered")
+def replay_insert_absent_server(d, fixtures):
+  return _insert(_copy(fixtures, "babyai_data", d, "data"), "--server=localhost:1", "--timeout=1")
+
+
+@case("qsft_vla.replay.insert", "replay.table")
+def replay_insert_empty_table_name(d, fixtures):
+  return _insert(_copy(fixtures, "babyai_data", d, "data"), "--server=localhost:1",
+                 "--config.replay.table= ")
 
 
 # --------------------------------------------------------------------------- #

@@ -48,7 +48,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 OUTCOMES = ("refused", "warned", "traceback", "accepted", "misleading", "data_loss",
             "left_behind", "hang")
 ENTRIES = ("data_tools.convert", "data_tools.generate", "data_tools.stats",
-           "data_tools.validate", "qsft_vla.train", "qsft_vla.evaluate", "qsft_vla.serve", "api")
+           "data_tools.validate", "qsft_vla.train", "qsft_vla.evaluate", "qsft_vla.serve",
+           "qsft_vla.replay.server", "qsft_vla.replay.insert", "api")
 # The robot-host API refuses by raising these (our errors derive from them).
 API_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 
