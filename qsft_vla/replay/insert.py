@@ -44,11 +44,12 @@ def examples(cfg, data_dirs: Sequence[str]) -> Iterator[dict[str, Any]]:
 
 
 def insert(cfg, data_dirs: Sequence[str], server: str, log_every: int = 1000,
-           timeout: float = 30.0) -> int:
+           timeout: float = 30.0, timing: dict | None = None) -> int:
   """Inserts every example of `data_dirs` into cfg.replay.table at `server`
   (priority 1); returns how many. Refuses a table whose signature is not this
   config's example, naming the first key that differs, and a server that does
-  not answer within `timeout` seconds."""
+  not answer within `timeout` seconds. `timing`, if given, receives "stream_s":
+  the seconds from the first example to the last flush (set-up excluded)."""
   import reverb  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from qsft_vla.data import rlds_reader  # pylint: disable=g-import-not-at-top
@@ -68,7 +69,9 @@ def insert(cfg, data_dirs: Sequence[str], server: str, log_every: int = 1000,
   _check_signature(info[name].signature, table_lib.signature(cfg), server, name)
   count, start = 0, time.time()
   with client.trajectory_writer(num_keep_alive_refs=1) as writer:
+    first = None
     for ex in examples(cfg, data_dirs):
+      first = first or time.time()
       writer.append(ex)
       writer.create_item(name, 1.0, tf.nest.map_structure(lambda r: r[-1], writer.history))
       count += 1
@@ -77,6 +80,8 @@ def insert(cfg, data_dirs: Sequence[str], server: str, log_every: int = 1000,
       if log_every and count % log_every == 0:
         logging.info("inserted %d examples (%.0f/s)", count, count / (time.time() - start))
     writer.flush()
+  if timing is not None:
+    timing["stream_s"] = time.time() - (first or time.time())
   logging.info("inserted %d examples into %s/%s in %.1f s", count, server, name,
                time.time() - start)
   return count
