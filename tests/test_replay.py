@@ -151,3 +151,45 @@ def test_an_empty_table_is_a_clear_training_error(dataset, tmp_path):
     run.train.update(num_steps=2, batch_size=4, checkpoint_every=2, log_every=1)
     with pytest.raises(TrainingError, match=f"'examples' at {server.address} within 1 s"):
       train.train(run, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_sampling_survives_a_server_restart(dataset, tmp_path, caplog):
+  """The server stops (final checkpoint) and a new one starts on the same port
+  from that checkpoint 2 s later: the next batch comes after logged retries."""
+  import logging
+  import socket
+  import threading
+  from qsft_vla.replay import source
+  cfg = _cfg()
+  ckpt = str(tmp_path / "replay")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  server = ReplayServer(cfg, port=port, checkpoint_dir=ckpt, checkpoint_every=0)
+  insert_lib.insert(cfg, [dataset], server.address)
+  run = _cfg()
+  run.data.dir = dataset
+  run.data.source = "reverb"
+  run.data.reverb.server = server.address
+  run.data.reverb.timeout_s = 60.0   # a stalled stream is replaced after 15 s
+  from qsft_vla.robot import RobotSpec
+  from qsft_vla.tokenizers.action import ActionTokenizer
+  spec = RobotSpec.from_config(run.robot)
+  it = source.as_numpy_batches(run, spec, ActionTokenizer.from_robot(spec), batch_size=4, seed=0)
+  assert next(it)["reward"].shape == (4,)
+  server.stop()                                   # writes its final checkpoint
+  restarted = {}
+  timer = threading.Timer(2.0, lambda: restarted.setdefault(
+      "server", ReplayServer(cfg, port=port, checkpoint_dir=ckpt, checkpoint_every=0)))
+  timer.start()
+  try:
+    with caplog.at_level(logging.WARNING):
+      for _ in range(40):  # past the batches buffered before the stop
+        assert next(it)["reward"].shape == (4,)
+    assert "retrying" in caplog.text
+    assert restarted["server"].size() > 0
+  finally:
+    timer.join()
+    if "server" in restarted:
+      restarted["server"].stop(final_checkpoint=False)

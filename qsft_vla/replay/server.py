@@ -104,6 +104,8 @@ class ReplayServer:
 def _check_port_free(port: int) -> None:
   import socket  # pylint: disable=g-import-not-at-top
   with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as sock:
+    # As gRPC binds: a port a stopped server left in TIME_WAIT is free to it.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
       sock.bind(("", port))
     except OSError as e:

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
+import time
 from typing import Optional, Sequence
 
 import tensorflow as tf
+from absl import logging
 
 from qsft_vla.data import pipeline
 from qsft_vla.data.batch_iterator import BatchIterator
@@ -58,22 +62,62 @@ def make_dataset(cfg, spec, tokenizer, *, batch_size: int, seed: int,
 
 
 class ReplayBatchIterator(BatchIterator):
-  """Batches from replay as numpy dicts; a timeout names the server and table."""
+  """Batches from replay as numpy dicts.
+
+  Reverb's client does not reconnect a stream to a server that went away and
+  came back (restarted from its checkpoint, say): the stream blocks. So batches
+  are fetched on a worker thread, and a stream that yields nothing for a
+  quarter of data.reverb.timeout_s (at most 30 s), or fails, is replaced by a
+  fresh one, with exponential backoff and each retry logged, until
+  data.reverb.timeout_s has passed without a batch; then, as for an empty or
+  rate-limited table, training stops with an error naming the server and the
+  table. (A replaced stream's thread stays blocked in Reverb; it is a daemon.)"""
 
   def __init__(self, dataset: tf.data.Dataset, server: str, table: str, timeout_s: float,
                data_dirs=()):
     super().__init__(dataset, data_dirs)
     self.server, self.table, self.timeout_s = server, table, timeout_s
+    self.stall_s = min(timeout_s / 4, 30.0)
+    self._queue = None
+
+  def _start_stream(self) -> None:
+    self._it = iter(self.dataset)
+    self._queue = q = queue.Queue(maxsize=2)
+    parent = super()
+
+    def fetch():
+      while True:
+        try:
+          q.put(("batch", parent.__next__()))
+        except Exception as e:  # pylint: disable=broad-except
+          q.put(("error", e))   # the consumer decides; this stream is done
+          return
+
+    threading.Thread(target=fetch, daemon=True, name="replay-stream").start()
 
   def __next__(self):
-    try:
-      return super().__next__()
-    except (StopIteration, tf.errors.OutOfRangeError, tf.errors.DeadlineExceededError,
-            tf.errors.UnavailableError) as e:
-      raise TrainingError(
-          f"no batch from replay table {self.table!r} at {self.server} within "
-          f"{self.timeout_s:g} s (data.reverb.timeout_s): the table is empty or held by its "
-          f"rate limiter, or the server is down ({type(e).__name__})") from None
+    if self._queue is None:
+      self._start_stream()
+    start, delay = time.monotonic(), 0.5
+    while True:
+      try:
+        kind, value = self._queue.get(timeout=self.stall_s)
+        if kind == "batch":
+          return value
+        why = type(value).__name__
+      except queue.Empty:
+        why = f"nothing for {self.stall_s:g} s"
+      waited = time.monotonic() - start
+      if waited + delay > self.timeout_s:
+        raise TrainingError(
+            f"no batch from replay table {self.table!r} at {self.server} within "
+            f"{self.timeout_s:g} s (data.reverb.timeout_s): the table is empty or held by "
+            f"its rate limiter, or the server is down ({why})")
+      logging.warning("replay: no batch from %s (%s); retrying in %.1f s (%.0f of %g s "
+                      "waited)", self.server, why, delay, waited, self.timeout_s)
+      time.sleep(delay)
+      delay = min(2 * delay, 30.0)
+      self._start_stream()  # a fresh connection
 
   def save_iterator_state(self, path: str) -> None:
     os.makedirs(path, exist_ok=True)
