@@ -37,8 +37,12 @@ class BatchIterator:
     return self
 
   def __next__(self) -> dict[str, Any]:
+    return self.next_from(self._it)
+
+  def next_from(self, it) -> dict[str, Any]:
+    """The next batch of the tf.data iterator `it` as numpy, bad data as DataError."""
     try:
-      batch = next(self._it)
+      batch = next(it)
     except tf.errors.InvalidArgumentError as e:
       raise graph_errors.as_data_error(e) from None
     except tf.errors.DataLossError as e:

@@ -16,7 +16,6 @@ import sys
 import time
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,7 +30,7 @@ def examples(cfg, data_dirs: Sequence[str]) -> Iterator[dict[str, Any]]:
   from qsft_vla.robot import RobotSpec  # pylint: disable=g-import-not-at-top
   from qsft_vla.tokenizers.action import ActionTokenizer  # pylint: disable=g-import-not-at-top
   spec = RobotSpec.from_config(cfg.robot)
-  data = cfg.data
+  data = cfg.data.copy_and_resolve_references()  # the caller's config stays as it is
   with data.unlocked():
     data.dir = data_dirs[0] if len(data_dirs) == 1 else list(data_dirs)
     data.weights = None if len(data_dirs) == 1 else [1.0] * len(data_dirs)
@@ -138,8 +137,5 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   _define_flags()
-  refused = qconfig.check_config_args(sys.argv[1:])
-  if refused:
-    print(f"replay.insert: error: {refused}", file=sys.stderr)
-    sys.exit(2)
+  qconfig.exit_on_bad_config_args("replay.insert", sys.argv[1:])
   app.run(main)

@@ -75,29 +75,29 @@ class ReplayBatchIterator(BatchIterator):
 
   def __init__(self, dataset: tf.data.Dataset, server: str, table: str, timeout_s: float,
                data_dirs=()):
-    super().__init__(dataset, data_dirs)
+    super().__init__(dataset, data_dirs)  # opens the first stream, self._it
     self.server, self.table, self.timeout_s = server, table, timeout_s
     self.stall_s = min(timeout_s / 4, 30.0)
-    self._queue = None
+    self._fetch(self._it)
 
-  def _start_stream(self) -> None:
-    self._it = iter(self.dataset)
+  def _fetch(self, it) -> None:
+    """A worker thread moving `it`'s batches into a fresh queue. It holds its own
+    stream, so a replaced one never feeds, or reads, its successor."""
     self._queue = q = queue.Queue(maxsize=2)
-    parent = super()
 
     def fetch():
       while True:
         try:
-          q.put(("batch", parent.__next__()))
+          q.put(("batch", self.next_from(it)))
         except Exception as e:  # pylint: disable=broad-except
           q.put(("error", e))   # the consumer decides; this stream is done
+          return
+        if q is not self._queue:  # replaced while it was blocked: stop
           return
 
     threading.Thread(target=fetch, daemon=True, name="replay-stream").start()
 
   def __next__(self):
-    if self._queue is None:
-      self._start_stream()
     start, delay = time.monotonic(), 0.5
     while True:
       try:
@@ -117,7 +117,8 @@ class ReplayBatchIterator(BatchIterator):
                       "waited)", self.server, why, delay, waited, self.timeout_s)
       time.sleep(delay)
       delay = min(2 * delay, 30.0)
-      self._start_stream()  # a fresh connection
+      self._it = iter(self.dataset)  # a fresh connection
+      self._fetch(self._it)
 
   def save_iterator_state(self, path: str) -> None:
     os.makedirs(path, exist_ok=True)
