@@ -486,3 +486,13 @@ def check_config_args(argv) -> Optional[str]:
                 f"({where} has: {', '.join(known) or 'no sub-fields'})")
       node = node[part]
   return None
+
+
+def exit_on_bad_config_args(prog: str, argv) -> None:
+  """Before absl parses the flags of a binary with a --config flag: one line naming
+  what is wrong (check_config_args) and exit status 2, instead of a traceback."""
+  refused = check_config_args(argv)
+  if refused:
+    import sys  # pylint: disable=g-import-not-at-top
+    print(f"{prog}: error: {refused}", file=sys.stderr)
+    sys.exit(2)

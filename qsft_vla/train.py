@@ -505,8 +505,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  refused = qconfig.check_config_args(sys.argv[1:])
-  if refused:
-    print(f"train: error: {refused}", file=sys.stderr)
-    sys.exit(2)
+  qconfig.exit_on_bad_config_args("train", sys.argv[1:])
   app.run(main)

@@ -145,8 +145,5 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   _define_flags()
-  refused = qconfig.check_config_args(sys.argv[1:])
-  if refused:
-    print(f"replay.server: error: {refused}", file=sys.stderr)
-    sys.exit(2)
+  qconfig.exit_on_bad_config_args("replay.server", sys.argv[1:])
   app.run(main)

@@ -942,6 +942,15 @@ def _serve(run, *extra):
   return [f"--workdir={run}", "--port=0", *extra]
 
 
+def _hold_port(d, host):
+  """A port someone else listens on for the case's duration (_release_port ends it)."""
+  sock = socket.socket()
+  sock.bind((host, 0))
+  sock.listen()
+  _HELD_SOCKETS[d] = sock
+  return sock.getsockname()[1]
+
+
 def _release_port(d):
   sock = _HELD_SOCKETS.pop(d, None)
   if sock is not None:
@@ -976,13 +985,8 @@ def serve_token_with_spaces(d, fixtures):
 
 @case("qsft_vla.serve", "127.0.0.1", "already in use", teardown=_release_port)
 def serve_port_in_use(d, fixtures):
-  import socket  # pylint: disable=g-import-not-at-top
-  sock = socket.socket()
-  sock.bind(("127.0.0.1", 0))
-  sock.listen()
-  _HELD_SOCKETS[d] = sock
   run = _copy(fixtures, "qsft_run", d, "run")
-  return [f"--workdir={run}", f"--port={sock.getsockname()[1]}"]
+  return [f"--workdir={run}", f"--port={_hold_port(d, '127.0.0.1')}"]
 
 
 @case("qsft_vla.serve", "nosuchhost.invalid")
@@ -1032,11 +1036,7 @@ def replay_server_checkpoint_dir_under_a_file(d, fixtures):
 
 @case("qsft_vla.replay.server", "--port=", "in use", teardown=_release_port)
 def replay_server_port_in_use(d, fixtures):
-  sock = socket.socket()
-  sock.bind(("", 0))
-  sock.listen()
-  _HELD_SOCKETS[d] = sock
-  return [f"--config={BABYAI}", f"--port={sock.getsockname()[1]}"]
+  return [f"--config={BABYAI}", f"--port={_hold_port(d, '')}"]
 
 
 # --------------------------------------------------------------------------- #
