@@ -21,8 +21,11 @@ rate are reported beside them. Success vs training step comes from eval.every
 during training (validation stream, the run's configured extraction and beta).
 
 Resumable: every finished piece (dataset, training run, evaluation JSON) is
-kept under --workdir and skipped on the next run. Writes
-<results>/policy_quality_<size>.md (the table) and three PNG plots.
+kept under --workdir and skipped on the next run. Each task's summary goes to
+<results>/policy_quality_<size>/<task>.json (committed, so that tasks run in
+different sessions, or on different machines, make one table); the table
+<results>/policy_quality_<size>.md and three PNG plots are rebuilt from every
+task's summary there, the ones just run replacing their earlier versions.
 """
 
 from __future__ import annotations
@@ -245,31 +248,43 @@ def _curve(workdirs: list[str]) -> dict[int, float]:
   return {s: float(np.mean(v)) for s, v in sorted(by_step.items())}
 
 
-def table(results: list[dict[str, Any]], seeds: list[int]) -> str:
-  cols = [m for m in METHODS if m in FLAGS.methods]
+def table(results: list[dict[str, Any]]) -> str:
+  cols = [m for m in METHODS if any(m in r["methods"] for r in results)]
   lines = [f"# Policy quality ({FLAGS.size}): test stream seed {FLAGS.test_seed}, "
            f"Q-SFT's extraction and beta chosen on validation stream seed {FLAGS.val_seed}",
-           "", f"Training seeds {seeds}; success over seeds x episodes with Wilson 95% "
-           "intervals.", "",
-           "| task | data (success) | expert | " + " | ".join(NAMES[m] for m in cols)
+           "", "Success over training seeds x test episodes with Wilson 95% intervals; one "
+           "summary per task in `policy_quality_" + FLAGS.size + "/<task>.json`.", "",
+           "| task | seeds | data (success) | expert | " + " | ".join(NAMES[m] for m in cols)
            + " | Q-SFT choice (val) | Q-SFT vs BC |",
-           "|---|---|---|" + "---|" * len(cols) + "---|---|"]
+           "|---|---|---|---|" + "---|" * len(cols) + "---|---|"]
 
-  def cell(p):
-    return f"{100 * p['mean']:.1f}% [{100 * p['lo']:.0f}, {100 * p['hi']:.0f}]"
+  def cell(r, m):
+    p = r["methods"].get(m, {}).get("test")
+    return f"{100 * p['mean']:.1f}% [{100 * p['lo']:.0f}, {100 * p['hi']:.0f}]" if p else "-"
   for r in results:
-    row = [r["task"], f"{r['behavior']} ({100 * r['data_success']:.0f}%)", cell(r["expert"])]
-    row += [cell(r["methods"][m]["test"]) for m in cols]
+    e = r["expert"]
+    row = [r["task"], ",".join(str(s) for s in r.get("seeds", [])),
+           f"{r['behavior']} ({100 * r['data_success']:.0f}%)",
+           f"{100 * e['mean']:.1f}% [{100 * e['lo']:.0f}, {100 * e['hi']:.0f}]"]
+    row += [cell(r, m) for m in cols]
     c = r.get("qsft_choice")
     row.append(f"{c['extraction']}, beta {c['beta']:g} ({100 * c['val_success']:.0f}%)"
                if c else "")
     t = r.get("qsft_vs_bc")
     row.append(f"{t['a_only']} vs {t['b_only']}, p = {t['p_value']:.2g}" if t else "")
     lines.append("| " + " | ".join(row) + " |")
-  if results and all(m in results[0]["methods"] for m in ("qsft", "bc")):
-    mean = {m: np.mean([r["methods"][m]["test"]["mean"] for r in results]) for m in cols}
-    lines += ["", "Average over tasks: " + ", ".join(f"{NAMES[m]} {100 * v:.1f}%"
-                                                   for m, v in mean.items())]
+  full = [r for r in results if all(m in r["methods"] for m in cols)]
+  if full:
+    mean = {m: np.mean([r["methods"][m]["test"]["mean"] for r in full]) for m in cols}
+    ratio = [r["methods"]["qsft"]["test"]["mean"] / r["expert"]["mean"] for r in full
+             if "qsft" in r["methods"] and r["expert"]["mean"] > 0]
+    lines += ["", f"Average over {len(full)} task(s): " + ", ".join(
+        f"{NAMES[m]} {100 * v:.1f}%" for m, v in mean.items())
+              + (f"; Q-SFT at >= 90% of the expert on {sum(x >= 0.9 for x in ratio)} of "
+                 f"{len(ratio)}" if ratio else "")]
+  notes = [f"- {r['task']}: {r['note']}" for r in results if r.get("note")]
+  if notes:
+    lines += ["", *notes]
   return "\n".join(lines) + "\n"
 
 
@@ -278,11 +293,12 @@ def plots(results: list[dict[str, Any]], prefix: str) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   paths = []
-  cols = [m for m in METHODS if m in FLAGS.methods]
+  cols = [m for m in METHODS if any(m in r["methods"] for r in results)]
   fig, ax = plt.subplots(figsize=(max(5.5, 1.8 * len(results) + 2), 3.5))  # room for the title
   width = 0.8 / (len(cols) + 1)
   for k, m in enumerate(cols + ["expert"]):
-    ps = [r["expert"] if m == "expert" else r["methods"][m]["test"] for r in results]
+    ps = [r["expert"] if m == "expert" else r["methods"].get(m, {}).get("test")
+          or {"mean": 0.0, "lo": 0.0, "hi": 0.0} for r in results]
     x = np.arange(len(results)) + k * width
     mean = np.array([p["mean"] for p in ps])
     err = np.array([[p["mean"] - p["lo"] for p in ps], [p["hi"] - p["mean"] for p in ps]])
@@ -310,10 +326,12 @@ def plots(results: list[dict[str, Any]], prefix: str) -> list[str]:
       _panel(ax, r["task"], "beta")
     _finish(plt, fig, axes, prefix + "_beta.png", paths)
 
-  fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3), squeeze=False)
-  for ax, r in zip(axes[0], results):
+  with_curves = [r for r in results if any(r["methods"].get(m, {}).get("curve") for m in cols)]
+  fig, axes = plt.subplots(1, max(1, len(with_curves)), figsize=(3.2 * max(1, len(with_curves)), 3),
+                           squeeze=False)
+  for ax, r in zip(axes[0], with_curves):
     for m in cols:
-      c = r["methods"][m]["curve"]
+      c = r["methods"].get(m, {}).get("curve") or {}
       steps = sorted(int(s) for s in c)
       ax.plot(steps, [_get(c, s) for s in steps], "o-", label=NAMES[m])
     _panel(ax, r["task"], "training step")
@@ -341,6 +359,26 @@ def _finish(plt, fig, axes, path, paths):
   paths.append(path)
 
 
+def task_summaries(folder: str) -> list[dict[str, Any]]:
+  """Every task's committed summary in `folder`, in the order of TASKS."""
+  found = {}
+  if os.path.isdir(folder):
+    for name in os.listdir(folder):
+      if name.endswith(".json") and name[:-5] in TASKS:
+        with open(os.path.join(folder, name)) as f:
+          found[name[:-5]] = json.load(f)
+  return [found[t] for t in TASKS if t in found]
+
+
+def write_summary(folder: str, result: dict[str, Any]) -> None:
+  """One task's summary, written whole (a temporary file renamed over the old one)."""
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, result["task"] + ".json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
 def main(argv):
   del argv
   unknown = [t for t in FLAGS.tasks if t not in TASKS]
@@ -351,17 +389,18 @@ def main(argv):
     raise app.UsageError(f"unknown methods {bad}; known: {', '.join(METHODS)}")
   seeds = [int(s) for s in FLAGS.seeds]
   start = time.time()
-  results = []
+  prefix = os.path.join(FLAGS.results, f"policy_quality_{FLAGS.size}")
   for name in FLAGS.tasks:
     logging.info("task %s (%s)", name, TASKS[name].env)
-    results.append(run_task(name, seeds))
-    os.makedirs(FLAGS.results, exist_ok=True)
-    prefix = os.path.join(FLAGS.results, f"policy_quality_{FLAGS.size}")
-    text = table(results, seeds) + f"\nWall time so far: {(time.time() - start) / 60:.0f} min.\n"
+    t0 = time.time()
+    result = run_task(name, seeds)
+    result["seeds"] = seeds
+    result["wall_min"] = round((time.time() - t0) / 60, 1)  # this run's share (cached parts: less)
+    write_summary(prefix, result)
+    results = task_summaries(prefix)
+    text = table(results) + f"\nWall time of this run so far: {(time.time() - start) / 60:.0f} min.\n"
     with open(prefix + ".md", "w") as f:
       f.write(text)
-    with open(os.path.join(FLAGS.workdir, FLAGS.size, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
     plots(results, prefix)
     print(text)
   return 0

@@ -16,7 +16,8 @@ def _pooled(mean):
 
 
 def _result(task, q, b, f):
-  return {"task": task, "env": pq.TASKS[task].env, "behavior": pq.TASKS[task].behavior,
+  return {"task": task, "seeds": [0, 1, 2], "env": pq.TASKS[task].env,
+          "behavior": pq.TASKS[task].behavior,
           "data_success": 0.3, "data_episodes": 4000, "expert": _pooled(1.0),
           "qsft_choice": {"extraction": "ratio", "beta": 16.0, "val_success": q},
           "beta_sweep_val": {e: {str(x): q * x / 32 for x in pq.BETAS} for e in pq.EXTRACTIONS},
@@ -29,15 +30,38 @@ def _result(task, q, b, f):
 def test_table_and_plots(tmp_path):
   pq.FLAGS(["policy_quality"])
   results = [_result("gotolocal", 0.7, 0.4, 0.5), _result("reach", 0.9, 0.2, 0.8)]
-  text = pq.table(results, [0, 1, 2])
-  assert "| gotolocal |" in text and "70.0% [60, 80]" in text and "ratio, beta 16" in text
-  assert "60 vs 10, p = 1e-09" in text
-  assert "Q-SFT 80.0%, BC 30.0%, filtered BC 65.0%" in text
+  text = pq.table(results)
+  assert "| gotolocal | 0,1,2 |" in text and "70.0% [60, 80]" in text
+  assert "ratio, beta 16" in text and "60 vs 10, p = 1e-09" in text
+  assert "Average over 2 task(s): Q-SFT 80.0%, BC 30.0%, filtered BC 65.0%" in text
+  assert "Q-SFT at >= 90% of the expert on 1 of 2" in text
   paths = pq.plots(results, str(tmp_path / "pq"))
   assert [os.path.basename(p) for p in paths] == ["pq_success.png", "pq_beta.png",
                                                   "pq_steps.png"]
   for p in paths:
     assert os.path.getsize(p) > 5000
+
+
+def test_summaries_from_several_runs_make_one_table(tmp_path):
+  """Tasks run at different times share the table; a rerun of a task replaces its row."""
+  pq.FLAGS(["policy_quality"])
+  folder = str(tmp_path / "policy_quality_small")
+  pq.write_summary(folder, _result("reach", 0.9, 0.2, 0.8))
+  pq.write_summary(folder, _result("gotolocal", 0.7, 0.4, 0.5))
+  pq.write_summary(folder, _result("gotolocal", 0.6, 0.4, 0.5))
+  (tmp_path / "policy_quality_small" / "notes.json").write_text("{}")  # not a task: ignored
+  results = pq.task_summaries(folder)
+  assert [r["task"] for r in results] == ["gotolocal", "reach"]  # the order of TASKS
+  assert results[0]["methods"]["qsft"]["test"]["mean"] == 0.6
+  assert not any(n.endswith(".tmp") for n in os.listdir(folder))
+  # A summary without curves or a sweep (e.g. BC and filtered BC only) still plots.
+  bare = _result("push", 0.5, 0.5, 0.5)
+  del bare["beta_sweep_val"], bare["qsft_choice"], bare["qsft_vs_bc"], bare["methods"]["qsft"]
+  for m in bare["methods"].values():
+    m["curve"] = {}
+  text = pq.table(results + [bare])
+  assert "| push |" in text and "Average over 2 task(s)" in text
+  assert len(pq.plots(results + [bare], str(tmp_path / "pq"))) == 3
 
 
 def test_unknown_task_is_refused():
