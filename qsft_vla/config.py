@@ -394,6 +394,13 @@ def _validate_replay(r, where):
   if r.rate_limiter == "sample_to_insert" and r.samples_per_insert <= 0:
     raise ConfigError(f"{where}: replay.samples_per_insert must be > 0 with the "
                       "sample_to_insert rate limiter")
+  if r.rate_limiter == "sample_to_insert" and r.error_buffer < max(1.0, r.samples_per_insert):
+    # A narrower window can block inserts and samples at once: each waits for the
+    # other, a deadlock, certain for one process that inserts and samples in turn.
+    raise ConfigError(f"{where}: replay.error_buffer={r.error_buffer:g} must be at least "
+                      f"max(1, replay.samples_per_insert)={max(1.0, r.samples_per_insert):g}: "
+                      "a narrower window lets the rate limiter block inserts and samples at "
+                      "once (a deadlock)")
 
 
 def _validate_eval(e, where):

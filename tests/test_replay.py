@@ -83,6 +83,8 @@ def test_checkpoint_restores_the_table(dataset, tmp_path):
     (dict(sampler="lifo"), "replay.sampler"),
     (dict(min_size_to_sample=10, max_size=5), "could never start"),
     (dict(rate_limiter="sample_to_insert", samples_per_insert=0.0), "samples_per_insert"),
+    (dict(rate_limiter="sample_to_insert", samples_per_insert=8.0, error_buffer=4.0),
+     r"error_buffer=4 must be at least max\(1, replay.samples_per_insert\)=8.*deadlock"),
 ])
 def test_bad_replay_config_is_refused(replay, match):
   with pytest.raises(qconfig.ConfigError, match=match):
