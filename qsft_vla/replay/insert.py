@@ -23,8 +23,13 @@ from qsft_vla import config as qconfig
 from qsft_vla.data.episode import DataError
 
 
-def examples(cfg, data_dirs: Sequence[str]) -> Iterator[dict[str, Any]]:
-  """The pipeline's examples of `data_dirs` (members in order), as numpy."""
+def examples(cfg, data_dirs: Sequence[str], stats: dict[str, Any] | None = None
+             ) -> Iterator[dict[str, Any]]:
+  """The pipeline's examples of `data_dirs` (members in order), as numpy.
+
+  stats: the statistics to tokenize actions and rescale rewards by, for every
+  member (default: each dataset's own, the tokenizer from the first). The actor
+  passes its training run's, so online episodes are encoded as training encodes."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from qsft_vla.data import pipeline, statistics  # pylint: disable=g-import-not-at-top
   from qsft_vla.robot import RobotSpec  # pylint: disable=g-import-not-at-top
@@ -34,7 +39,12 @@ def examples(cfg, data_dirs: Sequence[str]) -> Iterator[dict[str, Any]]:
   with data.unlocked():
     data.dir = data_dirs[0] if len(data_dirs) == 1 else list(data_dirs)
     data.weights = None if len(data_dirs) == 1 else [1.0] * len(data_dirs)
-  stats = [statistics.load_or_compute(d, spec, data.split) for d in data_dirs]
+  if stats is not None:
+    with data.unlocked():
+      data.split = "train"  # a chunk of online episodes is read whole
+    stats = [stats] * len(data_dirs)
+  else:
+    stats = [statistics.load_or_compute(d, spec, data.split) for d in data_dirs]
   tokenizer = ActionTokenizer.from_robot(spec, stats[0])
   it = pipeline.as_numpy_batches(data, spec, tokenizer, gamma=cfg.learner.gamma, batch_size=1,
                                  seed=cfg.seed, train=False, validate=True, stats=stats)
@@ -43,12 +53,14 @@ def examples(cfg, data_dirs: Sequence[str]) -> Iterator[dict[str, Any]]:
 
 
 def insert(cfg, data_dirs: Sequence[str], server: str, log_every: int = 1000,
-           timeout: float = 30.0, timing: dict | None = None) -> int:
+           timeout: float = 30.0, timing: dict | None = None,
+           stats: dict[str, Any] | None = None) -> int:
   """Inserts every example of `data_dirs` into cfg.replay.table at `server`
   (priority 1); returns how many. Refuses a table whose signature is not this
   config's example, naming the first key that differs, and a server that does
   not answer within `timeout` seconds. `timing`, if given, receives "stream_s":
-  the seconds from the first example to the last flush (set-up excluded)."""
+  the seconds from the first example to the last flush (set-up excluded).
+  stats: as in `examples`."""
   import reverb  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from qsft_vla.data import rlds_reader  # pylint: disable=g-import-not-at-top
@@ -69,7 +81,7 @@ def insert(cfg, data_dirs: Sequence[str], server: str, log_every: int = 1000,
   count, start = 0, time.time()
   with client.trajectory_writer(num_keep_alive_refs=1) as writer:
     first = None
-    for ex in examples(cfg, data_dirs):
+    for ex in examples(cfg, data_dirs, stats):
       first = first or time.time()
       writer.append(ex)
       writer.create_item(name, 1.0, tf.nest.map_structure(lambda r: r[-1], writer.history))

@@ -1,0 +1,131 @@
+"""qsft_vla.replay.actor: a tiny trained run acts in BabyAI and its episodes reach a
+real Reverb server (free localhost port) as the pipeline's own examples."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from qsft_vla import config as qconfig
+from qsft_vla.replay import actor as actor_lib
+from qsft_vla.replay import insert as insert_lib
+from qsft_vla.replay.server import ReplayServer
+
+from conftest import BABYAI_CONFIG, babyai_dataset, robot_spec
+
+ENV = "babyai:BabyAI-GoToLocal-v0"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A real two-step training run with checkpoints at steps 1 and 2."""
+  from qsft_vla import train
+  data = babyai_dataset(tmp_path_factory, episodes=3, max_steps=8)
+  cfg = qconfig.load_config_file(BABYAI_CONFIG)
+  cfg.data.dir = data
+  cfg.data.shuffle_buffer = 16
+  cfg.model.rt1_small.update(width=32, depth=1, num_heads=2, conv_channels=(8, 16, 16),
+                             tokens_per_image=2, text_dim=16)
+  cfg.train.update(num_steps=2, batch_size=4, checkpoint_every=1, log_every=1)
+  cfg.eval.every = 0
+  workdir = str(tmp_path_factory.mktemp("run") / "run")
+  train.train(cfg, workdir)
+  return workdir
+
+
+def _content(ex):
+  """Each chunk is its own one-episode dataset (same episode and step indices), so
+  items are told apart by what they hold."""
+  return (int(ex["step_index"]), ex["action_tokens"].tobytes(), ex["reward"].tobytes(),
+          ex["observation"]["image"].tobytes())
+
+
+def _sample_all(address, table, n):
+  import reverb
+  client = reverb.Client(address)
+  seen = {}
+  for _ in range(50):
+    for s in client.sample(table, num_samples=4 * n, emit_timesteps=False,
+                           unpack_as_table_signature=True):
+      data = tf.nest.map_structure(np.asarray, s.data)
+      seen[_content(data)] = data
+    if len(seen) == n:
+      break
+  return seen
+
+
+def _rows(workdir, actor_id="seed0"):
+  with open(os.path.join(workdir, "actors", actor_id, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_actor_inserts_its_episodes_as_the_pipelines_examples(run, monkeypatch):
+  """Two episodes: the table holds one item per step, equal to the pipeline's
+  examples of the recorded episodes under the run's statistics; the actor picks
+  up a newer checkpoint between episodes; a restarted actor continues after its
+  earlier episodes instead of overwriting them."""
+  from qsft_vla.policy import TrainedPolicy
+  steps = iter([1, 1, 2, 2])
+  monkeypatch.setattr(actor_lib, "_newest_step", lambda workdir: next(steps))
+  cfg = qconfig.load_config_file(BABYAI_CONFIG)
+  with ReplayServer(cfg) as server:
+    summary = actor_lib.run(run, ENV, server.address, episodes=2, epsilon=0.2, max_steps=8)
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2]           # reloaded between episodes
+    assert summary["episodes"] == 2 and server.size() == summary["inserted"]
+    assert summary["inserted"] == sum(r["length"] for r in rows)
+    chunks = sorted(os.path.join(run, "actors", "seed0", n)
+                    for n in os.listdir(os.path.join(run, "actors", "seed0"))
+                    if n.startswith("episode_"))
+    assert len(chunks) == 2
+    policy = TrainedPolicy.load(run)
+    run_cfg = ml_collections.ConfigDict(policy.config)
+    want = {_content(ex): ex for chunk in chunks
+            for ex in insert_lib.examples(run_cfg, [chunk], stats=policy.statistics[0])}
+    assert len(want) == summary["inserted"]
+    got = _sample_all(server.address, cfg.replay.table, len(want))
+    assert set(got) == set(want)
+    for k, ex in want.items():
+      for a, b in zip(tf.nest.flatten(got[k]), tf.nest.flatten(ex)):
+        np.testing.assert_array_equal(a, b)
+
+    monkeypatch.setattr(actor_lib, "_newest_step", lambda workdir: 2)
+    actor_lib.run(run, ENV, server.address, episodes=1, max_steps=8)
+    rows = _rows(run)
+    assert [r["episode"] for r in rows] == [1, 2, 3]
+    assert os.path.isdir(os.path.join(run, "actors", "seed0", "episode_000002"))
+
+
+def test_epsilon_replaces_actions_with_random_ones():
+  class Fixed:
+    spec = robot_spec("babyai")
+    calls = 0
+
+    def reset(self, instruction=None):
+      del instruction
+
+    def act(self, observation):
+      del observation
+      Fixed.calls += 1
+      return np.asarray([3.0], np.float32)
+
+  never = actor_lib.EpsilonController(Fixed(), 0.0, seed=0)
+  never.reset("go")
+  assert all(never.act({})[0] == 3.0 for _ in range(50))
+  always = actor_lib.EpsilonController(Fixed(), 1.0, seed=0)
+  always.reset("go")
+  actions = [float(always.act({})[0]) for _ in range(200)]
+  values = set(Fixed.spec.action_dims[0].values)
+  assert set(actions) <= values and len(set(actions)) == len(values)
+  assert Fixed.calls == 250  # the Controller saw every step (its history stays whole)
+  with pytest.raises(ValueError, match="epsilon must be in"):
+    actor_lib.EpsilonController(Fixed(), 1.5, seed=0)
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path):
+  from qsft_vla.errors import CheckpointError
+  with pytest.raises(CheckpointError, match="no checkpoint appeared within 0.1 s"):
+    actor_lib.run(str(tmp_path), ENV, "localhost:1", episodes=1, wait_s=0.1)
