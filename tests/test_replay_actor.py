@@ -68,8 +68,10 @@ def test_actor_inserts_its_episodes_as_the_pipelines_examples(run, monkeypatch):
   up a newer checkpoint between episodes; a restarted actor continues after its
   earlier episodes instead of overwriting them."""
   from qsft_vla.policy import TrainedPolicy
-  steps = iter([1, 1, 2, 2])
-  monkeypatch.setattr(actor_lib, "_newest_step", lambda workdir: next(steps))
+  metrics = os.path.join(run, "actors", "seed0", "metrics.jsonl")
+  # Step 1 is the newest until the first episode is done, then step 2 appears.
+  monkeypatch.setattr(actor_lib, "_newest_step", lambda workdir: 2 if os.path.exists(metrics)
+                      and os.path.getsize(metrics) else 1)
   cfg = qconfig.load_config_file(BABYAI_CONFIG)
   with ReplayServer(cfg) as server:
     summary = actor_lib.run(run, ENV, server.address, episodes=2, epsilon=0.2, max_steps=8)
@@ -123,6 +125,15 @@ def test_epsilon_replaces_actions_with_random_ones():
   assert Fixed.calls == 250  # the Controller saw every step (its history stays whole)
   with pytest.raises(ValueError, match="epsilon must be in"):
     actor_lib.EpsilonController(Fixed(), 1.5, seed=0)
+
+
+def test_a_table_of_another_layout_is_refused_before_acting(run, tmp_path):
+  cfg = qconfig.load_config_file(BABYAI_CONFIG)
+  cfg.data.window = 3
+  with ReplayServer(cfg) as server:
+    with pytest.raises(ValueError, match="the table's history_mask is bool\[3\]"):
+      actor_lib.run(run, ENV, server.address, episodes=1, actor_id="other")
+  assert not os.path.exists(os.path.join(run, "actors", "other"))  # nothing was acted
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):

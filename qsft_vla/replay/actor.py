@@ -78,6 +78,7 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
   from qsft_vla.data.rlds_writer import RLDSWriter  # pylint: disable=g-import-not-at-top
   from qsft_vla.envs.rollout import record_episode  # pylint: disable=g-import-not-at-top
   from qsft_vla.evaluation import loop  # pylint: disable=g-import-not-at-top
+  from qsft_vla.policy import TrainedPolicy  # pylint: disable=g-import-not-at-top
   from qsft_vla.policy.controller import Controller  # pylint: disable=g-import-not-at-top
   from qsft_vla.replay import insert as insert_lib  # pylint: disable=g-import-not-at-top
 
@@ -93,12 +94,16 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
   if not actor_id or "/" in actor_id or actor_id.startswith("."):
     raise ValueError(f"--id={actor_id!r}: must be a plain folder name")
   out = os.path.join(workdir, "actors", actor_id)
-  os.makedirs(out, exist_ok=True)
   deadline = time.time() + wait_s
   while _newest_step(workdir) is None:
     if time.time() > deadline:
       raise CheckpointError(f"--workdir={workdir}: no checkpoint appeared within {wait_s:g} s")
     time.sleep(1.0)
+
+  # The server and its table's layout are checked before anything is acted.
+  run_config = TrainedPolicy.load(workdir, _newest_step(workdir)).config
+  insert_lib.open_table(ml_collections.ConfigDict(run_config), server, timeout)
+  os.makedirs(out, exist_ok=True)
 
   env = envs.make_env(env_id, seed=seed, **({} if max_steps is None else
                                            {"max_steps": max_steps}))

@@ -61,23 +61,13 @@ def insert(cfg, data_dirs: Sequence[str], server: str, log_every: int = 1000,
   not answer within `timeout` seconds. `timing`, if given, receives "stream_s":
   the seconds from the first example to the last flush (set-up excluded).
   stats: as in `examples`."""
-  import reverb  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from qsft_vla.data import rlds_reader  # pylint: disable=g-import-not-at-top
-  from qsft_vla.replay import table as table_lib  # pylint: disable=g-import-not-at-top
   qconfig.validate(cfg, where="config")
   for d in data_dirs:  # before the server is asked anything
     rlds_reader.open_builder(d)
-  client = reverb.Client(server)
+  client = open_table(cfg, server, timeout)
   name = cfg.replay.table
-  try:
-    info = client.server_info(timeout=max(1, int(round(timeout))))
-  except (RuntimeError, reverb.errors.DeadlineExceededError) as e:
-    raise ConnectionError(f"--server={server}: no replay server answered within {timeout:g} s "
-                          f"({e})") from None
-  if name not in info:
-    raise ValueError(f"{server} has no table {name!r} (it has {sorted(info)})")
-  _check_signature(info[name].signature, table_lib.signature(cfg), server, name)
   count, start = 0, time.time()
   with client.trajectory_writer(num_keep_alive_refs=1) as writer:
     first = None
@@ -96,6 +86,24 @@ def insert(cfg, data_dirs: Sequence[str], server: str, log_every: int = 1000,
   logging.info("inserted %d examples into %s/%s in %.1f s", count, server, name,
                time.time() - start)
   return count
+
+
+def open_table(cfg, server: str, timeout: float = 30.0):
+  """A Reverb client of `server` once it has answered and its cfg.replay.table has
+  this config's example signature; a clear error naming the server otherwise."""
+  import reverb  # pylint: disable=g-import-not-at-top
+  from qsft_vla.replay import table as table_lib  # pylint: disable=g-import-not-at-top
+  client = reverb.Client(server)
+  name = cfg.replay.table
+  try:
+    info = client.server_info(timeout=max(1, int(round(timeout))))
+  except (RuntimeError, reverb.errors.DeadlineExceededError) as e:
+    raise ConnectionError(f"--server={server}: no replay server answered within {timeout:g} s "
+                          f"({e})") from None
+  if name not in info:
+    raise ValueError(f"{server} has no table {name!r} (it has {sorted(info)})")
+  _check_signature(info[name].signature, table_lib.signature(cfg), server, name)
+  return client
 
 
 def _check_signature(have, want, server: str, name: str) -> None:

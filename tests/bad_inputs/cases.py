@@ -42,6 +42,7 @@ IMPORTS = {
     "qsft_vla.serve": ("qsft_vla.serve",),
     "qsft_vla.replay.server": ("qsft_vla.replay.server",),
     "qsft_vla.replay.insert": ("qsft_vla.replay.insert",),
+    "qsft_vla.replay.actor": ("qsft_vla.replay.actor",),
     "api": ("qsft_vla.policy.controller",),
 }
 
@@ -1060,6 +1061,42 @@ def replay_insert_absent_server(d, fixtures):
 def replay_insert_empty_table_name(d, fixtures):
   return _insert(_copy(fixtures, "babyai_data", d, "data"), "--server=localhost:1",
                  "--config.replay.table= ")
+
+
+# --------------------------------------------------------------------------- #
+# qsft_vla.replay.actor: refused before anything is acted or written.
+
+_ENV = "--env=babyai:BabyAI-GoToLocal-v0"
+
+
+@case("qsft_vla.replay.actor", "nowhere", "no such run directory")
+def replay_actor_missing_run(d, fixtures):
+  return [f"--workdir={os.path.join(d, 'nowhere')}", _ENV, "--server=localhost:1"]
+
+
+@case("qsft_vla.replay.actor", "--epsilon", "[0, 1]")
+def replay_actor_bad_epsilon(d, fixtures):
+  return [f"--workdir={_copy(fixtures, 'qsft_run', d, 'run')}", _ENV, "--server=localhost:1",
+          "--epsilon=1.5"]
+
+
+@case("qsft_vla.replay.actor", "--env", "unknown", "Nope")
+def replay_actor_unknown_env(d, fixtures):
+  return [f"--workdir={_copy(fixtures, 'qsft_run', d, 'run')}", "--env=babyai:Nope",
+          "--server=localhost:1"]
+
+
+@case("qsft_vla.replay.actor", "no checkpoint appeared within")
+def replay_actor_run_without_checkpoints(d, fixtures):
+  os.makedirs(os.path.join(d, "empty_run"))
+  return [f"--workdir={os.path.join(d, 'empty_run')}", _ENV, "--server=localhost:1",
+          "--wait=0.5"]
+
+
+@case("qsft_vla.replay.actor", "localhost:1", "no replay server answered")
+def replay_actor_absent_server(d, fixtures):
+  return [f"--workdir={_copy(fixtures, 'qsft_run', d, 'run')}", _ENV, "--server=localhost:1",
+          "--timeout=1"]
 
 
 # --------------------------------------------------------------------------- #

@@ -49,7 +49,7 @@ OUTCOMES = ("refused", "warned", "traceback", "accepted", "misleading", "data_lo
             "left_behind", "hang")
 ENTRIES = ("data_tools.convert", "data_tools.generate", "data_tools.stats",
            "data_tools.validate", "qsft_vla.train", "qsft_vla.evaluate", "qsft_vla.serve",
-           "qsft_vla.replay.server", "qsft_vla.replay.insert", "api")
+           "qsft_vla.replay.server", "qsft_vla.replay.insert", "qsft_vla.replay.actor", "api")
 # The robot-host API refuses by raising these (our errors derive from them).
 API_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 
