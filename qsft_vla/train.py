@@ -50,6 +50,7 @@ from qsft_vla.tokenizers.action import ActionTokenizer
 from qsft_vla.tokenizers.text import TextTokenizer
 from qsft_vla.training import batches as batches_lib
 from qsft_vla.training import data_iterator
+from qsft_vla.training import distributed
 from qsft_vla.training import metrics as metrics_lib
 from qsft_vla.training import q_gap
 
@@ -147,7 +148,7 @@ def build(cfg, stats: Optional[list[dict[str, Any]]] = None) -> Setup:
   model_cfg = registry.model_config(cfg, spec, action_tokenizer, lcfg.num_output_heads,
                                     text_vocab=text_tokenizer.vocab_size)
   model = registry.build(cfg.model.name, model_cfg)
-  devices = np.array(jax.devices())
+  devices = np.array(jax.devices())  # every process's, with several processes
   if cfg.train.batch_size % devices.size:
     raise qconfig.ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by "
                               f"the {devices.size} devices of the mesh")
@@ -339,26 +340,33 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
   thresholds = filter_thresholds(setup)
   policy = setup.policy
+  # Each process reads its own share of every batch from its own stream; one
+  # process reads the whole batch with config.seed, as it always has.
+  local_batch = tcfg.batch_size // distributed.count()
+  data_seed = cfg.seed + 1_000_003 * distributed.index()
   if cfg.data.source == "reverb":
     from qsft_vla.replay import source as replay_source  # pylint: disable=g-import-not-at-top
     it = replay_source.as_numpy_batches(cfg, policy.robot, policy.action_tokenizer,
-                                        batch_size=tcfg.batch_size, seed=cfg.seed,
+                                        batch_size=local_batch, seed=data_seed,
                                         keep_returns=thresholds, stats=setup.stats)
     logging.info("sampling from replay table %r at %s (weight %g; the rest from data.dir)",
                  cfg.replay.table, cfg.data.reverb.server, cfg.data.reverb.weight)
   else:
     it = pipeline.as_numpy_batches(cfg.data, policy.robot, policy.action_tokenizer,
                                    gamma=policy.learner.gamma,
-                                   batch_size=tcfg.batch_size, seed=cfg.seed, train=True,
+                                   batch_size=local_batch, seed=data_seed, train=True,
                                    validate=tcfg.validate_data, keep_returns=thresholds,
                                    stats=setup.stats)
   prepare = batches_lib.BatchPreparer(policy.text_tokenizer, policy.model_config.max_text_len)
-  probe = q_gap.maybe_probe(cfg, setup, prepare)
+  primary = distributed.is_primary()
+  probe = q_gap.maybe_probe(cfg, setup, prepare) if primary else None
   meta = setup.meta()
-  stale = checkpoints.remove_interrupted_saves(checkpoints.directory(workdir))
-  if stale:
-    logging.warning("removed %d unfinished checkpoint save(s) left by an interrupted run: %s",
-                    len(stale), ", ".join(stale))
+  if primary:
+    stale = checkpoints.remove_interrupted_saves(checkpoints.directory(workdir))
+    if stale:
+      logging.warning("removed %d unfinished checkpoint save(s) left by an interrupted run: %s",
+                      len(stale), ", ".join(stale))
+  distributed.barrier("qsft_vla.train: workdir checked")
   mngr = checkpoints.manager(checkpoints.directory(workdir), keep=tcfg.keep_checkpoints,
                              item_handlers=None)
   state = setup.init_state()
@@ -386,13 +394,18 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     logging.info("resumed %s at step %d (params, optimiser, data position)", workdir, start)
   # Only now, with the config accepted for this workdir: a refused config must never
   # replace the description of the checkpoints already there.
-  _write_atomic(os.path.join(workdir, CONFIG_JSON), cfg.to_json(indent=2))
+  if primary:
+    _write_atomic(os.path.join(workdir, CONFIG_JSON), cfg.to_json(indent=2))
   step = int(state.step)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=step)
+  writer = (metrics_lib.MetricsWriter(workdir, resume_step=step) if primary
+            else metrics_lib.NullWriter())
   progress = metrics_lib.Progress(step, tcfg.num_steps)
   logging.info("training %s (%s) for %d steps, batch %d, %s; workdir %s",
                cfg.learner.algorithm, cfg.model.name, tcfg.num_steps, tcfg.batch_size,
                _devices_line(setup.learner.mesh, state), workdir)
+  if distributed.count() > 1:
+    logging.info("  process %d of %d: %d examples of each batch from its own data stream "
+                 "(seed %d)", distributed.index(), distributed.count(), local_batch, data_seed)
   for line in policy.describe().splitlines()[1:]:  # robot, actions, model, data
     logging.info("  %s", line)
   logging.info("  metrics: %s and `tensorboard --logdir %s`; checkpoints every %d steps",
@@ -445,7 +458,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
           writer.write(step, gap)
           logging.info("q gap at step %d: %s", step,
                        ", ".join(f"{k[6:]} {v:.3f}" for k, v in gap.items()))
-      if cfg.eval.every and (step % cfg.eval.every == 0 or step == tcfg.num_steps):
+      if primary and cfg.eval.every and (step % cfg.eval.every == 0 or step == tcfg.num_steps):
         progress.pause()
         writer.write(step, evaluate_in_sim(setup, state, step, workdir))
         progress.resume()
@@ -469,6 +482,11 @@ def _define_flags():
       lock_config=True)
   flags.DEFINE_string("workdir", None, "output directory: checkpoints, metrics.jsonl, "
                       "TensorBoard; an existing one is resumed")
+  flags.DEFINE_string("coordinator", None, "several processes: the address HOST:PORT of "
+                      "process 0's coordinator (jax.distributed)")
+  flags.DEFINE_integer("num_processes", 1, "several processes: how many train together")
+  flags.DEFINE_integer("process_id", None, "several processes: this one's index, 0 to "
+                       "num_processes - 1")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -494,8 +512,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  f = flags.FLAGS
   try:
-    summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    distributed.initialize(f.coordinator, f.num_processes, f.process_id)
+  except ValueError as e:
+    print(f"train: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  try:
+    summary = train(f.config, f.workdir)
   except (qconfig.ConfigError, checkpoints.CheckpointError, TrainingError, DataError) as e:
     # One line, as the data tools say it (a UsageError would print the flags' help first).
     print(f"train: error: {e}", file=sys.stderr)

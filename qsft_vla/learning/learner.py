@@ -432,12 +432,13 @@ class Learner:
     """Jitted train_steps on self.mesh: the state where state_shardings puts it,
     the batch split over every device, the metrics replicated."""
     batch = self._select(batch)
+    data = sharding.batch_sharding(self.mesh, steps_axis=self.config.steps_per_call > 1)
     if self._jit_step is None:
       replicated = NamedSharding(self.mesh, P())
       placed = self.state_shardings(state)
-      data = sharding.batch_sharding(self.mesh, steps_axis=self.config.steps_per_call > 1)
       self._jit_step = jax.jit(self.train_steps,
                                in_shardings=(placed, data),
                                out_shardings=(placed, replicated),
                                donate_argnums=(0,) if self.config.donate_state else ())
-    return self._jit_step(state, batch)
+    # Several processes: each passed its own rows; together they are the batch.
+    return self._jit_step(state, sharding.global_batch(batch, data))

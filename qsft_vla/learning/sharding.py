@@ -130,6 +130,17 @@ def batch_sharding(mesh, steps_axis: bool = False):
   return NamedSharding(mesh, P(None, axes) if steps_axis else P(axes))
 
 
+def global_batch(batch, sharding):
+  """This process's numpy batch -> one global jax.Array per leaf laid out by
+  `sharding` over every process's devices (its rows are this process's share,
+  in process order). The identity for one process: jit places numpy itself."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return batch
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
 def bytes_per_device(tree) -> dict[Any, int]:
   """Bytes of `tree`'s leaves held on each device (shards counted where they live)."""
   import jax  # pylint: disable=g-import-not-at-top

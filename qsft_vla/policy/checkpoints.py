@@ -104,7 +104,11 @@ def save(mngr: ocp.CheckpointManager, step: int, state_items: Mapping[str, Any],
   args.update(extra or {})
   mngr.save(int(step), args=ocp.args.Composite(**args), force=True)
   mngr.wait_until_finished()
-  write_checksums(os.path.join(os.fspath(mngr.directory), str(int(step))))
+  if jax.process_index() == 0:  # one manifest, by the process that finalised the step
+    write_checksums(os.path.join(os.fspath(mngr.directory), str(int(step))))
+  if jax.process_count() > 1:  # nobody reads the step before its manifest is there
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"qsft_vla checkpoint {int(step)}")
 
 
 def write_checksums(step_dir: str) -> None:

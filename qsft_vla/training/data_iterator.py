@@ -18,14 +18,26 @@ import orbax.checkpoint as ocp
 ITEM = "data_iterator"
 
 
+def _own(directory) -> str:
+  """Several processes each have their own stream: process i keeps its position in
+  process_<i>/ (one process: the item directory itself, as always)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  directory = os.fspath(directory)
+  if jax.process_count() == 1:
+    return directory
+  own = os.path.join(directory, f"process_{jax.process_index()}")
+  os.makedirs(own, exist_ok=True)
+  return own
+
+
 class DataIteratorHandler(ocp.CheckpointHandler):
   """Saves/restores a pipeline.BatchIterator through its own state files."""
 
   def save(self, directory, args: "DataIteratorSave") -> None:
-    args.iterator.save_iterator_state(os.fspath(directory))
+    args.iterator.save_iterator_state(_own(directory))
 
   def restore(self, directory, args: "DataIteratorRestore") -> Any:
-    args.iterator.restore_iterator_state(os.fspath(directory))
+    args.iterator.restore_iterator_state(_own(directory))
     return args.iterator
 
   def metadata(self, directory) -> None:

@@ -86,6 +86,17 @@ class MetricsWriter:
       self._tb.close()
 
 
+class NullWriter:
+  """A MetricsWriter that writes nothing: the non-primary processes of a group
+  (the primary one writes the run's metrics once)."""
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    del step, scalars
+
+  def close(self) -> None:
+    pass
+
+
 class Progress:
   """Steps/s over the last interval and ETA; time spent outside training
   (checkpoints, evaluation) is excluded via pause()/resume()."""
