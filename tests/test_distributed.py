@@ -32,7 +32,7 @@ def _flag(value):
   return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def _group(workdir, data, steps, n=2, timeout=600):
+def _group(workdir, data, steps, n=2, timeout=600, extra=()):
   """Runs `n` training processes to `steps`; returns their logs (process order)."""
   port = _free_port()
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
@@ -46,7 +46,8 @@ def _group(workdir, data, steps, n=2, timeout=600):
              f"--workdir={workdir}", f"--config.data.dir={data}",
              f"--config.train.num_steps={steps}",
              *[f"--config.{k}={_flag(v)}" for k, v in OVERRIDES.items()],
-             f"--coordinator=localhost:{port}", f"--num_processes={n}", f"--process_id={i}"]
+             f"--coordinator=localhost:{port}", f"--num_processes={n}", f"--process_id={i}",
+             *extra]
       procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     for p in procs:
       p.wait(timeout=timeout)
@@ -133,6 +134,28 @@ def test_two_processes_train_as_one(tmp_path_factory, tmp_path):
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_learners_and_an_actor_share_one_replay_server(tmp_path_factory, tmp_path):
+  """The README's one-host layout: a server, the inserter, two learner processes
+  sampling their shares from it, and an actor inserting episodes of their checkpoint."""
+  from qsft_vla.replay import actor as actor_lib
+  from qsft_vla.replay import insert as insert_lib
+  from qsft_vla.replay.server import ReplayServer
+  data = babyai_dataset(tmp_path_factory, episodes=3, max_steps=8)
+  cfg = qconfig.load_config_file(BABYAI_CONFIG)
+  workdir = str(tmp_path / "run")
+  with ReplayServer(cfg) as server:
+    offline = insert_lib.insert(cfg, [data], server.address)
+    logs = _group(workdir, data, steps=2, extra=["--config.data.source=reverb",
+                                                 f"--config.data.reverb.server={server.address}"])
+    assert "sampling from replay table 'examples'" in logs[1]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      assert [json.loads(line)["step"] for line in f] == [1, 2]
+    summary = actor_lib.run(workdir, "babyai:BabyAI-GoToLocal-v0", server.address, episodes=1,
+                            max_steps=8)
+    assert server.size() == offline + summary["inserted"] > offline
 
 
 def test_bad_process_flags_are_refused_in_one_line(tmp_path):
