@@ -14,8 +14,11 @@ from conftest import BABYAI_CONFIG, babyai_dataset
 
 # Per variant: config overrides that keep the run small on 2 cores.
 SMALL = {
+    # One trunk with two heads: compiling the EfficientNet's forward and backward
+    # passes once instead of for two networks was most of this test's time.
     "rt1_pretrained": {"model.rt1_small.width": 32, "model.rt1_small.depth": 1,
-                       "model.rt1_small.num_heads": 2, "train.batch_size": 4},
+                       "model.rt1_small.num_heads": 2, "train.batch_size": 4,
+                       "learner.architecture": "shared"},
     # The 30-layer LM dominates the suite's time on 2 cores: the first 2 of its
     # layers (the full LM: test_vlm_smollm2.py), one trunk with two heads and the
     # Monte-Carlo target (one forward/backward pass instead of five); the
