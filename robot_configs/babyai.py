@@ -44,23 +44,7 @@ def get_config(variant: str = "qsft"):
   c.learner.gamma = 0.95                 # ALFWorld / 20Q column of the paper
   c.learner.lr_pi = 1e-3                  # a small model from scratch
   c.learner.lr_p = 1e-3
-  # Measured (benchmarks/results/policy_quality_exploration.md, validation
-  # episodes): the paper's in-support max backup pins every Bellman weight at the
-  # clip (the max of noisy ratios of two networks exceeds 1/gamma), so p_theta =
-  # pi_phi and Q-SFT is BC; the Monte-Carlo target did as well as every
-  # bootstrapped variant we tried. On the default mixture (25% expert, 75%
-  # distractor; one seed) separate networks reach 83% at beta 64 where the shared
-  # trunk with two heads reaches 66% (BC 42%, filtered BC 76%): p_theta learns
-  # better without the BC loss steering its features, at the cost of a second
-  # network. The bootstrapped setting measured beside it is
-  # --config.learner.mc_mix=0.5 (the behaviour-value backup with the Monte-Carlo
-  # bound and a faster target below); beta 16 to 1000 score alike.
-  c.learner.architecture = "separate"
-  c.learner.mc_mix = 1.0
-  c.learner.backup = "mean"
-  c.learner.mc_lower_bound = True
-  c.learner.polyak_alpha = 0.05
-  c.learner.beta = 64.0
+  qconfig.measured_learner(c)            # Monte-Carlo target, separate networks, beta 64
 
   c.train.num_steps = 2_000
   c.train.batch_size = 64

@@ -31,8 +31,8 @@ def _key(ex):
   return (int(ex["dataset_index"]), int(ex["episode_index"]), int(ex["step_index"]))
 
 
-def _sample_all(address, table, n):
-  """Every item of a uniform table, by sampling until each was seen."""
+def _sample_all(address, table, n, key=_key):
+  """Every item of a uniform table, by sampling until each was seen (told apart by `key`)."""
   import reverb
   client = reverb.Client(address)
   seen = {}
@@ -40,7 +40,7 @@ def _sample_all(address, table, n):
     for s in client.sample(table, num_samples=4 * n, emit_timesteps=False,
                            unpack_as_table_signature=True):
       data = tf.nest.map_structure(np.asarray, s.data)
-      seen[_key(data)] = data
+      seen[key(data)] = data
     if len(seen) == n:
       break
   return seen

@@ -15,6 +15,7 @@ from qsft_vla.replay import insert as insert_lib
 from qsft_vla.replay.server import ReplayServer
 
 from conftest import BABYAI_CONFIG, babyai_dataset, robot_spec
+from test_replay import _sample_all
 
 ENV = "babyai:BabyAI-GoToLocal-v0"
 
@@ -41,20 +42,6 @@ def _content(ex):
   items are told apart by what they hold."""
   return (int(ex["step_index"]), ex["action_tokens"].tobytes(), ex["reward"].tobytes(),
           ex["observation"]["image"].tobytes())
-
-
-def _sample_all(address, table, n):
-  import reverb
-  client = reverb.Client(address)
-  seen = {}
-  for _ in range(50):
-    for s in client.sample(table, num_samples=4 * n, emit_timesteps=False,
-                           unpack_as_table_signature=True):
-      data = tf.nest.map_structure(np.asarray, s.data)
-      seen[_content(data)] = data
-    if len(seen) == n:
-      break
-  return seen
 
 
 def _rows(workdir, actor_id="seed0"):
@@ -88,7 +75,7 @@ def test_actor_inserts_its_episodes_as_the_pipelines_examples(run, monkeypatch):
     want = {_content(ex): ex for chunk in chunks
             for ex in insert_lib.examples(run_cfg, [chunk], stats=policy.statistics[0])}
     assert len(want) == summary["inserted"]
-    got = _sample_all(server.address, cfg.replay.table, len(want))
+    got = _sample_all(server.address, cfg.replay.table, len(want), key=_content)
     assert set(got) == set(want)
     for k, ex in want.items():
       for a, b in zip(tf.nest.flatten(got[k]), tf.nest.flatten(ex)):
