@@ -88,6 +88,54 @@ def test_actor_inserts_its_episodes_as_the_pipelines_examples(run, monkeypatch):
     assert os.path.isdir(os.path.join(run, "actors", "seed0", "episode_000002"))
 
 
+@pytest.mark.slow
+def test_a_killed_actor_loses_nothing(run, tmp_path):
+  """An actor process killed (SIGKILL) while acting stops nothing else: the server
+  keeps its items and answers; a restarted actor re-inserts an episode that was
+  kept but not logged, removes the killed writer's leftovers and goes on after
+  the earlier episodes."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  from conftest import REPO
+  cfg = qconfig.load_config_file(BABYAI_CONFIG)
+  out = os.path.join(run, "actors", "killed")
+  with ReplayServer(cfg) as server:
+    proc = subprocess.Popen([sys.executable, "-m", "qsft_vla.replay.actor", f"--workdir={run}",
+                             f"--env={ENV}", f"--server={server.address}", "--id=killed",
+                             "--max_steps=8"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+      metrics = os.path.join(out, "metrics.jsonl")
+      deadline = time.time() + 240
+      while not (os.path.exists(metrics) and len(_rows(run, "killed")) >= 2):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    finally:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+    size = server.size()
+    assert size > 0
+    # What a kill between keeping an episode and logging it leaves: an unlogged
+    # episode (the last one's row removed) and a row cut short.
+    rows = _rows(run, "killed")
+    with open(metrics, "w") as f:
+      f.write("".join(json.dumps(r) + "\n" for r in rows[:-1]) + '{"episode": ')
+    kept = sorted(n for n in os.listdir(out) if n.startswith("episode_"))
+    logged = {r["episode"] for r in rows[:-1]}
+    # The removed row's episode, and any kept after the poll and before the kill.
+    unlogged = [int(n[8:]) + 1 for n in kept if int(n[8:]) + 1 not in logged]
+    assert rows[-1]["episode"] in unlogged
+    summary = actor_lib.run(run, ENV, server.address, episodes=1, actor_id="killed", max_steps=8)
+    rows = [json.loads(line) for line in open(metrics) if line.strip().endswith("}")]
+    recovered = [r for r in rows if r.get("recovered")]
+    assert [r["episode"] for r in recovered] == unlogged
+    assert server.size() == size + sum(r["inserted"] for r in recovered) + summary["inserted"]
+    assert rows[-1]["episode"] == int(kept[-1][8:]) + 2  # after every kept episode
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no writer leftovers
+
+
 def test_epsilon_replaces_actions_with_random_ones():
   class Fixed:
     spec = robot_spec("babyai")

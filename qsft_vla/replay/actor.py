@@ -101,9 +101,20 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
     time.sleep(1.0)
 
   # The server and its table's layout are checked before anything is acted.
-  run_config = TrainedPolicy.load(workdir, _newest_step(workdir)).config
-  insert_lib.open_table(ml_collections.ConfigDict(run_config), server, timeout)
+  run_policy = TrainedPolicy.load(workdir, _newest_step(workdir))
+  run_config = ml_collections.ConfigDict(run_policy.config)
+  insert_lib.open_table(run_config, server, timeout)
   os.makedirs(out, exist_ok=True)
+  _end_cut_row(os.path.join(out, "metrics.jsonl"))
+  # An actor killed between keeping an episode and logging it (its row is written
+  # after the insert) left an episode the table may lack: inserted again first.
+  for name in _unlogged_episodes(out):
+    n = insert_lib.insert(run_config, [os.path.join(out, name)], server, log_every=0,
+                          timeout=timeout, stats=run_policy.statistics[0])
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"episode": int(name.split("_")[1]) + 1, "recovered": True,
+                          "inserted": n}) + "\n")
+    logging.info("actor %s: inserted %s, kept but not logged by an earlier run", actor_id, name)
 
   env = envs.make_env(env_id, seed=seed, **({} if max_steps is None else
                                            {"max_steps": max_steps}))
@@ -111,7 +122,8 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
   done = inserted = 0
   # A restarted actor goes on after its earlier episodes: their data stays, and
   # its reset seeds continue the same stream rather than repeating it.
-  first = len([n for n in os.listdir(out) if n.startswith("episode_")])
+  first = 1 + max([int(n.split("_")[1]) for n in os.listdir(out) if _is_episode(n)],
+                  default=-1)
   controller = policy = None
   stream = seed + 1_000_000
   start = time.time()
@@ -156,6 +168,35 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
     env.close()
   return {"episodes": done, "inserted": inserted,
           "success_rate_recent": float(np.mean(recent)) if recent else None}
+
+
+def _end_cut_row(path: str) -> None:
+  """A row cut short by a kill stays unreadable on its own line, not glued to the next."""
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      last = f.read(1)
+    if last != b"\n":
+      with open(path, "a") as f:
+        f.write("\n")
+
+
+def _is_episode(name: str) -> bool:
+  return name.startswith("episode_") and name[len("episode_"):].isdigit()
+
+
+def _unlogged_episodes(out: str) -> list[str]:
+  """The kept episodes (episode_NNNNNN) that metrics.jsonl has no row for."""
+  logged = set()
+  path = os.path.join(out, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          logged.add(int(json.loads(line)["episode"]) - 1)
+        except (ValueError, KeyError, TypeError):
+          continue  # a row cut short by a kill
+  return sorted(n for n in os.listdir(out) if _is_episode(n) and int(n[8:]) not in logged)
 
 
 def _check_robot(spec, env, env_id: str) -> None:
