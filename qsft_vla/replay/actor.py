@@ -36,8 +36,7 @@ class EpsilonController:
 
   def __init__(self, controller, epsilon: float, seed: int):
     from qsft_vla.evaluation.loop import RandomPolicy  # pylint: disable=g-import-not-at-top
-    if not 0.0 <= epsilon <= 1.0:
-      raise ValueError(f"--epsilon must be in [0, 1], got {epsilon}")
+    _check_epsilon(epsilon)
     self.controller = controller
     self.epsilon = float(epsilon)
     self._random = RandomPolicy(controller.spec, seed=seed)
@@ -53,6 +52,11 @@ class EpsilonController:
     if self.epsilon and self._rng.random() < self.epsilon:
       return self._random.act(observation)
     return action
+
+
+def _check_epsilon(epsilon: float) -> None:
+  if not 0.0 <= epsilon <= 1.0:
+    raise ValueError(f"--epsilon must be in [0, 1], got {epsilon}")
 
 
 def _newest_step(workdir: str) -> Optional[int]:
@@ -84,8 +88,7 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
 
   if not os.path.isdir(workdir):
     raise CheckpointError(f"--workdir={workdir}: no such run directory")
-  if not 0.0 <= epsilon <= 1.0:
-    raise ValueError(f"--epsilon must be in [0, 1], got {epsilon}")
+  _check_epsilon(epsilon)
   try:
     envs.check_env_id(env_id)  # refused before any waiting
   except ValueError as e:
@@ -95,13 +98,13 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
     raise ValueError(f"--id={actor_id!r}: must be a plain folder name")
   out = os.path.join(workdir, "actors", actor_id)
   deadline = time.time() + wait_s
-  while _newest_step(workdir) is None:
+  while (step := _newest_step(workdir)) is None:
     if time.time() > deadline:
       raise CheckpointError(f"--workdir={workdir}: no checkpoint appeared within {wait_s:g} s")
     time.sleep(1.0)
 
   # The server and its table's layout are checked before anything is acted.
-  run_policy = TrainedPolicy.load(workdir, _newest_step(workdir))
+  run_policy = TrainedPolicy.load(workdir, step)
   run_config = ml_collections.ConfigDict(run_policy.config)
   insert_lib.open_table(run_config, server, timeout)
   os.makedirs(out, exist_ok=True)
@@ -112,7 +115,7 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
     n = insert_lib.insert(run_config, [os.path.join(out, name)], server, log_every=0,
                           timeout=timeout, stats=run_policy.statistics[0])
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"episode": int(name.split("_")[1]) + 1, "recovered": True,
+      f.write(json.dumps({"episode": _episode_index(name) + 1, "recovered": True,
                           "inserted": n}) + "\n")
     logging.info("actor %s: inserted %s, kept but not logged by an earlier run", actor_id, name)
 
@@ -122,7 +125,7 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
   done = inserted = 0
   # A restarted actor goes on after its earlier episodes: their data stays, and
   # its reset seeds continue the same stream rather than repeating it.
-  first = 1 + max([int(n.split("_")[1]) for n in os.listdir(out) if _is_episode(n)],
+  first = 1 + max((i for i in map(_episode_index, os.listdir(out)) if i is not None),
                   default=-1)
   controller = policy = None
   stream = seed + 1_000_000
@@ -132,11 +135,12 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
       while episodes <= 0 or done < episodes:
         step = _newest_step(workdir)
         if controller is None or step != controller.step:
+          explore_seed = seed * 7919 + done
           controller = Controller.load(workdir, step=step, beta=beta, temperature=temperature,
-                                       seed=seed * 7919 + done, extraction=extraction)
+                                       seed=explore_seed, extraction=extraction)
           cfg = ml_collections.ConfigDict(controller.policy.config)
           _check_robot(controller.spec, env, env_id)
-          policy = EpsilonController(controller, epsilon, seed=seed * 7919 + done)
+          policy = EpsilonController(controller, epsilon, seed=explore_seed)
           logging.info("actor %s: acting with step %d of %s", actor_id, controller.step, workdir)
         index = first + done
         reset_seed = loop.eval_reset_seed(stream, index)
@@ -181,8 +185,10 @@ def _end_cut_row(path: str) -> None:
         f.write("\n")
 
 
-def _is_episode(name: str) -> bool:
-  return name.startswith("episode_") and name[len("episode_"):].isdigit()
+def _episode_index(name: str) -> Optional[int]:
+  """N of a kept episode's folder episode_NNNNNN; None for anything else."""
+  digits = name[len("episode_"):]
+  return int(digits) if name.startswith("episode_") and digits.isdigit() else None
 
 
 def _unlogged_episodes(out: str) -> list[str]:
@@ -196,7 +202,8 @@ def _unlogged_episodes(out: str) -> list[str]:
           logged.add(int(json.loads(line)["episode"]) - 1)
         except (ValueError, KeyError, TypeError):
           continue  # a row cut short by a kill
-  return sorted(n for n in os.listdir(out) if _is_episode(n) and int(n[8:]) not in logged)
+  return sorted(n for n in os.listdir(out)
+                if _episode_index(n) is not None and _episode_index(n) not in logged)
 
 
 def _check_robot(spec, env, env_id: str) -> None:
