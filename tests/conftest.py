@@ -29,6 +29,14 @@ def babyai_dataset(tmp_path_factory, episodes: int, max_steps: int) -> str:
   return out
 
 
+def free_port() -> int:
+  """A localhost port nobody listens on (the OS picks it)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
 def robot_spec(name: str) -> RobotSpec:
   cfg = qconfig.load_config_file(os.path.join(REPO, "robot_configs", f"{name}.py"))
   return RobotSpec.from_config(cfg.robot)

@@ -4,7 +4,6 @@ the group resumes. Every process is stopped at the end, also on failure."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from qsft_vla import config as qconfig
-from conftest import BABYAI_CONFIG, REPO, babyai_dataset
+from conftest import BABYAI_CONFIG, REPO, babyai_dataset, free_port
 
 OVERRIDES = {"data.shuffle_buffer": 16, "train.batch_size": 4, "train.checkpoint_every": 2,
              "train.log_every": 1, "eval.every": 0, "model.rt1_small.width": 32,
@@ -22,19 +21,13 @@ OVERRIDES = {"data.shuffle_buffer": 16, "train.batch_size": 4, "train.checkpoint
              "model.rt1_small.text_dim": 16}
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _flag(value):
   return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _group(workdir, data, steps, n=2, timeout=600, extra=()):
   """Runs `n` training processes to `steps`; returns their logs (process order)."""
-  port = _free_port()
+  port = free_port()
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   procs, logs = [], []
@@ -74,12 +67,7 @@ def _reference_params(data, steps):
   from qsft_vla.training import batches as batches_lib
   cfg = qconfig.load_config_file(BABYAI_CONFIG)
   cfg.data.dir = data
-  for k, v in OVERRIDES.items():
-    section, *rest = k.split(".")
-    node = cfg[section]
-    for part in rest[:-1]:
-      node = node[part]
-    node[rest[-1]] = v
+  cfg.update_from_flattened_dict(OVERRIDES)
   setup = train.build(cfg)
   policy = setup.policy
   streams = [pipeline.as_numpy_batches(cfg.data, policy.robot, policy.action_tokenizer,

@@ -13,7 +13,7 @@ from qsft_vla import config as qconfig
 from qsft_vla.replay import insert as insert_lib
 from qsft_vla.replay.server import ReplayServer
 
-from conftest import BABYAI_CONFIG, REPO, babyai_dataset
+from conftest import BABYAI_CONFIG, REPO, babyai_dataset, free_port
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +106,7 @@ def test_binaries_refuse_bad_flags_in_one_line(tmp_path):
 
 
 def test_an_absent_server_is_a_clear_error(dataset):
-  import socket
-  with socket.socket() as s:   # a free port nobody listens on
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   with pytest.raises(ConnectionError, match=f"localhost:{port}: no replay server answered"):
     insert_lib.insert(_cfg(), [dataset], f"localhost:{port}", timeout=1)
 
@@ -160,14 +157,11 @@ def test_sampling_survives_a_server_restart(dataset, tmp_path, caplog):
   """The server stops (final checkpoint) and a new one starts on the same port
   from that checkpoint 2 s later: the next batch comes after logged retries."""
   import logging
-  import socket
   import threading
   from qsft_vla.replay import source
   cfg = _cfg()
   ckpt = str(tmp_path / "replay")
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   server = ReplayServer(cfg, port=port, checkpoint_dir=ckpt, checkpoint_every=0)
   insert_lib.insert(cfg, [dataset], server.address)
   run = _cfg()
