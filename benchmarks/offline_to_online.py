@@ -30,12 +30,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 from absl import app, flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import report  # noqa: E402  (benchmarks/report.py, beside this script)
 from qsft_vla import evaluate as evaluate_lib  # noqa: E402
 from qsft_vla.evaluation import outcomes  # noqa: E402
 
@@ -64,13 +64,7 @@ def _free_port() -> int:
 
 
 def _run(cmd, log):
-  start = time.time()
-  with open(log, "w") as f:
-    rc = subprocess.run(cmd, cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT).returncode
-  if rc:
-    with open(log) as f:
-      raise RuntimeError(f"{' '.join(cmd[:4])} failed ({rc}); {log}:\n{f.read()[-3000:]}")
-  logging.info("%s: %.0f s", " ".join(cmd[1:3]), time.time() - start)
+  logging.info("%s: %.0f s", " ".join(cmd[1:3]), report.run_binary(cmd, log))
 
 
 def _train(workdir, data, steps, *extra):
@@ -180,11 +174,7 @@ def main(argv):
                  f"inserted during the online continuation; their success (with exploration) "
                  f"{100 * sum(first) / max(1, len(first)):.0f}% in the first half, "
                  f"{100 * sum(last) / max(1, len(last)):.0f}% in the second.")
-  text = "\n".join(lines) + "\n"
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    f.write(text)
-  print(text)
+  report.emit("\n".join(lines) + "\n", FLAGS.out)
   return 0
 
 

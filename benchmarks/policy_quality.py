@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Any
@@ -44,6 +43,7 @@ from absl import app, flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import report  # noqa: E402  (benchmarks/report.py, beside this script)
 from qsft_vla import evaluate as evaluate_lib  # noqa: E402
 from qsft_vla.evaluation import loop, outcomes  # noqa: E402
 
@@ -111,17 +111,7 @@ flags.DEFINE_multi_string("override", [], "Extra --config.* for every training r
 
 
 def _run(cmd: list[str], log: str) -> None:
-  """Runs a binary of this package; its output goes to `log`; fails loudly."""
-  os.makedirs(os.path.dirname(log), exist_ok=True)
-  start = time.time()
-  with open(log, "w") as f:
-    proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-  if proc.returncode:
-    with open(log) as f:
-      tail = f.read()[-3000:]
-    raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); log {log}:\n{tail}")
-  logging.info("%s done in %.0f s", " ".join(cmd[1:4]), time.time() - start)
+  logging.info("%s done in %.0f s", " ".join(cmd[1:4]), report.run_binary(cmd, log))
 
 
 def dataset(name: str, task: Task, size: dict[str, Any]) -> str:
@@ -258,15 +248,12 @@ def table(results: list[dict[str, Any]]) -> str:
            + " | Q-SFT choice (val) | Q-SFT vs BC |",
            "|---|---|---|---|" + "---|" * len(cols) + "---|---|"]
 
-  def cell(r, m):
-    p = r["methods"].get(m, {}).get("test")
+  def cell(p):
     return f"{100 * p['mean']:.1f}% [{100 * p['lo']:.0f}, {100 * p['hi']:.0f}]" if p else "-"
   for r in results:
-    e = r["expert"]
     row = [r["task"], ",".join(str(s) for s in r.get("seeds", [])),
-           f"{r['behavior']} ({100 * r['data_success']:.0f}%)",
-           f"{100 * e['mean']:.1f}% [{100 * e['lo']:.0f}, {100 * e['hi']:.0f}]"]
-    row += [cell(r, m) for m in cols]
+           f"{r['behavior']} ({100 * r['data_success']:.0f}%)", cell(r["expert"])]
+    row += [cell(r["methods"].get(m, {}).get("test")) for m in cols]
     c = r.get("qsft_choice")
     row.append(f"{c['extraction']}, beta {c['beta']:g} ({100 * c['val_success']:.0f}%)"
                if c else "")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import os
 import platform
+import subprocess
+import time
 
 import jax
 import numpy as np
@@ -19,6 +21,24 @@ def emit(text: str, out: str | None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
       f.write(text)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_binary(cmd: list[str], log: str) -> float:
+  """Runs a binary of this package from the repository root, its output into `log`;
+  fails loudly with the log's tail. Returns the seconds it took."""
+  os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+  start = time.time()
+  with open(log, "w") as f:
+    proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  if proc.returncode:
+    with open(log) as f:
+      tail = f.read()[-3000:]
+    raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); log {log}:\n{tail}")
+  return time.time() - start
 
 
 def load_config(spec: str, overrides=()):
