@@ -296,25 +296,44 @@ def _vlm_smollm2(c: ml_collections.ConfigDict) -> None:
 BACKBONE_VARIANTS = {"rt1_pretrained": _rt1_pretrained, "vlm_smollm2": _vlm_smollm2}
 
 
+def _lora(c: ml_collections.ConfigDict) -> None:
+  """LoRA on the backbone's pretrained weights (models/lora.py): rank-8 adapters
+  (alpha 16, PEFT's common choice; untuned here) on every linear map of the
+  pretrained transformer; new layers are trained in full. Needs a backbone with
+  pretrained weights (rt1_pretrained, vlm_smollm2)."""
+  c.learner.lora_rank = 8
+  c.learner.lora_alpha = 16.0
+
+
+# Variants that modify whatever algorithm and backbone they join.
+MODIFIER_VARIANTS = {"lora": _lora}
+
+
 def apply_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:
-  """A config-file variant "<algorithm>", "<backbone>" or "<algorithm>+<backbone>"
-  (e.g. "bc+rt1_pretrained"); the algorithm defaults to qsft, the backbone to
-  the robot's own model section."""
-  algorithms, backbones = [], []
+  """A config-file variant: "<algorithm>", "<backbone>", a modifier ("lora"), or
+  several joined by "+" (e.g. "bc+rt1_pretrained", "vlm_smollm2+lora"); the
+  algorithm defaults to qsft, the backbone to the robot's own model section.
+  The backbone applies first, then the modifiers, then the algorithm."""
+  algorithms, backbones, modifiers = [], [], []
   for part in variant.split("+"):
     if part in ALGORITHM_VARIANTS:
       algorithms.append(part)
     elif part in BACKBONE_VARIANTS:
       backbones.append(part)
+    elif part in MODIFIER_VARIANTS and part not in modifiers:
+      modifiers.append(part)
     else:
       inside = f" (in {variant!r})" if part != variant else ""
-      raise ConfigError(f"{where}: unknown variant {part!r}{inside}; known: "
+      raise ConfigError(f"{where}: unknown or repeated variant {part!r}{inside}; known: "
                         f"algorithms {', '.join(ALGORITHM_VARIANTS)}; backbones "
-                        f"{', '.join(BACKBONE_VARIANTS)}")
+                        f"{', '.join(BACKBONE_VARIANTS)}; modifiers "
+                        f"{', '.join(MODIFIER_VARIANTS)}")
   if len(algorithms) > 1 or len(backbones) > 1:
     raise ConfigError(f"{where}: variant {variant!r} names more than one algorithm or backbone")
   for b in backbones:
     BACKBONE_VARIANTS[b](c)
+  for m in modifiers:
+    MODIFIER_VARIANTS[m](c)
   apply_algorithm_variant(c, algorithms[0] if algorithms else "qsft", where)
 
 

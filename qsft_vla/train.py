@@ -40,7 +40,7 @@ from qsft_vla import config as qconfig
 from qsft_vla import paths
 from qsft_vla.learning import learner as learner_lib
 from qsft_vla.learning import sharding
-from qsft_vla.models import registry
+from qsft_vla.models import lora, registry
 from qsft_vla.policy import checkpoints, layout
 from qsft_vla.policy.bundle import TrainedPolicy
 from qsft_vla.data.episode import DataError
@@ -85,7 +85,9 @@ class Setup:
   def init_state(self, pretrained: bool = True) -> learner_lib.TrainState:
     """The initial state from config.seed alone (zero inputs give the shapes).
     pretrained=False keeps a random init even where the config loads weights
-    (benchmarks: timing needs the architecture, not the values)."""
+    (benchmarks: timing needs the architecture, not the values). With LoRA the
+    pretrained weights are the frozen base, and the policy records its identity
+    (written into every checkpoint's meta)."""
     policy = self.policy
     inputs = registry.example_inputs(policy.model_config, policy.image_sizes)
     obs, hm, ti, tm, tok = inputs
@@ -101,7 +103,13 @@ class Setup:
     # init, so pi_phi, p_theta and the target all start from the weights.
     init_rng, _ = jax.random.split(rng)
     variables = registry.init_variables(name, policy.model, init_rng, inputs, pretrained)
-    return self.learner.init(rng, example, variables)
+    if not self.learner.lora:
+      return self.learner.init(rng, example, variables)
+    paths = lora.paths(registry.pretrained_params(name, policy.model_config))
+    state = self.learner.init(rng, example, variables, pretrained=paths)
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(state.base)):
+      self.policy = dataclasses.replace(policy, lora_base=policy.base_identity(state.base))
+    return state
 
 
 def _devices_line(mesh, state) -> str:
@@ -147,6 +155,11 @@ def build(cfg, stats: Optional[list[dict[str, Any]]] = None) -> Setup:
   lcfg = learner_config(cfg)
   model_cfg = registry.model_config(cfg, spec, action_tokenizer, lcfg.num_output_heads,
                                     text_vocab=text_tokenizer.vocab_size)
+  if lcfg.uses_lora and not registry.uses_pretrained(cfg.model.name, model_cfg):
+    raise qconfig.ConfigError(
+        f"learner.lora_rank={lcfg.lora_rank}: LoRA adapts pretrained weights, and model "
+        f"{cfg.model.name!r} with this config loads none (use a pretrained backbone, e.g. the "
+        f"variants rt1_pretrained or vlm_smollm2)")
   model = registry.build(cfg.model.name, model_cfg)
   devices = np.array(jax.devices())  # every process's, with several processes
   if cfg.train.batch_size % devices.size:
@@ -173,16 +186,20 @@ def _state_items(state: learner_lib.TrainState) -> dict[str, Any]:
                             "rng": state.rng}}
 
 
-def _from_items(items: dict[str, Any]) -> learner_lib.TrainState:
+def _from_items(items: dict[str, Any], base) -> learner_lib.TrainState:
+  """The state of restored checkpoint items; `base`: LoRA's frozen weights (never
+  checkpointed: the initial state's)."""
   opt = items[checkpoints.OPT]
   return learner_lib.TrainState(step=opt["step"], **{g: items[g] for g in layout.GROUPS},
-                                opt_pi=opt["opt_pi"], opt_p=opt["opt_p"], rng=opt["rng"])
+                                opt_pi=opt["opt_pi"], opt_p=opt["opt_p"], rng=opt["rng"],
+                                base=base)
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
-  """A workdir resumes only the run it holds: same model, learner and action space."""
-  for key in ("model", "learner", "action_tokenizer"):
-    a, b = dict(saved[key]), dict(current[key])
+  """A workdir resumes only the run it holds: same model, learner, action space
+  and (LoRA) frozen base."""
+  for key in ("model", "learner", "action_tokenizer", "lora_base"):
+    a, b = dict(saved.get(key) or {}), dict(current.get(key) or {})
     if key == "learner":  # how the step is computed does not change the run
       for field in ("donate_state", "microbatches"):
         a.pop(field, None)
@@ -360,7 +377,6 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   prepare = batches_lib.BatchPreparer(policy.text_tokenizer, policy.model_config.max_text_len)
   primary = distributed.is_primary()
   probe = q_gap.maybe_probe(cfg, setup, prepare) if primary else None
-  meta = setup.meta()
   if primary:
     stale = checkpoints.remove_interrupted_saves(checkpoints.directory(workdir))
     if stale:
@@ -370,6 +386,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   mngr = checkpoints.manager(checkpoints.directory(workdir), keep=tcfg.keep_checkpoints,
                              item_handlers=None)
   state = setup.init_state()
+  meta = setup.meta()  # after init_state: a LoRA run's meta names its base
   start = mngr.latest_step()
   if start is not None:
     def resume(at):
@@ -390,7 +407,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
       mngr = checkpoints.manager(checkpoints.directory(workdir), keep=tcfg.keep_checkpoints,
                                  item_handlers=None)
       restored = resume(start)
-    state = _from_items(restored)
+    state = _from_items(restored, state.base)
     logging.info("resumed %s at step %d (params, optimiser, data position)", workdir, start)
   # Only now, with the config accepted for this workdir: a refused config must never
   # replace the description of the checkpoints already there.

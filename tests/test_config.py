@@ -54,7 +54,7 @@ def test_missing_required_field_is_named(tmp_path):
 
 
 def test_unknown_variant_and_missing_file():
-  with pytest.raises(qconfig.ConfigError, match="unknown variant 'nope'"):
+  with pytest.raises(qconfig.ConfigError, match="unknown or repeated variant 'nope'"):
     qconfig.load_config_file(os.path.join(REPO, "robot_configs/babyai.py:nope"))
   with pytest.raises(qconfig.ConfigError, match="not found"):
     qconfig.load_config_file("robot_configs/does_not_exist.py")

@@ -107,7 +107,7 @@ def test_variant_parsing():
   assert q.learner.algorithm == "qsft" and q.learner.beta == plain_qsft_beta()
   plain = qconfig.load_config_file(f"{BABYAI}:bc")
   assert plain.model.rt1_small.image_encoder == "conv" and plain.learner.lr_pi == 1e-3
-  with pytest.raises(qconfig.ConfigError, match="unknown variant 'nope'.*rt1_pretrained"):
+  with pytest.raises(qconfig.ConfigError, match="unknown or repeated variant 'nope'.*rt1_pretrained"):
     qconfig.load_config_file(f"{BABYAI}:bc+nope")
   with pytest.raises(qconfig.ConfigError, match="more than one"):
     qconfig.load_config_file(f"{BABYAI}:bc+qsft")

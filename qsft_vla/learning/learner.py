@@ -46,6 +46,12 @@ sum_b p_theta_bar(b), or the expectile of the in-support ratios between them
 mixed with it. With mc_mix = 1 the target is G_t alone and the target network is
 never evaluated; with one action dimension it is evaluated at the next state only.
 
+LoRA (LearnerConfig.lora_rank > 0, models/lora.py): params_pi, params_p and
+params_target are adapter sets {"adapters", "trained"} on one frozen base
+(TrainState.base: the pretrained weights, never updated, never checkpointed);
+each network applied is lora.merge(base, set). Optimisers, Polyak update and
+the finiteness check run on the sets; gradients reach the sets only.
+
 A step whose losses or gradients are not all finite changes nothing (params,
 optimiser states and target are kept bit for bit) and reports
 metrics["nonfinite"] = 1; the training loop decides whether to stop.
@@ -72,6 +78,7 @@ names (fsdp = 1: replicated, plain data parallelism).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import flax
@@ -82,6 +89,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qsft_vla.learning import losses, polyak, reweighting, sharding, targets
+from qsft_vla.models import lora
 # The schema lives in spec.py and the parameter layout in policy/layout.py
 # (optax-free, shared with the checkpoint loader and the Controller); the
 # schema's names are re-exported for training code.
@@ -101,7 +109,8 @@ BATCH_KEYS = ("observation", "history_mask", "next_observation", "next_history_m
 class TrainState:
   """params_pi / params_p: the two trained groups (see the module docstring for
   what they hold per architecture); params_target: p_theta_bar ({} without
-  p_theta); opt_pi / opt_p: their optax states; rng: base key for dropout."""
+  p_theta); opt_pi / opt_p: their optax states; rng: base key for dropout;
+  base: LoRA's frozen pretrained weights ({} without LoRA)."""
   step: jax.Array
   params_pi: Any
   params_p: Any
@@ -109,6 +118,7 @@ class TrainState:
   opt_pi: Any
   opt_p: Any
   rng: jax.Array
+  base: Any = dataclasses.field(default_factory=dict)
 
 
 def _tree_where(cond, a, b):
@@ -145,6 +155,7 @@ class Learner:
                                                     config.residual)   # [D, V] each
     self.mesh = mesh if mesh is not None else sharding.make_mesh(jax.devices(), 1)
     self.rules = sharding.parse_rules(sharding_rules)
+    self.lora = lora.spec_of(config)
     self.opt_pi = self._optimizer(config.lr_pi)
     self.opt_p = self._optimizer(config.lr_p)
     self._jit_step = None
@@ -194,16 +205,25 @@ class Learner:
     pi_logits = self.mask_pi_logits(pi_raw)
     return pi_logits, (None if p_raw is None else self.p_logits_from(pi_logits, p_raw))
 
+  def network(self, state: TrainState, group):
+    """The full variables a training group stands for (LoRA: base + adapters)."""
+    return lora.merge(state.base, group, self.lora) if self.lora else group
+
   def inference_params(self, state: TrainState):
     """{"pi": variables, "p": variables} for separate backbones (p absent for BC),
-    {"shared": variables} (head 0 = pi, head 1 = p) for the shared trunk."""
-    return layout.inference_params(self.config, state.params_pi, state.params_p)
+    {"shared": variables} (head 0 = pi, head 1 = p) for the shared trunk; LoRA
+    sets are merged into full variables."""
+    pi = self.network(state, state.params_pi)
+    p = self.network(state, state.params_p) if self.config.uses_p else state.params_p
+    return layout.inference_params(self.config, pi, p)
 
   # -------------------------------------------------------------------- init
-  def init(self, rng, example_batch, variables=None) -> TrainState:
+  def init(self, rng, example_batch, variables=None, pretrained=None) -> TrainState:
     """All networks start from the same weights: `variables` (e.g. pretrained)
     or a fresh model.init(rng, ...) on example_batch (leading axis B; with
-    steps_per_call > 1 the [S, B, ...] batch is accepted too)."""
+    steps_per_call > 1 the [S, B, ...] batch is accepted too).
+    pretrained: with LoRA, the paths of the leaves of `variables` that come from
+    pretrained weights (lora.paths(registry.pretrained_params(...))): the base."""
     batch = self._select(example_batch, check_targets=False)
     if self.config.steps_per_call > 1 and np.ndim(batch["reward"]) == 2:
       batch = jax.tree_util.tree_map(lambda x: x[0], batch)
@@ -213,6 +233,8 @@ class Learner:
           init_rng, batch["observation"], batch["history_mask"], batch["text_ids"],
           batch["text_mask"], batch["action_tokens"], False)
     variables = jax.tree_util.tree_map(jnp.asarray, flax.core.unfreeze(variables))
+    if self.lora:
+      return self._init_lora(variables, pretrained, init_rng, state_rng)
     residual = self.config.p_parametrization == "residual"
     shared = self.config.num_output_heads == 2
     if shared:
@@ -237,6 +259,22 @@ class Learner:
     state = TrainState(step=jnp.zeros((), jnp.int32), params_pi=group_pi, params_p=group_p,
                        params_target=target, opt_pi=self.opt_pi.init(group_pi),
                        opt_p=self.opt_p.init(group_p), rng=state_rng)
+    return jax.device_put(state, self.state_shardings(state))
+
+  def _init_lora(self, variables, pretrained, init_rng, state_rng) -> TrainState:
+    """Three equal adapter sets (B = 0: each equals the base) on the frozen base."""
+    if not pretrained:
+      raise ValueError("lora_rank > 0 needs a model with pretrained weights (the frozen base); "
+                       f"{type(self.model).__name__} with this config loads none")
+    if self.config.p_parametrization == "residual":
+      raise ValueError('lora_rank > 0 and p_parametrization="residual" do not combine')
+    base, group_pi = lora.split(variables, pretrained, self.lora, jax.random.fold_in(init_rng, 1))
+    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
+    group_p = copy(group_pi) if self.config.uses_p else {}
+    target = copy(group_pi) if self.config.uses_p else {}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params_pi=group_pi, params_p=group_p,
+                       params_target=target, opt_pi=self.opt_pi.init(group_pi),
+                       opt_p=self.opt_p.init(group_p), rng=state_rng, base=base)
     return jax.device_put(state, self.state_shardings(state))
 
   def state_shardings(self, state: TrainState):
@@ -325,12 +363,14 @@ class Learner:
       need_now = tokens.shape[-1] > 1
       head = (lambda x: x[1]) if shared else (lambda x: x)
       if need_pi_next:
-        online = merge_shared(state.params_pi, state.params_p) if shared else state.params_pi
+        online = (merge_shared(state.params_pi, state.params_p) if shared
+                  else self.network(state, state.params_pi))
         pi_next = self._apply(online, nobs, nhm, ti, tm, next_tokens, None)
         pi_next = pi_next[0] if shared else pi_next
+      target = self.network(state, state.params_target)
       if need_now:
-        tgt_now = head(self._apply(state.params_target, obs, hm, ti, tm, tokens, None))
-      tgt_next = head(self._apply(state.params_target, nobs, nhm, ti, tm, next_tokens, None))
+        tgt_now = head(self._apply(target, obs, hm, ti, tm, tokens, None))
+      tgt_next = head(self._apply(target, nobs, nhm, ti, tm, next_tokens, None))
       if need_pi_next:
         pi_next = self.mask_pi_logits(pi_next)
         tgt_next = self.p_logits_from(pi_next, tgt_next)
@@ -342,8 +382,9 @@ class Learner:
         logits = self._apply(merge_shared(group_pi, group_p), obs, hm, ti, tm, tokens, rng_pi)
         pi_logits, p_logits = logits[0], logits[1]
       else:
-        pi_logits = self._apply(group_pi, obs, hm, ti, tm, tokens, rng_pi)
-        p_logits = (self._apply(group_p, obs, hm, ti, tm, tokens, rng_p) if cfg.uses_p else None)
+        pi_logits = self._apply(self.network(state, group_pi), obs, hm, ti, tm, tokens, rng_pi)
+        p_logits = (self._apply(self.network(state, group_p), obs, hm, ti, tm, tokens, rng_p)
+                    if cfg.uses_p else None)
       pi_logits = self.mask_pi_logits(pi_logits)
       loss_pi = losses.cross_entropy(pi_logits, tokens)
       aux = {"loss_pi": loss_pi}

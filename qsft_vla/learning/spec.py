@@ -10,6 +10,7 @@ grouped is policy/layout.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
@@ -27,6 +28,9 @@ BACKUPS = ("max", "mean", "expectile")
 SCHEDULES = ("joint", "sequential")
 ARCHITECTURES = ("separate", "shared")
 RETIRED_FIELDS = ("filter_threshold",)
+# LoRA's default targets: every linear map of the Llama decoder and of MiniLM's layers.
+DEFAULT_LORA_TARGETS = (r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|query|key"
+                        r"|value|attention_out|intermediate|output)/kernel$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +84,16 @@ class LearnerConfig:
   # the others before batching; the learner trains on what it is given.
   filter_quantile: float = 0.5
   mask_invalid_logits: bool = True
+  # LoRA (models/lora.py; the config variant "lora"): rank > 0 makes pi_phi, p_theta
+  # and the target three adapter sets on the frozen pretrained weights; 0 trains
+  # every weight (full fine-tuning). The delta of an adapted kernel is
+  # (lora_alpha / lora_rank) * A @ B; lora_targets: a regex searched in the paths of
+  # the pretrained kernels to adapt; lora_full: a regex of pretrained leaves trained
+  # in full ("" none). Leaves not from pretrained weights are always trained.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: str = DEFAULT_LORA_TARGETS
+  lora_full: str = ""
   donate_state: bool = False        # step donates the input state's buffers
 
   def __post_init__(self):
@@ -123,11 +137,31 @@ class LearnerConfig:
       raise ValueError(f"expectile_tau must be in [0.5, 1), got {self.expectile_tau}")
     if not 0.0 <= self.ratio_eps < 1.0:
       raise ValueError(f"ratio_eps must be in [0, 1), got {self.ratio_eps}")
+    self._check_lora()
+
+  def _check_lora(self):
+    if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) \
+        or self.lora_rank < 0:
+      raise ValueError(f"lora_rank must be an integer >= 0 (0: no LoRA), got {self.lora_rank!r}")
+    if not (np.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+      raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
+    for name in ("lora_targets", "lora_full"):
+      try:
+        re.compile(getattr(self, name))
+      except (re.error, TypeError) as e:
+        raise ValueError(f"{name} {getattr(self, name)!r} is not a regex: {e}") from None
+    if self.lora_rank and self.num_output_heads == 2:
+      raise ValueError("lora_rank > 0 needs architecture='separate': the three LoRA adapter "
+                       "sets on one frozen base replace the shared trunk")
 
   @property
   def inference_beta(self) -> float:
     """The beta of the configured extraction."""
     return self.ratio_beta if self.extraction == "ratio" else self.beta
+
+  @property
+  def uses_lora(self) -> bool:
+    return self.lora_rank > 0
 
   @property
   def uses_p(self) -> bool:

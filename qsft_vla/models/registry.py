@@ -26,6 +26,10 @@ class _Backbone:
   text_tokenizer: Callable[[Mapping[str, Any]], TextTokenizer]
   # (module, rng, *example_inputs, pretrained=bool) -> variables.
   init_variables: Callable[..., Any]
+  # model config -> the params subtrees loaded from pretrained weights (numpy).
+  pretrained_params: Callable[[Any], Mapping[str, Any]]
+  # model config -> where those weights come from (package and version, or folder).
+  pretrained_sources: Callable[[Any], list]
 
 
 _MODELS = {
@@ -33,11 +37,13 @@ _MODELS = {
     # embeddings of the from-scratch model are as good on it as on any.
     "rt1_small": _Backbone(rt1_small.RT1Small, rt1_small.RT1SmallConfig,
                            lambda section: TextTokenizer.from_package(),
-                           rt1_small.init_variables),
+                           rt1_small.init_variables, rt1_small.pretrained_params,
+                           rt1_small.pretrained_sources),
     "vlm": _Backbone(vlm.VLM, vlm.VLMConfig,
                      lambda section: TextTokenizer.from_file(
                          vlm.tokenizer_path(section.get("lm_folder"))),
-                     vlm.init_variables),
+                     vlm.init_variables, lambda c: vlm.pretrained_params(c),
+                     vlm.pretrained_sources),
 }
 
 
@@ -115,6 +121,17 @@ def init_variables(name: str, model, rng, example_inputs, pretrained: bool = Tru
   weights loaded on top where the config uses them (pretrained=False: random
   only, e.g. to time the architecture where the weights are not installed)."""
   return _entry(name).init_variables(model, rng, *example_inputs, pretrained=pretrained)
+
+
+def pretrained_params(name: str, model_cfg) -> dict[str, Any]:
+  """{"params": the subtrees of the model's params that come from pretrained
+  weights} (the frozen base of a LoRA run); {"params": {}} when there are none."""
+  return {"params": dict(_entry(name).pretrained_params(model_cfg))}
+
+
+def pretrained_sources(name: str, model_cfg) -> list[str]:
+  """Where pretrained_params's weights come from: package and version, or a folder."""
+  return list(_entry(name).pretrained_sources(model_cfg))
 
 
 def example_inputs(model_cfg, image_sizes: Mapping[str, tuple[int, int]], batch: int = 1):

@@ -322,15 +322,33 @@ def pretrained_variables(model_cfg: RT1SmallConfig, variables):
                                          fresh[k])
     params[scope] = merged
 
+  for scope, loaded in pretrained_params(model_cfg).items():
+    overwrite(scope, loaded)
+  return {**variables, "params": params}
+
+
+def pretrained_params(model_cfg: RT1SmallConfig):
+  """Every weight of the model that comes from pretrained checkpoints, by scope:
+  {"image_encoder": EfficientNet-Lite0's backbone (not its FiLM layers),
+  "text_encoder": MiniLM}, as the config uses them ({} for neither)."""
+  out = {}
   if model_cfg.image_encoder == "efficientnet_lite0":
-    overwrite("image_encoder", film_efficientnet.pretrained_params())
+    out["image_encoder"] = film_efficientnet.pretrained_params()
   if model_cfg.text_encoder == "minilm":
     _, loaded, _ = minilm.load_minilm()
-    overwrite("text_encoder", loaded["params"])
-  return {**variables, "params": params}
+    out["text_encoder"] = dict(loaded["params"])
+  return out
 
 
 def init_variables(model: RT1Small, rng, *example_inputs, pretrained: bool = True):
   """model.init (jitted), then the pretrained encoders when the config uses them."""
   variables = jax.jit(model.init, static_argnums=6)(rng, *example_inputs, False)
   return pretrained_variables(model.config, variables) if pretrained else variables
+
+
+def pretrained_sources(model_cfg: RT1SmallConfig) -> list[str]:
+  """Where pretrained_params reads its weights, for people (error messages)."""
+  from qsft_vla.weights import packaged  # pylint: disable=g-import-not-at-top
+  names = (["efficientnet_lite0_pth"] if model_cfg.image_encoder == "efficientnet_lite0" else []) \
+      + (["minilm_folder"] if model_cfg.text_encoder == "minilm" else [])
+  return [f"{packaged.ARTIFACTS[n].package} {packaged.ARTIFACTS[n].version}" for n in names]

@@ -399,15 +399,10 @@ def pretrained_variables(model_cfg: VLMConfig, variables, lm_tensors=None, visio
   logits). `lm_tensors` (HF names) / `vision_params` (folded, as
   film_efficientnet.pretrained_params) override the sources.
   Raises ValueError when a shape does not match the initialised tree."""
-  from qsft_vla.weights import hf  # pylint: disable=g-import-not-at-top
   variables = flax.core.unfreeze(variables)
   params = dict(variables["params"])
   c = model_cfg.lm()
-  if lm_tensors is None:
-    lm_tensors = hf.load_folder(resolve_lm_folder(model_cfg.lm_folder), dtype=np.float32).tensors
-  new = {"lm": params_from_hf(_first_layers(lm_tensors, c.num_hidden_layers), c)}
-  new["vision"] = (film_efficientnet.pretrained_params() if vision_params is None
-                   else vision_params)
+  new = pretrained_params(model_cfg, lm_tensors, vision_params)
   if model_cfg.num_output_heads > 1:
     ids = model_cfg.output_vocab_ids()
     table = (new["lm"]["embed_tokens"]["embedding"] if c.tie_word_embeddings
@@ -420,6 +415,28 @@ def pretrained_variables(model_cfg: VLMConfig, variables, lm_tensors=None, visio
   params.update(new)
   out = {**variables, "params": params}
   return jax.tree_util.tree_map(lambda ref, x: jnp.asarray(x, ref.dtype), variables, out)
+
+
+def pretrained_params(model_cfg: VLMConfig, lm_tensors=None, vision_params=None):
+  """{"lm": the LM's params from the config's HF folder, "vision": EfficientNet-Lite0
+  from the packaged ImageNet weights (batch norms folded)}: every weight of the
+  model that comes from pretrained checkpoints (numpy, float32)."""
+  from qsft_vla.weights import hf  # pylint: disable=g-import-not-at-top
+  c = model_cfg.lm()
+  if lm_tensors is None:
+    lm_tensors = hf.load_folder(resolve_lm_folder(model_cfg.lm_folder), dtype=np.float32).tensors
+  return {"lm": params_from_hf(_first_layers(lm_tensors, c.num_hidden_layers), c),
+          "vision": (film_efficientnet.pretrained_params() if vision_params is None
+                     else vision_params)}
+
+
+def pretrained_sources(model_cfg: VLMConfig) -> list[str]:
+  """Where pretrained_params reads its weights, for people (error messages)."""
+  from qsft_vla.weights import packaged  # pylint: disable=g-import-not-at-top
+  eff = packaged.ARTIFACTS["efficientnet_lite0_pth"]
+  lm = (f"LM folder {os.path.abspath(model_cfg.lm_folder)}" if model_cfg.lm_folder else
+        "{0.package} {0.version}".format(packaged.ARTIFACTS["smollm2_gguf"]))
+  return [lm, f"{eff.package} {eff.version}"]
 
 
 def _first_layers(tensors, n: int):

@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
+from flax import traverse_util
 import jax
 
 from qsft_vla import robot as robot_lib
 from qsft_vla.errors import CheckpointError
 from qsft_vla.learning import spec as learner_spec
-from qsft_vla.models import registry
+from qsft_vla.models import lora, registry
 from qsft_vla.policy import checkpoints, layout
 from qsft_vla.tokenizers.action import ActionTokenizer
 from qsft_vla.tokenizers.text import TextTokenizer
@@ -39,6 +40,8 @@ class TrainedPolicy:
   config: the run's config as a plain dict (recorded in checkpoints).
   datasets: per mixture member {"dir", "weight", "statistics"}.
   step, path: which checkpoint this is, when it was loaded from one.
+  lora_base: a LoRA run's frozen base: {"sha256": lora.identity of its weights,
+    "sources": where they come from}; None without LoRA.
   """
   model_name: str
   model: Any
@@ -53,6 +56,7 @@ class TrainedPolicy:
   params: Optional[Mapping[str, Any]] = None
   step: Optional[int] = None
   path: Optional[str] = None
+  lora_base: Optional[Mapping[str, Any]] = None
 
   # ------------------------------------------------------------- derived
 
@@ -77,8 +81,14 @@ class TrainedPolicy:
     return jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), *inputs, False))
 
   def param_groups(self, variables) -> dict[str, Any]:
-    """The training groups (layout.GROUPS) of full variables."""
+    """The training groups (layout.GROUPS) of full variables (not for LoRA runs,
+    whose groups are adapter sets: see _load_lora)."""
     return layout.param_groups(variables, self.learner)
+
+  def base_identity(self, base) -> dict[str, Any]:
+    """What a LoRA checkpoint records of its frozen base (lora_base)."""
+    return {"sha256": lora.identity(base),
+            "sources": registry.pretrained_sources(self.model_name, self.model_config)}
 
   # ------------------------------------------------------------- describe
 
@@ -113,7 +123,8 @@ class TrainedPolicy:
             "action_tokenizer": self.action_tokenizer.to_spec(),
             "robot": self.robot.to_dict()["robot"],
             "image_sizes": {k: list(v) for k, v in self.image_sizes.items()},
-            "datasets": [dict(d) for d in self.datasets]}
+            "datasets": [dict(d) for d in self.datasets],
+            **({"lora_base": dict(self.lora_base)} if self.lora_base else {})}
 
   @classmethod
   def from_meta(cls, meta: Mapping[str, Any], text_tokenizer: TextTokenizer,
@@ -131,10 +142,13 @@ class TrainedPolicy:
     if action_tokenizer.vocab_size != model_cfg.action_vocab:
       raise CheckpointError(f"{where}: action tokenizer has {action_tokenizer.vocab_size} ids, "
                             f"the model {model_cfg.action_vocab}")
+    if learner.uses_lora and not meta.get("lora_base"):
+      raise CheckpointError(f"{where}: a LoRA run's metadata must name its base (lora_base)")
     return cls(model_name=meta["model"]["name"], model=model, model_config=model_cfg,
                learner=learner, action_tokenizer=action_tokenizer,
                text_tokenizer=text_tokenizer, robot=spec, image_sizes=image_sizes,
-               datasets=tuple(meta.get("datasets") or ()), config=meta.get("config") or {})
+               datasets=tuple(meta.get("datasets") or ()), config=meta.get("config") or {},
+               lora_base=meta.get("lora_base"))
 
   @classmethod
   def load(cls, path: str, step: Optional[int] = None) -> "TrainedPolicy":
@@ -149,12 +163,42 @@ class TrainedPolicy:
     text = checkpoints.read_text_tokenizer(ckpt_dir, step)
     policy = cls.from_meta(meta, text, where)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    groups = policy.param_groups(policy.abstract_variables())
+    variables = policy.abstract_variables()
+    spec = lora.spec_of(policy.learner)
+    if spec:  # the acting groups are adapter sets on the base of this host's weights
+      pretrained = registry.pretrained_params(policy.model_name, policy.model_config)
+      kinds = lora.classify(variables, lora.paths(pretrained), spec)
+      groups = {g: lora.split(variables, lora.paths(pretrained), spec)[1]
+                for g in layout.ACTING_GROUPS}
+    else:
+      groups = policy.param_groups(variables)
     wanted = {g: groups[g] for g in layout.ACTING_GROUPS}
     wanted = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
     out = checkpoints.restore(checkpoints.manager(ckpt_dir, read_only=True), step, wanted)
     checkpoints.check_finite({g: out[g] for g in wanted}, where)
-    params = layout.inference_params(policy.learner, out["params_pi"], out["params_p"])
+    pi, p = out["params_pi"], out["params_p"]
+    if spec:
+      base = policy._base(lora.base_of(pretrained, kinds), variables, where)
+      pi = lora.merge(base, pi, spec)
+      p = lora.merge(base, p, spec) if policy.learner.uses_p else p
+    params = layout.inference_params(policy.learner, pi, p)
     return policy.with_params(params, step=step, path=where)
+
+  def _base(self, base, variables, where: str):
+    """This host's base, in the model's dtypes, refused unless it is the base the
+    checkpoint was trained on (lora_base)."""
+    flat_vars = traverse_util.flatten_dict(dict(variables))
+    base = traverse_util.unflatten_dict({
+        k: jax.numpy.asarray(v, flat_vars[k].dtype)
+        for k, v in traverse_util.flatten_dict(base).items()})
+    here = self.base_identity(base)
+    saved = dict(self.lora_base or {})
+    if here["sha256"] != saved.get("sha256"):
+      raise CheckpointError(
+          f"{where}: this LoRA checkpoint was trained on another base: its weights have "
+          f"sha256 {saved.get('sha256')} (from {', '.join(saved.get('sources') or ['?'])}); "
+          f"this host's have {here['sha256']} (from {', '.join(here['sources'])}). Install "
+          f"the weights it was trained on.")
+    return base
 

@@ -776,6 +776,15 @@ for _name, _extra, _parts in [
     ("value_of_wrong_type", ["--config.train.num_steps=many"], ["num_steps", "many"]),
     ("quantile_above_one", ["--config.learner.filter_quantile=1.5"], ["filter_quantile"]),
     ("unknown_model", ["--config.model.name=gpt9"], ["gpt9"]),
+    ("negative_lora_rank", ["--config.learner.lora_rank=-2"], ["lora_rank"]),
+    ("lora_targets_not_a_regex", ["--config.learner.lora_rank=4",
+                                  "--config.learner.lora_targets=(q_proj"], ["lora_targets"]),
+    ("lora_on_a_shared_trunk", ["--config.learner.lora_rank=4",
+                                "--config.learner.architecture=shared"],
+     ["lora_rank", "separate"]),
+    # The default rt1_small learns from scratch: there are no weights to adapt.
+    ("lora_without_pretrained_weights", ["--config.learner.lora_rank=4"],
+     ["lora_rank", "pretrained"]),
 ]:
   case("qsft_vla.train", *_parts, name=f"train_{_name}")(
       lambda d, fixtures, _extra=_extra: _train(d, fixtures["babyai_data"], *_extra))
