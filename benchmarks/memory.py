@@ -4,8 +4,8 @@
 
 For each config and fsdp size:
 - the state per device: the parameters, the Polyak target and both Adam states
-  of a TrainState, each leaf whole or 1/fsdp of it as train.sharding_rules place
-  it. This is counted from the state's shapes (jax.eval_shape: nothing is
+  of a TrainState (LoRA: of the adapter sets, plus the frozen base), each leaf
+  whole or 1/fsdp of it as train.sharding_rules place it. This is counted from the state's shapes (jax.eval_shape: nothing is
   allocated, so the 135M-parameter backbone costs nothing to count).
 - with --step_peak, for configs whose step compiles in seconds on a CPU: what
   XLA reports for the compiled step on a (data, fsdp) mesh of 8 host devices
@@ -33,7 +33,8 @@ from qsft_vla.learning import sharding  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list(
     "configs", ["robot_configs/babyai.py:qsft", "robot_configs/babyai.py:bc",
-                "robot_configs/babyai.py:vlm_smollm2"], "config specs")
+                "robot_configs/babyai.py:vlm_smollm2",
+                "robot_configs/babyai.py:vlm_smollm2+lora"], "config specs")
 _FSDP = flags.DEFINE_list("fsdp", ["1", "2", "4", "8"], "fsdp sizes")
 _STEP_PEAK = flags.DEFINE_list("step_peak", ["robot_configs/babyai.py:qsft",
                                              "robot_configs/babyai.py:bc"],
@@ -84,7 +85,7 @@ def main(argv):
            f"`{' '.join(sys.argv)}`", "",
            f"Machine: {report.machine()} (host CPU devices stand in for accelerators; "
            "the bytes are the same on any backend).", "",
-           "## State per device (parameters, Polyak target, both Adam states)", "",
+           "## State per device (parameters, Polyak target, both Adam states; with LoRA the adapter sets, their Adam states and the frozen base)", "",
            "Counted from the state's shapes and `train.sharding_rules` (the defaults).", "",
            "| config | whole state MiB | " + " | ".join(f"fsdp {f} MiB/device" for f in sizes)
            + " | fsdp " + str(sizes[-1]) + " / whole |",
