@@ -195,6 +195,7 @@ def test_vlm_lora_trains_saves_adapters_and_acts_on_the_same_base(dataset, tmp_p
                           for d, _, fs in os.walk(os.path.join(ckpt_dir, str(step), item))
                           for f in fs)
   policy = TrainedPolicy.load(str(tmp_path))
+  assert "LoRA rank 8 on a frozen base" in policy.describe()
   base_bytes = 4 * lora.count(registry.pretrained_params("vlm", policy.model_config))
   # Each set holds the adapters and the new layers (projectors), not the base.
   assert size("params_pi") < 0.2 * base_bytes, (size("params_pi"), base_bytes)

@@ -104,7 +104,10 @@ class TrainedPolicy:
              f"robot: {spec.name}; cameras {cams}"
              + (f"; state {spec.state_dim}" if spec.state_dim else ""),
              f"actions: {dims}",
-             f"model: {self.model_name}, window {self.model_config.window}"]
+             f"model: {self.model_name}, window {self.model_config.window}"
+             + (f"; LoRA rank {lc.lora_rank} on a frozen base (sha256 "
+                f"{str(self.lora_base.get('sha256'))[:12]}..., from "
+                f"{', '.join(self.lora_base.get('sources') or [])})" if self.lora_base else "")]
     for d in self.datasets:
       lines.append(f"data: {d.get('dir')} (weight {float(d.get('weight', 1.0)):g})")
     if self.path:
