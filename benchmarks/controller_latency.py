@@ -15,6 +15,11 @@ host->device copy, prefix encoding, D decoding steps for pi_phi and p_theta,
 decode to float actions, bounds guard). Latency does not depend on the
 weights' values, so --nopretrained (random init) measures the same thing
 where the packaged weights are not installed.
+
+Robots with one action dimension act in one pass without a KV cache (the
+Controller's default); with --kv_cache_too they are also timed through the KV
+cache (encode_prefix + one decode step), the two controllers taking turns in
+blocks of 50 calls so that both see the same machine load.
 """
 
 from __future__ import annotations
@@ -42,33 +47,42 @@ _ARCHS = flags.DEFINE_list("architectures", ["separate", "shared"],
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "config field=value for every config")
 _PRETRAINED = flags.DEFINE_bool("pretrained", True, "load pretrained weights where the config "
                                 "does (off: random init)")
+_KV_TOO = flags.DEFINE_bool("kv_cache_too", True, "one action dimension: also time the "
+                            "KV-cache path, side by side")
 _OUT = flags.DEFINE_string("out", None, "markdown table to write")
 
 
-def controller_for(spec: str, architecture: str):
-  """(Controller, config, model config) for a config spec."""
+def controller_for(spec: str, architecture: str, kv_cache=(None,)):
+  """([Controller per kv_cache choice], config, model config) for a config spec."""
   cfg = report.load_config(spec, _OVERRIDE.value)
   cfg.learner.architecture = architecture
   cfg.data.dir = cfg.data.dir or "unused"
   setup = train.build(cfg, stats=[None])
   state = setup.init_state(pretrained=_PRETRAINED.value)
   policy = setup.policy.with_params(jax.device_get(setup.learner.inference_params(state)))
-  return Controller(policy), cfg, policy.model_config
+  return [Controller(policy, kv_cache=k) for k in kv_cache], cfg, policy.model_config
 
 
-def measure(ctrl: Controller, calls: int, seed: int = 0) -> dict[str, float]:
+def measure(ctrls: list[Controller], calls: int, seed: int = 0) -> list[dict[str, float]]:
+  """Latency stats of each controller, taking turns in blocks of 50 calls (one
+  episode each) on the same observations."""
   rng = np.random.default_rng(seed)
-  spec = ctrl.spec
-  ctrl.reset_latency_stats()
-  for i in range(calls):
-    if i % 50 == 0:
+  spec = ctrls[0].spec
+  for ctrl in ctrls:
+    ctrl.reset_latency_stats()
+  for start in range(0, calls, 50):
+    frames = []
+    for _ in range(min(50, calls - start)):
+      obs = {c.name: rng.integers(0, 256, (c.height, c.width, 3), dtype=np.uint8)
+             for c in spec.cameras}
+      if spec.state_dim:
+        obs["state"] = rng.standard_normal(spec.state_dim).astype(np.float32)
+      frames.append(obs)
+    for ctrl in ctrls:
       ctrl.reset("pick up the red ball and put it in the box")
-    obs = {c.name: rng.integers(0, 256, (c.height, c.width, 3), dtype=np.uint8)
-           for c in spec.cameras}
-    if spec.state_dim:
-      obs["state"] = rng.standard_normal(spec.state_dim).astype(np.float32)
-    ctrl.act(obs)
-  return ctrl.latency_stats()
+      for obs in frames:
+        ctrl.act(obs)
+  return [ctrl.latency_stats() for ctrl in ctrls]
 
 
 def main(argv):
@@ -76,17 +90,22 @@ def main(argv):
   lines = ["# Controller latency per act() on this machine", "",
            f"`{' '.join(sys.argv)}`", "",
            f"Machine: {report.machine()}. {_CALLS.value} calls each after warm-up, batch 1.", "",
-           "| config | learner | architecture | model | p50 ms | p99 ms | mean ms |",
-           "|---|---|---|---|---|---|---|"]
+           "| config | learner | architecture | model | decoding | p50 ms | p99 ms | mean ms |",
+           "|---|---|---|---|---|---|---|---|"]
   for spec in _CONFIGS.value:
-    algorithm = report.load_config(spec, _OVERRIDE.value).learner.algorithm
+    cfg = report.load_config(spec, _OVERRIDE.value)
+    algorithm = cfg.learner.algorithm
     for arch in (_ARCHS.value if algorithm == "qsft" else ["separate"]):
-      ctrl, cfg, m = controller_for(spec, arch)
-      s = measure(ctrl, _CALLS.value)
-      lines.append(f"| {spec} | {algorithm} | {arch} | {report.model_summary(cfg.model.name, m)} "
-                   f"| {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['mean_ms']:.2f} |")
-      print(lines[-1], flush=True)
-      del ctrl
+      one_dim = len(cfg.robot.action.names) == 1
+      choices = (None, True) if one_dim and _KV_TOO.value else (None,)
+      ctrls, cfg, m = controller_for(spec, arch, choices)
+      for k, s in zip(choices, measure(ctrls, _CALLS.value)):
+        path = "one pass, no cache" if one_dim and k is None else "KV cache"
+        lines.append(f"| {spec} | {algorithm} | {arch} | "
+                     f"{report.model_summary(cfg.model.name, m)} | {path} "
+                     f"| {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['mean_ms']:.2f} |")
+        print(lines[-1], flush=True)
+      del ctrls
   text = "\n".join(lines) + "\n"
   report.emit(text, _OUT.value)
 

@@ -155,6 +155,26 @@ def test_tokens_equal_teacher_forced_argmax(ckpt_dir, robot, architecture):
   assert ctrl._act_fn._cache_size() == compiled  # beta is traced: no recompilation
 
 
+def test_one_action_dimension_acts_without_a_kv_cache(ckpt_dir):
+  """BabyAI (D = 1) acts in one pass by default; the KV-cache path gives the same
+  tokens and implied Q (the one-pass path is checked against teacher forcing above)."""
+  path = ckpt_dir("babyai", "qsft", "separate")
+  one, cached = controller(path), controller(path, kv_cache=True)
+  rng = np.random.RandomState(3)
+  for beta in (0.0, 8.0):
+    for ctrl in (one, cached):
+      ctrl.beta = beta
+      ctrl.reset(INSTRUCTION)
+    for _ in range(3):
+      frame = random_observation(one.spec, rng)
+      a, info_a = one.act(frame, return_info=True)
+      b, info_b = cached.act(frame, return_info=True)
+      np.testing.assert_array_equal(a, b)
+      np.testing.assert_allclose(info_a["q"], info_b["q"], rtol=1e-5)
+  with pytest.raises(ValueError, match="kv_cache=False needs one action dimension"):
+    Controller.load(ckpt_dir("metaworld", "qsft", "shared"), kv_cache=False)
+
+
 # ratio_eps 0.14: about half of BabyAI's 7 actions (pi ~ 1/7 at init) fall outside the
 # support, whose -inf logits must not read as non-finite.
 @pytest.mark.parametrize("robot,architecture", [("babyai", "separate"), ("metaworld", "shared")])

@@ -93,6 +93,9 @@ def test_shapes_and_kv_cache_decode_equals_teacher_forcing(cfg):
   assert RT1SmallConfig.from_dict(cfg.to_dict()) == cfg
   stepped = decode_all(model, params, inputs, tokens)
   np.testing.assert_allclose(np.asarray(stepped), np.asarray(forced), atol=1e-5, rtol=1e-5)
+  # Position 0 in one pass without a cache (what the controller runs for D = 1).
+  first = model.apply(params, *inputs, method=RT1Small.first_action_logits)
+  np.testing.assert_allclose(np.asarray(first), np.asarray(forced[:, 0]), atol=1e-5, rtol=1e-5)
 
 
 def test_precomputed_instruction_gives_the_same_cache():

@@ -178,6 +178,12 @@ def test_shapes_and_kv_cache_decode_equals_teacher_forcing(tiny_folder, heads):
   assert forced.dtype == jnp.float32 and np.isfinite(np.asarray(forced)).all()
   stepped = decode_all(cfg, variables, inputs, tokens)
   np.testing.assert_allclose(np.asarray(stepped), np.asarray(forced), atol=1e-4, rtol=1e-4)
+  # Position 0 in one pass without a cache (what the controller runs for D = 1).
+  model = VLM(cfg)
+  first = jax.jit(lambda v, *a: model.apply(v, *a, method=VLM.first_action_logits))(
+      variables, *inputs)
+  np.testing.assert_allclose(np.asarray(first), np.asarray(forced[..., 0, :]), atol=1e-4,
+                             rtol=1e-4)
 
 
 @pytest.mark.parametrize("heads", [1, 2])

@@ -267,6 +267,23 @@ class RT1Small(nn.Module):
         [valid, jnp.ones((valid.shape[0], cfg.num_action_dims), bool)], axis=1)
     return {"k": ks, "v": vs, "key_valid": key_valid}
 
+  def first_action_logits(self, observation, history_mask, text_ids, text_mask,
+                          instruction=None):
+    """Logits float32[B, V] ([H, B, V] with H > 1 output heads) of action position 0
+    in one pass over the prefix and the start position, without a cache: what
+    encode_prefix + decode_step(j=0) give. For one action dimension there is
+    nothing to decode after it, so acting needs no cache at all."""
+    cfg = self.config
+    x, valid = self._prefix(observation, history_mask, text_ids, text_mask, instruction)
+    b = x.shape[0]
+    start = jnp.broadcast_to(self.action_start, (b, 1, cfg.width)) + self.action_pos[:1]
+    key_valid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)
+    mask = self._attention_mask(key_valid)
+    x = jnp.concatenate([x, start], axis=1)
+    for block in self.blocks:
+      x, _ = block(x, mask, False)
+    return self._logits(x[:, cfg.prefix_len])
+
   def decode_step(self, cache, prev_token, j):
     """Logits float32[B, V] ([H, B, V] with H > 1 output heads) for action
     position j (int, may be traced) and the new cache.

@@ -352,6 +352,20 @@ class VLM(nn.Module):
     _, cache = self.lm.decode_step(cache, inputs_embeds=x, attention_mask=valid)
     return {"lm": cache, "prefix_pos": cache["next_pos"]}
 
+  def first_action_logits(self, observation, history_mask, text_ids, text_mask,
+                          instruction=None):
+    """Logits float32[B, K + 1] ([H, B, K + 1] with H > 1) of action position 0 in
+    one pass over the prefix and the start token, without a cache: what
+    encode_prefix + decode_step(j=0) give, for robots with one action dimension."""
+    cfg = self.config
+    x, valid = self._prefix(observation, history_mask, text_ids, text_mask, False, instruction)
+    b = x.shape[0]
+    start = self.lm.embed(jnp.full((b, 1), cfg.start_vocab_id, jnp.int32))
+    mask = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)
+    _, hidden = self.lm(inputs_embeds=start, prefix_embeds=x, attention_mask=mask,
+                        return_hidden=True)
+    return self._logits(hidden[:, cfg.prefix_len])
+
   def decode_step(self, cache, prev_token, j):
     """Logits float32[B, K + 1] ([H, B, K + 1] with H > 1) for action position
     j (int, may be traced) and the new cache. prev_token int32[B] is action

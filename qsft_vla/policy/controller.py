@@ -107,11 +107,14 @@ class Controller:
       "robot_configs/<x>.py[:variant]"): a checkpoint whose action space differs
       is refused, naming the dimension, and every action is guarded against the
       host's bounds and values rather than the checkpoint's.
+    kv_cache: None = a KV cache only with several action dimensions; one action
+      dimension is one pass over the prefix and the start position (no cache
+      to fill and read back). True / False force either way (benchmarks).
   """
 
   def __init__(self, policy: bundle.TrainedPolicy, beta: Optional[float] = None,
                temperature: float = 0.0, seed: int = 0, warmup: bool = True,
-               extraction: Optional[str] = None, robot=None):
+               extraction: Optional[str] = None, robot=None, kv_cache: Optional[bool] = None):
     if policy.params is None:
       raise ValueError("Controller needs a TrainedPolicy with params (TrainedPolicy.load, "
                        "or policy.with_params)")
@@ -157,7 +160,8 @@ class Controller:
         self._model, tuple(action_tokenizer.bins_per_dim), learner_config.residual,
         bool(learner_config.mask_invalid_logits), tuple(sorted(self._image_sizes.items())),
         tuple(sorted(self._params)), self._extraction, float(learner_config.ratio_eps),
-        learner_config.p_parametrization)
+        learner_config.p_parametrization,
+        self._model_config.num_action_dims > 1 if kv_cache is None else bool(kv_cache))
 
     self._instruction: Optional[str] = None
     self._text = None
@@ -171,14 +175,15 @@ class Controller:
   @classmethod
   def load(cls, workdir_or_checkpoint: str, beta: Optional[float] = None,
            temperature: float = 0.0, seed: int = 0, step: Optional[int] = None,
-           warmup: bool = True, extraction: Optional[str] = None, robot=None) -> "Controller":
+           warmup: bool = True, extraction: Optional[str] = None, robot=None,
+           kv_cache: Optional[bool] = None) -> "Controller":
     """From a workdir, its checkpoints/ directory or one step directory (the
     latest step unless `step`). beta None: the run's beta for the extraction
     (0 for BC); extraction None: the run's learner.extraction; robot: the host's
     own RobotSpec or robot config file (see the class docstring)."""
     return cls(bundle.TrainedPolicy.load(workdir_or_checkpoint, step), beta=beta,
                temperature=temperature, seed=seed, warmup=warmup, extraction=extraction,
-               robot=robot)
+               robot=robot, kv_cache=kv_cache)
 
   @property
   def extraction(self) -> str:
@@ -442,7 +447,7 @@ class Controller:
 def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: bool,
                   image_sizes: tuple[tuple[str, tuple[int, int]], ...], nets: tuple[str, ...],
                   extraction: str = "p", ratio_eps: float = 0.01,
-                  p_parametrization: str = "independent"):
+                  p_parametrization: str = "independent", kv_cache: bool = True):
   """The jit-compiled (instruct_fn, act_fn) of one network and action space,
   shared by every Controller built for them (the training loop builds one per
   periodic evaluation; it must not recompile each time).
@@ -453,7 +458,12 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
   act_fn(params, obs, history_mask, text_ids, text_mask, encoded, beta,
   temperature, key, draw) -> (int32[D] tokens, bool finite, float32[D] the
   implied Q = p / pi of each chosen token; meaningless without p_theta).
+  kv_cache False (one action dimension only): position 0's logits in one pass
+  (model.first_action_logits) instead of encode_prefix + decode_step.
   """
+  if not kv_cache and model.config.num_action_dims != 1:
+    raise ValueError("kv_cache=False needs one action dimension, the model has "
+                     f"{model.config.num_action_dims}")
   mc = model.config
   valid = np.arange(mc.action_vocab)[None, :] < np.asarray(bins_per_dim)[:, None]
   pi_allowed, p_allowed = reweighting.allowed_ids(valid, mc.output_size, mc.dummy_id, residual)
@@ -470,18 +480,17 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
   def decode(variables, cache, prev, j):
     return model.apply(variables, cache, prev, j, method=model.decode_step)
 
+  def first(variables, obs, history_mask, text_ids, text_mask, encoded):
+    return model.apply(variables, obs, history_mask, text_ids, text_mask, encoded,
+                       method=model.first_action_logits)
+
   def act_fn(params, obs, history_mask, text_ids, text_mask, encoded, beta, temperature, key,
              draw):
     obs = {k: (resize_images(v, sizes[k]) if k in sizes else v) for k, v in obs.items()}
-    caches = {n: encode(params[n], obs, history_mask, text_ids, text_mask, encoded[n])
-              for n in nets}
     call_key = jax.random.fold_in(key, draw)  # a fresh stream per act()
 
-    def token(carry, j):
-      prev, caches = carry
-      caches, out = dict(caches), {}
-      for n in nets:
-        out[n], caches[n] = decode(params[n], caches[n], prev, j)
+    def choose(out, j):
+      """(token [1], finite, implied Q) at action position j from {net: logits}."""
       pi_logits, p_logits = layout.pi_and_p_logits(out)
       if p_logits is None:
         p_logits = jnp.zeros_like(pi_logits)  # no p_theta: beta is 0
@@ -502,6 +511,21 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
       # The implied Q of the chosen token, from the softmaxes the Bellman weights read.
       chosen = lambda x: jnp.take_along_axis(jax.nn.log_softmax(x, -1), tok[..., None], -1)
       q = jnp.exp(chosen(p_logits) - chosen(pi_logits))[0, 0]
+      return tok, finite, q
+
+    if not kv_cache:
+      tok, finite, q = choose({n: first(params[n], obs, history_mask, text_ids, text_mask,
+                                        encoded[n]) for n in nets}, 0)
+      return tok, finite, q[None]
+    caches = {n: encode(params[n], obs, history_mask, text_ids, text_mask, encoded[n])
+              for n in nets}
+
+    def token(carry, j):
+      prev, caches = carry
+      caches, out = dict(caches), {}
+      for n in nets:
+        out[n], caches[n] = decode(params[n], caches[n], prev, j)
+      tok, finite, q = choose(out, j)
       return (tok, caches), (tok[0], finite, q)
 
     prev = jnp.zeros((1,), jnp.int32)
