@@ -292,10 +292,11 @@ def _define_flags():
   flags.DEFINE_integer("seed", None, "Episode i is reset from (seed, i) (default: eval.seed).")
   flags.DEFINE_float("beta", None, "Q-SFT beta (default: the run's learner.beta; 0 for BC). "
                      "Given explicitly, it is part of the output file name.")
-  flags.DEFINE_enum("extraction", None, ["p", "ratio"], "Q-SFT policy extraction (default: "
-                    "the run's learner.extraction): p = pi * exp(beta * p), ratio = pi * "
-                    "exp(beta * p / pi) on the support. Given explicitly, it is part of the "
-                    "output file name.")
+  flags.DEFINE_enum("extraction", None, ["p", "ratio", "sample"], "Q-SFT policy extraction "
+                    "(default: the run's learner.extraction): p = pi * exp(beta * p), ratio = "
+                    "pi * exp(beta * p / pi) on the support, sample = the best of "
+                    "learner.sample_k actions drawn from pi by log pi + beta * implied Q. "
+                    "Given explicitly, it is part of the output file name.")
   flags.DEFINE_float("temperature", 0.0, "0: argmax; > 0: sample.")
   flags.DEFINE_integer("checkpoint_step", None, "Step to evaluate (default: the latest).")
   flags.DEFINE_integer("video_episodes", None, "GIFs of the first N episodes "

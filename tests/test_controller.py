@@ -155,6 +155,69 @@ def test_tokens_equal_teacher_forced_argmax(ckpt_dir, robot, architecture):
   assert ctrl._act_fn._cache_size() == compiled  # beta is traced: no recompilation
 
 
+def _log_pi_and_q(path, obs, mask, tokens):
+  """(log pi_phi(a), implied Q of a's last token) of action tokens a, by teacher forcing."""
+  ck, apply = load_reference(path)
+  mc = ck.model_config
+  text_ids, text_mask = ck.text_tokenizer.encode_batch([INSTRUCTION], mc.max_text_len)
+  obs = {k: (resize_images(v, ck.image_sizes[k]) if k in ck.image_sizes else v)
+         for k, v in obs.items()}
+  forward = lambda n: np.asarray(apply(ck.params[n], obs, mask, text_ids, text_mask,
+                                       np.asarray(tokens, np.int32)[None]), np.float64)
+  if "shared" in ck.params:
+    out = forward("shared")
+    pi, p = out[0, 0], out[1, 0]
+  else:
+    pi, p = forward("pi")[0], forward("p")[0]
+  total = q = 0.0
+  for j, bins in enumerate(ck.action_tokenizer.bins_per_dim):
+    pi_ok = np.arange(mc.output_size) < bins
+    p_ok = pi_ok | (np.arange(mc.output_size) == mc.dummy_id)
+    log_pi = _log_softmax(np.where(pi_ok, pi[j], -1e9))
+    log_p = _log_softmax(np.where(p_ok, p[j], -1e9))
+    total += log_pi[tokens[j]]
+    q = np.exp(log_p[tokens[j]] - log_pi[tokens[j]])
+  return total, q
+
+
+@pytest.mark.parametrize("robot,architecture", [("babyai", "separate"), ("metaworld", "shared")])
+def test_sample_extraction_acts_on_the_best_candidate(ckpt_dir, robot, architecture):
+  """extraction "sample": the chosen action scores at least pi_phi's greedy action
+  (always candidate 0), by log pi + beta * Q computed by teacher forcing; with one
+  action dimension and many candidates every action is drawn, so the choice is
+  the argmax over all of them; beta 0 with one candidate is pi_phi's greedy action."""
+  path = ckpt_dir(robot, "qsft", architecture)
+  ck, _ = load_reference(path)
+  rng = np.random.RandomState(5)
+  frames = [random_observation(ck.robot, rng) for _ in range(3)]
+  windows = pipeline_windows(frames, ck.model_config.window)
+  greedy_ctrl = controller(path, extraction="sample", sample_k=1, beta=0.0)
+  greedy_ctrl.reset(INSTRUCTION)
+  for frame, (obs, mask) in zip(frames, windows):
+    got = greedy_ctrl.action_tokenizer.encode(greedy_ctrl.act(frame))
+    np.testing.assert_array_equal(got, reference_tokens(path, obs, mask, 0.0))
+  for beta in (0.0, 30.0):
+    ctrl = controller(path, extraction="sample", sample_k=256, beta=beta)
+    ctrl.reset(INSTRUCTION)
+    for frame, (obs, mask) in zip(frames, windows):
+      action, info = ctrl.act(frame, return_info=True)
+      chosen = ctrl.action_tokenizer.encode(action)
+      score = lambda a: np.dot(_log_pi_and_q(path, obs, mask, a), (1.0, beta))
+      assert score(chosen) >= score(reference_tokens(path, obs, mask, 0.0)) - 1e-4
+      np.testing.assert_allclose(info["q"][-1], _log_pi_and_q(path, obs, mask, chosen)[1],
+                                 rtol=1e-4)
+      if robot == "babyai":
+        assert chosen[0] == int(np.argmax([score([a]) for a in range(7)]))
+
+
+def test_best_candidate_known_answer():
+  from qsft_vla.learning import reweighting
+  log_pi, q = np.array([-1.0, -3.0, -2.0]), np.array([0.1, 0.9, 0.5])
+  assert int(reweighting.best_candidate(log_pi, q, 0.0)) == 0   # pi's most likely
+  assert int(reweighting.best_candidate(log_pi, q, 10.0)) == 1  # 0 vs 6 vs 3
+  assert int(reweighting.best_candidate(log_pi, q, 2.0)) == 0   # -0.8 vs -1.2 vs -1
+
+
 def test_one_action_dimension_acts_without_a_kv_cache(ckpt_dir):
   """BabyAI (D = 1) acts in one pass by default; the KV-cache path gives the same
   tokens and implied Q (the one-pass path is checked against teacher forcing above)."""

@@ -8,6 +8,15 @@ valid bins of the dimension being decoded:
             ranked by value rather than by frequency times value (the
             KL-regularised improvement step of AWR / AWAC).
 The controller decodes the D dimensions autoregressively, one call per token position.
+
+A third extraction ranks whole actions instead of tokens:
+  "sample": K candidate actions, pi_phi's greedy one and K - 1 draws from pi_phi
+            (each dimension given the ones before), scored by
+            log pi_phi(a) + beta * Q(a), Q(a) the implied Q of the candidate's
+            last token, which the Bellman weights make the value of the whole
+            action (best_candidate). The candidates are in pi_phi's support by
+            construction and, unlike the per-token ratio, a choice in one
+            dimension is judged by the value of the action it ends up in.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from qsft_vla.learning import targets
 from qsft_vla.learning.spec import EXTRACTIONS, P_PARAMETRIZATIONS  # noqa: F401 (re-exported)
 
 NEG_INF = -1e9  # finite: exp underflows to exactly 0, no inf - inf NaNs
+TOKEN_EXTRACTIONS = ("p", "ratio")  # reweighted_logits; "sample" is best_candidate
 
 
 def allowed_ids(action_valid_mask, vocab_size: int, dummy_id: int, residual: str):
@@ -68,8 +78,9 @@ def reweighted_logits(pi_logits, p_logits, beta, valid_mask, extraction="p",
   any non-action id must be False in `valid_mask` (bool broadcastable to
   [..., V]). beta = 0 gives behaviour cloning with either extraction.
   """
-  if extraction not in EXTRACTIONS:
-    raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+  if extraction not in TOKEN_EXTRACTIONS:
+    raise ValueError(f"per-token extraction must be one of {TOKEN_EXTRACTIONS}, got "
+                     f"{extraction!r}")
   log_pi = jax.nn.log_softmax(jnp.asarray(pi_logits, jnp.float32), axis=-1)
   log_p = jax.nn.log_softmax(jnp.asarray(p_logits, jnp.float32), axis=-1)
   valid = jnp.broadcast_to(jnp.asarray(valid_mask, bool), log_pi.shape)
@@ -83,6 +94,16 @@ def reweighted_logits(pi_logits, p_logits, beta, valid_mask, extraction="p",
   # The exponent is clipped so a huge beta * ratio cannot overflow to inf - inf.
   score = jnp.clip(beta * jnp.exp(jnp.minimum(log_p - log_pi, 30.0)), -1e30, 1e30)
   return jnp.where(support, log_pi + score, -jnp.inf)
+
+
+def best_candidate(log_pi_sum, q_last, beta, temperature=0.0, rng=None):
+  """The index of the candidate action to act on: argmax (temperature 0) or a
+  sample of log_pi_sum + beta * q_last, both float32[K] (the candidates' summed
+  log pi_phi and the implied Q of their last token). beta = 0: pi_phi's most
+  likely candidate (its greedy action, unless a draw is more likely)."""
+  score = (jnp.asarray(log_pi_sum, jnp.float32)
+           + jnp.asarray(beta, jnp.float32) * jnp.clip(jnp.asarray(q_last, jnp.float32), -1e6, 1e6))
+  return select(score, temperature, rng)
 
 
 def select(logits, temperature, rng=None):

@@ -21,7 +21,7 @@ from qsft_vla.errors import check_dataclass_fields
 # targets.py too; they import them from here so this module needs no jax).
 ALGORITHMS = ("qsft", "bc", "filtered_bc")
 RESIDUALS = ("dummy", "uniform")
-EXTRACTIONS = ("p", "ratio")
+EXTRACTIONS = ("p", "ratio", "sample")
 P_PARAMETRIZATIONS = ("independent", "residual")
 DEFAULT_EPS = 1e-4  # support threshold on pi_phi (QSFT.md)
 BACKUPS = ("max", "mean", "expectile")
@@ -45,10 +45,14 @@ class LearnerConfig:
   beta: float = 1.0                 # inference: pi * exp(beta * p); 0 = behaviour cloning
   # Inference: "p" (the paper's pi * exp(beta * p)) or "ratio" (pi * exp(ratio_beta * p / pi)
   # over the support pi > ratio_eps: ranks actions by the implied Q = p / pi;
-  # reweighting.reweighted_logits).
+  # reweighting.reweighted_logits), per token; or "sample": sample_k whole actions
+  # (pi_phi's greedy one and sample_k - 1 draws from pi_phi), the one of largest
+  # log pi(a) + ratio_beta * Q(a) acts, Q(a) the implied Q of its last token, i.e.
+  # of the whole action (reweighting.best_candidate).
   extraction: str = "p"
   ratio_beta: float = 1.0
   ratio_eps: float = 0.01
+  sample_k: int = 32
   gamma: float = 0.99
   eps: float = DEFAULT_EPS          # support threshold on pi_phi in the Bellman target
   clip_weights: bool = True         # clip Bellman weights to [0, 1]
@@ -135,6 +139,9 @@ class LearnerConfig:
       raise ValueError(f"filter_quantile must be in [0, 1], got {self.filter_quantile}")
     if not (np.isfinite(self.expectile_tau) and 0.5 <= self.expectile_tau < 1.0):
       raise ValueError(f"expectile_tau must be in [0.5, 1), got {self.expectile_tau}")
+    if isinstance(self.sample_k, bool) or not isinstance(self.sample_k, int) \
+        or not 1 <= self.sample_k <= 4096:
+      raise ValueError(f"sample_k must be an integer in [1, 4096], got {self.sample_k!r}")
     if not 0.0 <= self.ratio_eps < 1.0:
       raise ValueError(f"ratio_eps must be in [0, 1), got {self.ratio_eps}")
     self._check_lora()
@@ -156,8 +163,8 @@ class LearnerConfig:
 
   @property
   def inference_beta(self) -> float:
-    """The beta of the configured extraction."""
-    return self.ratio_beta if self.extraction == "ratio" else self.beta
+    """The beta of the configured extraction (ratio_beta for both on the implied Q)."""
+    return self.beta if self.extraction == "p" else self.ratio_beta
 
   @property
   def uses_lora(self) -> bool:

@@ -99,7 +99,10 @@ class Controller:
 
     beta: None = the learner config's beta for the extraction (0 without p_theta).
     extraction: None = the learner's extraction; "p" (the paper's) or "ratio"
-      (reweighting.reweighted_logits; support threshold learner.ratio_eps).
+      (reweighting.reweighted_logits; support threshold learner.ratio_eps), or
+      "sample" (learner.sample_k whole candidate actions from pi_phi, ranked by
+      log pi + beta * implied Q: reweighting.best_candidate); sample_k: None =
+      the learner's (how many candidates "sample" draws).
     temperature: 0 = argmax (the control default), > 0 = sampling.
     seed: seeds the sampling rng (act() number n samples from fold_in(key(seed), n)).
     warmup: compile now, on zeros, so the first act() runs at full speed.
@@ -114,7 +117,8 @@ class Controller:
 
   def __init__(self, policy: bundle.TrainedPolicy, beta: Optional[float] = None,
                temperature: float = 0.0, seed: int = 0, warmup: bool = True,
-               extraction: Optional[str] = None, robot=None, kv_cache: Optional[bool] = None):
+               extraction: Optional[str] = None, robot=None, kv_cache: Optional[bool] = None,
+               sample_k: Optional[int] = None):
     if policy.params is None:
       raise ValueError("Controller needs a TrainedPolicy with params (TrainedPolicy.load, "
                        "or policy.with_params)")
@@ -136,12 +140,15 @@ class Controller:
     self._cameras = {c.name: (c.height, c.width) for c in self._spec.cameras}
     self._keys = set(self._cameras) | ({"state"} if self._spec.state_dim else set())
 
+    if sample_k is not None and (isinstance(sample_k, bool) or not isinstance(sample_k, int)
+                                 or sample_k < 1):
+      raise ValueError(f"sample_k must be an integer >= 1, got {sample_k!r}")
     self._extraction = learner_config.extraction if extraction is None else extraction
     if self._extraction not in reweighting.EXTRACTIONS:
       raise ValueError(f"extraction must be one of {reweighting.EXTRACTIONS}, got {extraction!r}")
     if beta is None:
-      beta = (learner_config.ratio_beta if self._extraction == "ratio"
-              else learner_config.beta) if self._has_p else 0.0
+      beta = (learner_config.beta if self._extraction == "p"
+              else learner_config.ratio_beta) if self._has_p else 0.0
     self.beta = beta
     self.temperature = temperature
     # Host-side key and call counter: numpy arguments keep every act() on the
@@ -161,7 +168,8 @@ class Controller:
         bool(learner_config.mask_invalid_logits), tuple(sorted(self._image_sizes.items())),
         tuple(sorted(self._params)), self._extraction, float(learner_config.ratio_eps),
         learner_config.p_parametrization,
-        self._model_config.num_action_dims > 1 if kv_cache is None else bool(kv_cache))
+        self._model_config.num_action_dims > 1 if kv_cache is None else bool(kv_cache),
+        int(learner_config.sample_k if sample_k is None else sample_k))
 
     self._instruction: Optional[str] = None
     self._text = None
@@ -176,14 +184,14 @@ class Controller:
   def load(cls, workdir_or_checkpoint: str, beta: Optional[float] = None,
            temperature: float = 0.0, seed: int = 0, step: Optional[int] = None,
            warmup: bool = True, extraction: Optional[str] = None, robot=None,
-           kv_cache: Optional[bool] = None) -> "Controller":
+           kv_cache: Optional[bool] = None, sample_k: Optional[int] = None) -> "Controller":
     """From a workdir, its checkpoints/ directory or one step directory (the
     latest step unless `step`). beta None: the run's beta for the extraction
     (0 for BC); extraction None: the run's learner.extraction; robot: the host's
     own RobotSpec or robot config file (see the class docstring)."""
     return cls(bundle.TrainedPolicy.load(workdir_or_checkpoint, step), beta=beta,
                temperature=temperature, seed=seed, warmup=warmup, extraction=extraction,
-               robot=robot, kv_cache=kv_cache)
+               robot=robot, kv_cache=kv_cache, sample_k=sample_k)
 
   @property
   def extraction(self) -> str:
@@ -444,10 +452,11 @@ class Controller:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: bool,
+def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, mask_invalid: bool,
                   image_sizes: tuple[tuple[str, tuple[int, int]], ...], nets: tuple[str, ...],
                   extraction: str = "p", ratio_eps: float = 0.01,
-                  p_parametrization: str = "independent", kv_cache: bool = True):
+                  p_parametrization: str = "independent", kv_cache: bool = True,
+                  sample_k: int = 32):
   """The jit-compiled (instruct_fn, act_fn) of one network and action space,
   shared by every Controller built for them (the training loop builds one per
   periodic evaluation; it must not recompile each time).
@@ -460,6 +469,8 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
   implied Q = p / pi of each chosen token; meaningless without p_theta).
   kv_cache False (one action dimension only): position 0's logits in one pass
   (model.first_action_logits) instead of encode_prefix + decode_step.
+  extraction "sample": sample_k candidate actions decoded as one batch (the
+  prefix encoded once), reweighting.best_candidate picks one.
   """
   if not kv_cache and model.config.num_action_dims != 1:
     raise ValueError("kv_cache=False needs one action dimension, the model has "
@@ -489,49 +500,91 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, masked: b
     obs = {k: (resize_images(v, sizes[k]) if k in sizes else v) for k, v in obs.items()}
     call_key = jax.random.fold_in(key, draw)  # a fresh stream per act()
 
-    def choose(out, j):
-      """(token [1], finite, implied Q) at action position j from {net: logits}."""
+    def masked(out, j):
+      """(pi_phi's, p_theta's logits [B, V], allowed ids [V]) at position j, masked
+      and parametrised as in training."""
       pi_logits, p_logits = layout.pi_and_p_logits(out)
       if p_logits is None:
         p_logits = jnp.zeros_like(pi_logits)  # no p_theta: beta is 0
       pi_ok, p_ok = jnp.asarray(pi_allowed)[j], jnp.asarray(p_allowed)[j]
-      if masked:  # as in training, before every softmax
+      if mask_invalid:  # as in training, before every softmax
         pi_logits = reweighting.mask_logits(pi_logits, pi_ok)
       if p_parametrization == "residual":  # as in training: p's logits build on pi's
         p_logits = reweighting.residual_p_logits(pi_logits, p_logits, pi_ok)
-      if masked:
+      if mask_invalid:
         p_logits = reweighting.mask_logits(p_logits, p_ok)
+      return pi_logits, p_logits, pi_ok
+
+    def finite_and_q(pi_logits, p_logits, logits, pi_ok, tok):
+      """Whether the networks' logits are finite (the reweighted ones may be -inf
+      off the ratio extraction's support, never NaN, and the chosen one must be
+      finite), per row; and the implied Q of each chosen token, from the
+      softmaxes the Bellman weights read."""
+      finite = (jnp.all(jnp.where(pi_ok, jnp.isfinite(pi_logits) & jnp.isfinite(p_logits)
+                                  & ~jnp.isnan(logits), True), axis=-1)
+                & jnp.isfinite(jnp.take_along_axis(logits, tok[..., None], -1))[..., 0])
+      chosen = lambda x: jnp.take_along_axis(jax.nn.log_softmax(x, -1), tok[..., None], -1)
+      return finite, jnp.exp(chosen(p_logits) - chosen(pi_logits))[..., 0]
+
+    def choose(out, j):
+      """(token [1], finite, implied Q) at action position j from {net: logits}."""
+      pi_logits, p_logits, pi_ok = masked(out, j)
       logits = reweighting.reweighted_logits(pi_logits, p_logits, beta, pi_ok, extraction, ratio_eps)
       tok = reweighting.select(logits, temperature, jax.random.fold_in(call_key, j))
-      # The networks' logits must be finite; the reweighted ones may be -inf off the
-      # ratio extraction's support, but never NaN, and the chosen one must be finite.
-      finite = (jnp.all(jnp.where(pi_ok, jnp.isfinite(pi_logits) & jnp.isfinite(p_logits)
-                                  & ~jnp.isnan(logits), True))
-                & jnp.all(jnp.isfinite(jnp.take_along_axis(logits, tok[..., None], -1))))
-      # The implied Q of the chosen token, from the softmaxes the Bellman weights read.
-      chosen = lambda x: jnp.take_along_axis(jax.nn.log_softmax(x, -1), tok[..., None], -1)
-      q = jnp.exp(chosen(p_logits) - chosen(pi_logits))[0, 0]
-      return tok, finite, q
+      finite, q = finite_and_q(pi_logits, p_logits, logits, pi_ok, tok)
+      return tok, jnp.all(finite), q[0]
 
+    def candidate(out, j):
+      """Position j of every candidate ([K] tokens, finite, implied Q, log pi):
+      candidate 0 takes pi_phi's argmax, the others a draw from pi_phi."""
+      pi_logits, p_logits, pi_ok = masked(out, j)
+      log_pi = jnp.where(pi_ok, jax.nn.log_softmax(pi_logits, -1), -jnp.inf)
+      drawn = jax.random.categorical(jax.random.fold_in(call_key, j), log_pi, axis=-1)
+      tok = jnp.where(jnp.arange(sample_k) == 0, jnp.argmax(log_pi, -1), drawn).astype(jnp.int32)
+      finite, q = finite_and_q(pi_logits, p_logits, log_pi, pi_ok, tok)
+      return tok, finite, q, jnp.take_along_axis(log_pi, tok[:, None], -1)[:, 0]
+
+    def widen(tree):  # batch 1 -> the sample_k candidates (leaves without a batch axis stay)
+      return jax.tree_util.tree_map(
+          lambda x: jnp.broadcast_to(x, (sample_k,) + x.shape[1:])
+          if x.ndim and x.shape[0] == 1 else x, tree)
+
+    def pick(tokens, finite, q, log_pi):
+      """The candidate to act on, from [D, K] tokens, finite, implied Q and log pi."""
+      best = reweighting.best_candidate(log_pi.sum(0), q[-1], beta, temperature,
+                                        jax.random.fold_in(call_key, mc.num_action_dims))
+      return tokens[:, best], jnp.all(finite[:, best]), q[:, best]
+
+    step = candidate if extraction == "sample" else choose
     if not kv_cache:
-      tok, finite, q = choose({n: first(params[n], obs, history_mask, text_ids, text_mask,
-                                        encoded[n]) for n in nets}, 0)
+      out = {n: first(params[n], obs, history_mask, text_ids, text_mask, encoded[n])
+             for n in nets}
+      if extraction == "sample":  # one action dimension: the candidates share the logits
+        out = {n: jnp.broadcast_to(x, x.shape[:-2] + (sample_k, x.shape[-1]))
+               for n, x in out.items()}
+        return pick(*(x[None] for x in candidate(out, 0)))
+      tok, finite, q = choose(out, 0)
       return tok, finite, q[None]
     caches = {n: encode(params[n], obs, history_mask, text_ids, text_mask, encoded[n])
               for n in nets}
+    rows = 1
+    if extraction == "sample":
+      caches, rows = widen(caches), sample_k
 
     def token(carry, j):
       prev, caches = carry
       caches, out = dict(caches), {}
       for n in nets:
         out[n], caches[n] = decode(params[n], caches[n], prev, j)
-      tok, finite, q = choose(out, j)
-      return (tok, caches), (tok[0], finite, q)
+      outs = step(out, j)
+      return (outs[0], caches), outs
 
-    prev = jnp.zeros((1,), jnp.int32)
-    _, (tokens, finite, q) = jax.lax.scan(token, (prev, caches),
-                                          jnp.arange(mc.num_action_dims))
-    return tokens, jnp.all(finite), q
+    prev = jnp.zeros((rows,), jnp.int32)
+    _, outs = jax.lax.scan(token, (prev, caches), jnp.arange(mc.num_action_dims))
+    if extraction == "sample":
+      return pick(*outs)
+    tokens, finite, q = outs
+    return tokens[:, 0], jnp.all(finite), q
 
   return jax.jit(instruct_fn), jax.jit(act_fn)
 
