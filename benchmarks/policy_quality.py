@@ -11,7 +11,7 @@ qsft_vla.evaluate on the same episodes for every method.
 
 Streams of evaluation episodes (qsft_vla.evaluation.loop.eval_reset_seed):
   validation (--val_seed): Q-SFT's inference hyperparameters, the extraction
-      ("p" or "ratio") and its beta, are chosen here, one choice per task
+      ("p", "ratio" or "sample") and its beta, are chosen here, one choice per task
       (best mean success over the training seeds); the beta sweep plot is this
       stream.
   test (--test_seed): every method is reported here, Q-SFT with the choice
@@ -50,7 +50,7 @@ from qsft_vla.evaluation import loop, outcomes  # noqa: E402
 METHODS = ("qsft", "bc", "filtered_bc")
 NAMES = {"qsft": "Q-SFT", "bc": "BC", "filtered_bc": "filtered BC"}
 BETAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-EXTRACTIONS = ("p", "ratio")
+EXTRACTIONS = ("p", "ratio", "sample")  # a task summary records the ones its choice saw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +208,7 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
     out["qsft_choice"] = {"extraction": choice[0], "beta": choice[1],
                           "val_success": sweep[choice[0]][choice[1]]}
     out["beta_sweep_val"] = sweep
+    out["extractions_val"] = list(EXTRACTIONS)
   for m, workdirs in runs.items():
     if m == "qsft":
       test = [evaluate(w, task, size, FLAGS.test_seed, choice[0], choice[1]) for w in workdirs]

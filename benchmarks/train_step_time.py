@@ -12,6 +12,9 @@ alternates: one round is `steps_per_round` Q-SFT steps then as many BC steps,
 so both see the same machine load. Reports the median time per step of each,
 the ratio of the medians and the median of the per-round ratios. The input
 pipeline is not included (tests and benchmarks/pipeline_throughput.py cover it).
+A learner may carry modifier variants: --algorithms=qsft,bc,qsft+lora,bc+lora
+times full fine-tuning and LoRA side by side (a pretrained backbone variant in
+--config), each Q-SFT against the BC with the same modifiers.
 """
 
 from __future__ import annotations
@@ -38,14 +41,20 @@ _PRETRAINED = flags.DEFINE_bool("pretrained", True, "load pretrained weights whe
 _ROUNDS = flags.DEFINE_integer("rounds", 15, "alternating measurement rounds")
 _STEPS = flags.DEFINE_integer("steps_per_round", 5, "steps of each learner per round")
 _BATCH = flags.DEFINE_integer("batch_size", None, "default: the config's train.batch_size")
-_ALGORITHMS = flags.DEFINE_list("algorithms", ["qsft", "bc"], "learners to time (the ratio "
-                                "needs both)")
+_ALGORITHMS = flags.DEFINE_list("algorithms", ["qsft", "bc"], "learners to time, each an "
+                                "algorithm with optional modifiers (qsft+lora); a ratio needs "
+                                "qsft and bc with the same modifiers")
 _OUT = flags.DEFINE_string("out", None, "markdown table to write")
 
 
-def _config(algorithm: str):
+def _config(learner: str):
+  """The config with learner "<algorithm>[+modifier...]" (e.g. "qsft+lora")."""
   cfg = report.load_config(_CONFIG.value, _OVERRIDE.value)
+  algorithm, *modifiers = learner.split("+")
+  for m in modifiers:
+    qconfig.MODIFIER_VARIANTS[m](cfg)
   qconfig.apply_algorithm_variant(cfg, algorithm, where=_CONFIG.value)
+  qconfig.validate(cfg, where=f"{_CONFIG.value} ({learner})")
   return cfg
 
 
@@ -96,15 +105,18 @@ def main(argv):
   batch_size = _BATCH.value or cfg.train.batch_size
   runs = {v: list(_learner(v, batch_size)) for v in _ALGORITHMS.value}
   times = {v: [] for v in runs}
-  round_ratios = []
+  # Q-SFT / BC pairs with the same modifiers: {"": ("qsft", "bc"), "+lora": (...)}.
+  pairs = {v[4:]: (v, "bc" + v[4:]) for v in runs if v.startswith("qsft") and
+           "bc" + v[4:] in runs}
+  round_ratios = {k: [] for k in pairs}
   for _ in range(_ROUNDS.value):
     per_round = {}
     for v, r in runs.items():
       r[1], t = _time(r[0], r[1], r[2], _STEPS.value)
       times[v].extend(t)
       per_round[v] = np.median(t)
-    if {"qsft", "bc"} <= set(runs):
-      round_ratios.append(per_round["qsft"] / per_round["bc"])
+    for k, (a, b) in pairs.items():
+      round_ratios[k].append(per_round[a] / per_round[b])
   med = {v: float(np.median(t)) * 1e3 for v, t in times.items()}
   q = {v: (float(np.percentile(t, 10)) * 1e3, float(np.percentile(t, 90)) * 1e3)
        for v, t in times.items()}
@@ -125,9 +137,9 @@ def main(argv):
   for v in runs:
     lines.append(f"| {v} | {med[v]:.1f} | {q[v][0]:.1f}–{q[v][1]:.1f} | {runs[v][3]:.1f} |")
   lines.append("")
-  if round_ratios:
-    lines += [f"Q-SFT / BC: {med['qsft'] / med['bc']:.2f}x (ratio of medians); median of "
-              f"per-round ratios {float(np.median(round_ratios)):.2f}x.", ""]
+  for k, (a, b) in pairs.items():
+    lines += [f"{a} / {b}: {med[a] / med[b]:.2f}x (ratio of medians); median of "
+              f"per-round ratios {float(np.median(round_ratios[k])):.2f}x.", ""]
   lines += [_what_a_qsft_step_does(train.learner_config(cfg), m.num_action_dims), ""]
   text = "\n".join(lines)
   report.emit(text, _OUT.value)

@@ -299,7 +299,8 @@ BACKBONE_VARIANTS = {"rt1_pretrained": _rt1_pretrained, "vlm_smollm2": _vlm_smol
 def _lora(c: ml_collections.ConfigDict) -> None:
   """LoRA on the backbone's pretrained weights (models/lora.py): rank-8 adapters
   (alpha 16, PEFT's common choice; untuned here) on every linear map of the
-  pretrained transformer; new layers are trained in full. Needs a backbone with
+  pretrained transformers and EfficientNet's 1x1 convolutions (the default
+  learner.lora_targets); new layers are trained in full. Needs a backbone with
   pretrained weights (rt1_pretrained, vlm_smollm2)."""
   c.learner.lora_rank = 8
   c.learner.lora_alpha = 16.0

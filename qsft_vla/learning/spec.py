@@ -28,9 +28,14 @@ BACKUPS = ("max", "mean", "expectile")
 SCHEDULES = ("joint", "sequential")
 ARCHITECTURES = ("separate", "shared")
 RETIRED_FIELDS = ("filter_threshold",)
-# LoRA's default targets: every linear map of the Llama decoder and of MiniLM's layers.
+# LoRA's default targets: every linear map of the Llama decoder and of MiniLM's layers,
+# and EfficientNet-Lite0's 1x1 convolutions (its depthwise 3x3 ones have one input
+# channel: nothing low-rank to add). Parts a model keeps frozen itself (MiniLM in
+# rt1_small unless train_text_encoder, the VLM's vision with freeze_vision) get no
+# gradient, so their adapters stay at zero.
 DEFAULT_LORA_TARGETS = (r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|query|key"
-                        r"|value|attention_out|intermediate|output)/kernel$")
+                        r"|value|attention_out|intermediate|output|expand_conv|project_conv"
+                        r"|conv_head)/kernel$")
 
 
 @dataclasses.dataclass(frozen=True)
