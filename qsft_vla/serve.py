@@ -49,6 +49,7 @@ import numpy as np
 from absl import logging
 
 from qsft_vla import wire
+from qsft_vla.learning import spec as learner_spec
 from qsft_vla.policy import Controller, ControllerError, ObservationError, TrainedPolicy
 
 DEFAULT_PORT = 8000  # openpi's default
@@ -325,8 +326,8 @@ def _define_flags():
                       "present (openpi's api_key).")
   flags.DEFINE_integer("checkpoint_step", None, "Step to serve (default: the latest).")
   flags.DEFINE_float("beta", None, "Q-SFT beta (default: the run's; 0 for BC).")
-  flags.DEFINE_enum("extraction", None, ["p", "ratio"], "Q-SFT policy extraction (default: "
-                    "the run's learner.extraction).")
+  flags.DEFINE_enum("extraction", None, list(learner_spec.EXTRACTIONS), "Q-SFT policy "
+                    "extraction (default: the run's learner.extraction).")
   flags.DEFINE_float("temperature", 0.0, "0: argmax; > 0: sample.")
   flags.DEFINE_integer("seed", 0, "Sampling seed (session n samples from seed + n).")
   flags.DEFINE_integer("max_sessions", DEFAULT_MAX_SESSIONS, "Connections at once.")

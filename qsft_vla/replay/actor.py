@@ -29,6 +29,7 @@ from absl import app, flags, logging
 
 from qsft_vla.data.episode import DataError
 from qsft_vla.errors import CheckpointError
+from qsft_vla.learning import spec as learner_spec
 
 
 class EpsilonController:
@@ -220,7 +221,8 @@ def _define_flags():
   flags.DEFINE_float("temperature", 1.0, "sampling temperature of the Controller (0 = argmax)")
   flags.DEFINE_float("epsilon", 0.0, "per-step chance of a uniformly random action")
   flags.DEFINE_float("beta", None, "Controller beta (default: the run's)")
-  flags.DEFINE_enum("extraction", None, ["p", "ratio"], "policy extraction (default: the run's)")
+  flags.DEFINE_enum("extraction", None, list(learner_spec.EXTRACTIONS),
+                    "policy extraction (default: the run's)")
   flags.DEFINE_integer("seed", 0, "actor seed: its episodes and its exploration")
   flags.DEFINE_string("id", None, "actor name under RUN/actors/ (default: seed<seed>)")
   flags.DEFINE_integer("max_steps", None, "episode time limit (default: the env's)")
