@@ -82,6 +82,8 @@ def test_classify_split_and_refusals():
     LearnerConfig(lora_rank=4, lora_targets="(")
   with pytest.raises(ValueError, match="architecture='separate'"):
     LearnerConfig(lora_rank=4, architecture="shared")
+  with pytest.raises(ValueError, match="residual"):
+    LearnerConfig(lora_rank=4, p_parametrization="residual")
 
 
 def _learners(**kw):

@@ -266,8 +266,6 @@ class Learner:
     if not pretrained:
       raise ValueError("lora_rank > 0 needs a model with pretrained weights (the frozen base); "
                        f"{type(self.model).__name__} with this config loads none")
-    if self.config.p_parametrization == "residual":
-      raise ValueError('lora_rank > 0 and p_parametrization="residual" do not combine')
     base, group_pi = lora.split(variables, pretrained, self.lora, jax.random.fold_in(init_rng, 1))
     copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
     group_p = copy(group_pi) if self.config.uses_p else {}

@@ -162,6 +162,9 @@ class LearnerConfig:
         re.compile(getattr(self, name))
       except (re.error, TypeError) as e:
         raise ValueError(f"{name} {getattr(self, name)!r} is not a regex: {e}") from None
+    if self.lora_rank and self.p_parametrization == "residual":
+      raise ValueError("lora_rank > 0 and p_parametrization='residual' do not combine (the "
+                       "residual p head replaces a head the adapter sets share)")
     if self.lora_rank and self.num_output_heads == 2:
       raise ValueError("lora_rank > 0 needs architecture='separate': the three LoRA adapter "
                        "sets on one frozen base replace the shared trunk")

@@ -9,6 +9,9 @@ per algorithm and architecture:
   shared Q-SFT:    params_pi = the trunk + head 0, params_p = {"params": {"head_1"}},
                    params_target = the whole shared variables
   BC, filtered BC: params_pi only (params_p and params_target are {})
+  LoRA (learner.lora_rank > 0): each group is an adapter set on a frozen base
+                   that is not a group (models/lora.py; built by the learner and
+                   by TrainedPolicy.load, not by param_groups)
 Acting (the Controller, evaluation, the Q-gap probe) uses the networks:
   {"pi", "p"} (separate backbones), {"pi"} (no p_theta) or {"shared"} (one
   trunk; head 0 = pi_phi, head 1 = p_theta).
