@@ -27,15 +27,18 @@ def test_summarize_known_answer():
   assert out["q_gap/gap"] == pytest.approx(0.8 - 0.4)   # unlabelled steps are left out
   assert out["q_gap/agree_pi"] == pytest.approx(0.5)
   assert out["q_gap/agree_policy"] == pytest.approx(1.0)
+  sample = q_gap.summarize(q, agree_pi, None, labels, agree_q, q_choice)  # no per-token policy
+  assert "q_gap/agree_policy" not in sample and sample["q_gap/gap"] == out["q_gap/gap"]
   bc = q_gap.summarize(None, agree_pi, None, labels)
   assert bc == {"q_gap/agree_pi": pytest.approx(0.5)}
   assert q_gap.summarize(q, agree_pi, agree_policy, np.array([""] * 6)) == {}
 
 
 @pytest.mark.slow
-def test_probe_during_training(tmp_path):
+@pytest.mark.parametrize("extraction", ["p", "sample"])
+def test_probe_during_training(tmp_path, extraction):
   """A Q-SFT run on a behaviour mixture, the probe on a held-out split, with the MC bound;
-  and the periodic closed-loop evaluation."""
+  and the periodic closed-loop evaluation (with the run's extraction)."""
   from data_tools import generate  # pylint: disable=g-import-not-at-top
   from qsft_vla import config as qconfig, train  # pylint: disable=g-import-not-at-top
   from conftest import BABYAI_CONFIG  # pylint: disable=g-import-not-at-top
@@ -49,6 +52,7 @@ def test_probe_during_training(tmp_path):
   cfg.data.split = "train[:75%]"
   cfg.eval.q_gap_split = "train[75%:]"
   cfg.learner.mc_lower_bound = True
+  cfg.learner.extraction, cfg.learner.sample_k = extraction, 4
   cfg.train.num_steps = 4
   cfg.train.batch_size = 8
   cfg.train.checkpoint_every = 2
@@ -66,6 +70,7 @@ def test_probe_during_training(tmp_path):
   for r in gaps:
     assert 0.0 <= r["q_gap/agree_pi"] <= 1.0 and np.isfinite(r["q_gap/q_expert"])
     assert 0.0 <= r["q_gap/agree_q"] <= 1.0
+    assert ("q_gap/agree_policy" in r) == (extraction == "p")
     assert 0.0 <= r["q_gap/q_fixes"] <= 1.0 and 0.0 <= r["q_gap/q_breaks"] <= 1.0
   # The same figures from the saved checkpoints, after the run (the run's own config).
   again = q_gap_checkpoints.probe_checkpoint(str(tmp_path / "run"), "train[75%:]", [2, 4])

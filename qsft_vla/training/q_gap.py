@@ -9,7 +9,8 @@ bad ones, long before a rollout does. Also reported, per behaviour:
   q_gap/agree_pi             share of expert steps where argmax pi_phi is the expert's action
                              (also for BC and filtered BC)
   q_gap/agree_policy         the same for the controller's policy (extraction and beta of
-                             the run; all D tokens teacher-forced)
+                             the run; all D tokens teacher-forced); not for the "sample"
+                             extraction, whose choice depends on its draws
   q_gap/agree_q              the same for the implied Q alone: argmax of p / pi over the
                              support pi > ratio_eps (the ratio extraction as beta -> inf)
   q_gap/gap                  q_expert - q_others
@@ -106,9 +107,11 @@ class QGapProbe:
 
     q = implied_q(tok)
     agree_pi = jnp.all(jnp.argmax(pi_logits, -1) == tok[..., 0], axis=-1)
-    logits = reweighting.reweighted_logits(pi_logits, p_logits, self._beta, self.learner.valid,
-                                      self._extraction, self._eps)
-    agree_policy = jnp.all(jnp.argmax(logits, -1) == tok[..., 0], axis=-1)
+    agree_policy = agree_pi  # placeholder where the extraction is not per token
+    if self._extraction in reweighting.TOKEN_EXTRACTIONS:
+      logits = reweighting.reweighted_logits(pi_logits, p_logits, self._beta, self.learner.valid,
+                                             self._extraction, self._eps)
+      agree_policy = jnp.all(jnp.argmax(logits, -1) == tok[..., 0], axis=-1)
     # The implied Q alone (the ratio extraction at an infinite beta): does it rank the
     # expert's action first among the supported ones?
     q_only = reweighting.reweighted_logits(pi_logits, p_logits, 1.0, self.learner.valid, "ratio", self._eps)
@@ -129,7 +132,8 @@ class QGapProbe:
     labels = np.concatenate(self.labels)
     if not has_p:
       return summarize(None, agree_pi, None, labels)
-    return summarize(q, agree_pi, agree_policy, labels, agree_q, q_choice)
+    per_token = self._extraction in reweighting.TOKEN_EXTRACTIONS
+    return summarize(q, agree_pi, agree_policy if per_token else None, labels, agree_q, q_choice)
 
 
 def summarize(q, agree_pi, agree_policy, labels, agree_q=None,
@@ -150,7 +154,8 @@ def summarize(q, agree_pi, agree_policy, labels, agree_q=None,
   if expert.any() and others.any():
     out["q_gap/gap"] = float(np.mean(q[expert]) - np.mean(q[others]))
   if expert.any():
-    out["q_gap/agree_policy"] = float(np.mean(agree_policy[expert]))
+    if agree_policy is not None:
+      out["q_gap/agree_policy"] = float(np.mean(agree_policy[expert]))
     if agree_q is not None:
       out["q_gap/agree_q"] = float(np.mean(agree_q[expert]))
       out["q_gap/q_fixes"] = float(np.mean(agree_q[expert] & ~agree_pi[expert]))
