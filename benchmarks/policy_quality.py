@@ -183,6 +183,15 @@ def pooled(results: list[dict[str, Any]]) -> dict[str, float]:
   return {"mean": float(np.mean(succ)), "lo": lo, "hi": hi, "n": len(succ)}
 
 
+def choose(sweep: dict[str, dict[float, float]]) -> tuple[str, float]:
+  """(extraction, beta) of the best validation success in {extraction: {beta: success}};
+  ties go to the paper's extraction "p", then to the smaller beta. Successes are means
+  of counts: equal ones may differ in the last bit by the order of summation, so they
+  are compared rounded."""
+  return max(((e, b) for e, by_beta in sweep.items() for b in by_beta),
+             key=lambda eb: (round(sweep[eb[0]][eb[1]], 9), eb[0] == "p", -eb[1]))
+
+
 def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
   task = TASKS[name]
   size = SIZES[FLAGS.size][task.robot]
@@ -202,9 +211,7 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
       sweep[extraction] = {
           b: float(np.mean([evaluate(w, task, size, FLAGS.val_seed, extraction, b)
                             ["success_rate"] for w in runs["qsft"]])) for b in BETAS}
-    # The best validation success; ties go to the paper's extraction and the smaller beta.
-    choice = max(((e, b) for e in EXTRACTIONS for b in BETAS),
-                 key=lambda eb: (sweep[eb[0]][eb[1]], eb[0] == "p", -eb[1]))
+    choice = choose(sweep)
     out["qsft_choice"] = {"extraction": choice[0], "beta": choice[1],
                           "val_success": sweep[choice[0]][choice[1]]}
     out["beta_sweep_val"] = sweep

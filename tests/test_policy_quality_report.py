@@ -69,3 +69,13 @@ def test_unknown_task_is_refused():
   with pytest.raises(Exception, match="unknown tasks"):
     pq.main(["policy_quality"])
   pq.FLAGS.unparse_flags()
+
+
+def test_choice_on_validation_breaks_ties_to_p_then_the_smaller_beta():
+  # Two means of the same three successes, summed in another order: equal, not bitwise.
+  a = (0.43333333333333335 + 0.3333333333333333 + 0.4) / 3
+  b = (0.4 + 0.43333333333333335 + 0.3333333333333333) / 3
+  assert a != b
+  assert pq.choose({"sample": {16.0: min(a, b), 32.0: max(a, b)}}) == ("sample", 16.0)
+  assert pq.choose({"ratio": {4.0: 0.5}, "p": {8.0: 0.5}}) == ("p", 8.0)
+  assert pq.choose({"ratio": {4.0: 0.6}, "p": {8.0: 0.5, 0.0: 0.2}}) == ("ratio", 4.0)
