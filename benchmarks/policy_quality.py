@@ -374,6 +374,15 @@ def write_summary(folder: str, result: dict[str, Any]) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _earlier_wall_min(folder: str, task: str) -> float:
+  """The wall time an earlier run recorded in the task's summary (0 if none)."""
+  path = os.path.join(folder, task + ".json")
+  if not os.path.exists(path):
+    return 0.0
+  with open(path) as f:
+    return float(json.load(f).get("wall_min", 0.0))
+
+
 def main(argv):
   del argv
   unknown = [t for t in FLAGS.tasks if t not in TASKS]
@@ -390,10 +399,13 @@ def main(argv):
     t0 = time.time()
     result = run_task(name, seeds)
     result["seeds"] = seeds
-    result["wall_min"] = round((time.time() - t0) / 60, 1)  # this run's share (cached parts: less)
+    # Summed over the runs that built the task (a resumed run's cached pieces cost nothing).
+    result["wall_min"] = round(_earlier_wall_min(prefix, name) + (time.time() - t0) / 60, 1)
     write_summary(prefix, result)
     results = task_summaries(prefix)
-    text = table(results) + f"\nWall time of this run so far: {(time.time() - start) / 60:.0f} min.\n"
+    walls = ", ".join(f"{r['task']} {r['wall_min']:.0f}" for r in results if "wall_min" in r)
+    text = table(results) + (f"\nWall time of this run: {(time.time() - start) / 60:.0f} min; "
+                             f"per task, over the runs that built it (min): {walls}.\n")
     with open(prefix + ".md", "w") as f:
       f.write(text)
     plots(results, prefix)
