@@ -417,3 +417,18 @@ def test_microbatches_must_divide_the_batch():
   batch = make_batch(seed=6)
   with pytest.raises(ValueError, match="microbatches=3"):
     lrn.step(init_state(lrn, batch), batch)
+
+
+def test_bfloat16_compute_trains_float32_params():
+  """model compute_dtype bfloat16: the step runs, losses are finite and the params,
+  target and Adam states stay float32 (mixed precision, f32 master weights)."""
+  cfg = dataclasses.replace(TINY, compute_dtype="bfloat16")
+  lc = L.LearnerConfig(**MAIN)
+  lrn = L.Learner(RT1Small(L.model_config_for(cfg, lc)), lc, VALID)
+  batch = make_batch(cfg)
+  state = lrn.init(jax.random.PRNGKey(0), batch)
+  for i in range(2):
+    state, m = lrn.step(state, make_batch(cfg, seed=i))
+    assert np.isfinite(m["loss_pi"]) and np.isfinite(m["loss_p"]) and m["nonfinite"] == 0
+  floats = [x for x in jax.tree_util.tree_leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.float32 for x in floats)

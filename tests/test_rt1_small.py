@@ -296,3 +296,26 @@ MODEL_RUN = """
 
 def test_model_runs_without_tensorflow():
   assert "MODEL TF-FREE OK" in run_without_tensorflow(MODEL_RUN)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  """compute_dtype bfloat16: the same params (float32) give float32 logits close to
+  float32 compute, the activations are bfloat16, and cached decoding still equals
+  teacher forcing (to bfloat16 precision)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  cfg16 = dataclasses.replace(METAWORLD, compute_dtype="bfloat16")
+  model, params = init(METAWORLD)
+  params = randomize(params)
+  *inputs, tokens = make_inputs(METAWORLD, batch=2, seed=4)
+  want = np.asarray(forward(METAWORLD)(params, *inputs, tokens))
+  model16 = RT1Small(cfg16)
+  got, inter = model16.apply(params, *inputs, tokens, mutable=["intermediates"])
+  assert got.dtype == jnp.float32
+  assert jax.tree_util.tree_leaves(inter)[0].dtype == jnp.bfloat16  # the conv features
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(np.asarray(got), want, atol=0.05 * scale)
+  stepped = decode_all(model16, params, inputs, tokens)
+  np.testing.assert_allclose(np.asarray(stepped), np.asarray(got), atol=0.05 * scale)
+  with pytest.raises(ValueError, match="compute_dtype"):
+    dataclasses.replace(METAWORLD, compute_dtype="float16")

@@ -68,11 +68,11 @@ class FiLMEfficientNetLite0(nn.Module):
     self.blocks = [InvertedResidual(*spec, norm=norm, dtype=self.dtype, name=f"block_{i}")
                    for i, spec in enumerate(specs)]
     if self.film:
-      self.films = [FiLM(name=f"film_{i}") for i in range(len(specs))]
+      self.films = [FiLM(self.dtype, name=f"film_{i}") for i in range(len(specs))]
     self.conv_head = nn.Conv(eff.HEAD_CHANNELS, (1, 1), use_bias=False, dtype=self.dtype)
     self.bn_head = Affine(self.dtype)
     if self.num_tokens:
-      self.token_learner = TokenLearner(self.num_tokens, self.width)
+      self.token_learner = TokenLearner(self.num_tokens, self.width, self.dtype)
 
   def features(self, images, cond=None):
     """The (FiLM-conditioned) EfficientNet feature map [N, H/32, W/32, 1280]."""

@@ -16,13 +16,16 @@ import flax.linen as nn
 
 
 class FiLM(nn.Module):
-  """x * (1 + dgamma(c)) + beta(c) per channel; identity at init (zero-init denses)."""
+  """x * (1 + dgamma(c)) + beta(c) per channel; identity at init (zero-init denses).
+  `dtype` is the compute dtype of every layer here (params stay float32)."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, cond):
     channels = x.shape[-1]
-    dgamma = nn.Dense(channels, kernel_init=nn.initializers.zeros, name="dgamma")(cond)
-    beta = nn.Dense(channels, kernel_init=nn.initializers.zeros, name="beta")(cond)
+    dense = lambda name: nn.Dense(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                                  name=name)
+    dgamma, beta = dense("dgamma")(cond), dense("beta")(cond)
     # Broadcast [N, C] over the spatial axes of [N, ..., C].
     shape = (cond.shape[0],) + (1,) * (x.ndim - 2) + (channels,)
     return x * (1.0 + dgamma.reshape(shape)) + beta.reshape(shape)
@@ -35,15 +38,17 @@ class TokenLearner(nn.Module):
   "ahead" apart (navigation and reaching need it)."""
   num_tokens: int
   width: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     n, h, w, c = x.shape
     pos = self.param("feature_pos", nn.initializers.normal(0.02), (h * w, c))
-    feats = x.reshape(n, h * w, c) + pos
-    maps = jax.nn.softmax(nn.Dense(self.num_tokens, name="token_maps")(feats), axis=1)
+    feats = (x.reshape(n, h * w, c) + pos).astype(self.dtype)
+    scores = nn.Dense(self.num_tokens, dtype=self.dtype, name="token_maps")(feats)
+    maps = jax.nn.softmax(scores.astype(jnp.float32), axis=1).astype(self.dtype)
     tokens = jnp.einsum("npt,npc->ntc", maps, feats)
-    return nn.Dense(self.width, name="token_proj")(tokens)
+    return nn.Dense(self.width, dtype=self.dtype, name="token_proj")(tokens)
 
 
 def check_policy_inputs(cfg, observation, history_mask, text_ids, text_mask) -> None:
@@ -90,17 +95,19 @@ class TransformerBlock(nn.Module):
   num_heads: int
   mlp_ratio: int = 4
   dropout: float = 0.0
+  dtype: Any = jnp.float32   # compute dtype; params stay float32, softmax runs in float32
 
   def setup(self):
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by {self.num_heads} heads")
     head_dim = self.width // self.num_heads
-    self.ln_attn = nn.LayerNorm()
-    self.qkv = nn.DenseGeneral((3, self.num_heads, head_dim))
-    self.attn_out = nn.DenseGeneral(self.width, axis=(-2, -1))
-    self.ln_mlp = nn.LayerNorm()
-    self.mlp_in = nn.Dense(self.mlp_ratio * self.width)
-    self.mlp_out = nn.Dense(self.width)
+    d = self.dtype
+    self.ln_attn = nn.LayerNorm(dtype=d)
+    self.qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=d)
+    self.attn_out = nn.DenseGeneral(self.width, axis=(-2, -1), dtype=d)
+    self.ln_mlp = nn.LayerNorm(dtype=d)
+    self.mlp_in = nn.Dense(self.mlp_ratio * self.width, dtype=d)
+    self.mlp_out = nn.Dense(self.width, dtype=d)
     self.drop = nn.Dropout(self.dropout)
 
   def _project(self, x):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,6 +44,7 @@ from qsft_vla.models.layers import FiLM, TokenLearner, TransformerBlock, check_p
 from qsft_vla.models.backbone_config import BackboneConfig
 
 IMAGE_ENCODERS = ("conv", "efficientnet_lite0")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEXT_ENCODERS = ("learned", "minilm")
 
 
@@ -75,6 +77,7 @@ class RT1SmallConfig(BackboneConfig):
   image_encoder: str = "conv"
   text_encoder: str = "learned"
   train_text_encoder: bool = False   # minilm: fine-tune it (default frozen, as RT-1's USE)
+  compute_dtype: str = "float32"     # "bfloat16" on accelerators; params stay float32
 
   def __post_init__(self):
     for name in ("num_action_dims", "action_vocab", "window", "text_vocab", "max_text_len",
@@ -89,6 +92,9 @@ class RT1SmallConfig(BackboneConfig):
     if self.image_encoder not in IMAGE_ENCODERS:
       raise ValueError(f"RT1SmallConfig.image_encoder must be one of {IMAGE_ENCODERS}, "
                        f"got {self.image_encoder!r}")
+    if self.compute_dtype not in _DTYPES:
+      raise ValueError(f"RT1SmallConfig.compute_dtype must be one of {sorted(_DTYPES)}, "
+                       f"got {self.compute_dtype!r}")
     if self.text_encoder not in TEXT_ENCODERS:
       raise ValueError(f"RT1SmallConfig.text_encoder must be one of {TEXT_ENCODERS}, "
                        f"got {self.text_encoder!r}")
@@ -124,46 +130,54 @@ class ImageEncoder(nn.Module):
   channels: tuple[int, ...]
   num_tokens: int
   width: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, cond):
-    x = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    d = self.dtype
+    x = (images.astype(jnp.float32) * (2.0 / 255.0) - 1.0).astype(d)
     for i, c in enumerate(self.channels):
-      x = nn.Conv(c, (3, 3), strides=(2, 2), padding="SAME", name=f"conv{i}")(x)
-      x = nn.GroupNorm(num_groups=math.gcd(8, c), name=f"norm{i}")(x)
-      x = FiLM(name=f"film{i}")(x, cond)
+      x = nn.Conv(c, (3, 3), strides=(2, 2), padding="SAME", dtype=d, name=f"conv{i}")(x)
+      x = nn.GroupNorm(num_groups=math.gcd(8, c), dtype=d, name=f"norm{i}")(x)
+      x = FiLM(d, name=f"film{i}")(x, cond).astype(d)
       x = nn.relu(x)
     self.sow("intermediates", "conv_features", x)
-    return TokenLearner(self.num_tokens, self.width, name="token_learner")(x)
+    return TokenLearner(self.num_tokens, self.width, d, name="token_learner")(x)
 
 
 class RT1Small(nn.Module):
   """See the module docstring. All shapes are static given the config."""
   config: RT1SmallConfig
 
+  @property
+  def dtype(self):
+    """The compute dtype (config.compute_dtype); params stay float32, logits are float32."""
+    return _DTYPES[self.config.compute_dtype]
+
   def setup(self):
     cfg = self.config
+    d = self.dtype
     embed_init = nn.initializers.normal(0.02)
     if cfg.text_encoder == "minilm":
-      self.text_encoder = minilm.SentenceEmbedder(minilm.BertConfig())
+      self.text_encoder = minilm.SentenceEmbedder(minilm.BertConfig(), d)
     else:
       self.text_embed = nn.Embed(cfg.text_vocab, cfg.text_dim, embedding_init=embed_init)
     if cfg.image_encoder == "efficientnet_lite0":
       self.image_encoder = film_efficientnet.FiLMEfficientNetLite0(cfg.tokens_per_image,
-                                                                   cfg.width)
+                                                                   cfg.width, dtype=d)
     else:
-      self.image_encoder = ImageEncoder(cfg.conv_channels, cfg.tokens_per_image, cfg.width)
+      self.image_encoder = ImageEncoder(cfg.conv_channels, cfg.tokens_per_image, cfg.width, d)
     if cfg.state_dim:
-      self.state_proj = nn.Dense(cfg.width)
+      self.state_proj = nn.Dense(cfg.width, dtype=d)
     self.obs_pos = self.param("obs_pos", embed_init, (cfg.window, cfg.tokens_per_frame, cfg.width))
     self.action_embed = nn.Embed(cfg.action_vocab, cfg.width, embedding_init=embed_init)
     self.action_start = self.param("action_start", embed_init, (cfg.width,))
     self.action_pos = self.param("action_pos", embed_init, (cfg.num_action_dims, cfg.width))
     self.blocks = [TransformerBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.dropout,
-                                    name=f"block{i}") for i in range(cfg.depth)]
-    self.ln_out = nn.LayerNorm()
-    self.head = nn.Dense(cfg.output_size)
-    self.extra_heads = [nn.Dense(cfg.output_size, name=f"head_{i}")
+                                    dtype=d, name=f"block{i}") for i in range(cfg.depth)]
+    self.ln_out = nn.LayerNorm(dtype=d)
+    self.head = nn.Dense(cfg.output_size, dtype=d)
+    self.extra_heads = [nn.Dense(cfg.output_size, dtype=d, name=f"head_{i}")
                         for i in range(1, cfg.num_output_heads)]
 
   # ------------------------------------------------------------------ inputs
@@ -195,7 +209,7 @@ class RT1Small(nn.Module):
     if cfg.state_dim:
       state = jnp.asarray(observation["state"], jnp.float32)
       per_frame.append(self.state_proj(state)[:, :, None, :])
-    x = jnp.concatenate(per_frame, axis=2) + self.obs_pos  # [B, W, tokens_per_frame, C]
+    x = (jnp.concatenate(per_frame, axis=2) + self.obs_pos).astype(self.dtype)  # [B, W, t, C]
     valid = jnp.repeat(jnp.asarray(history_mask, bool), cfg.tokens_per_frame, axis=1)
     return x.reshape(b, cfg.prefix_len, cfg.width), valid
 
@@ -204,7 +218,7 @@ class RT1Small(nn.Module):
     b = action_tokens.shape[0]
     prev = self.action_embed(action_tokens[:, :-1])
     start = jnp.broadcast_to(self.action_start, (b, 1, self.config.width))
-    return jnp.concatenate([start, prev], axis=1) + self.action_pos
+    return (jnp.concatenate([start, prev], axis=1) + self.action_pos).astype(self.dtype)
 
   def _logits(self, h):
     """float32[..., V] with one head, [H, ..., V] with H > 1 heads."""
@@ -276,7 +290,8 @@ class RT1Small(nn.Module):
     cfg = self.config
     x, valid = self._prefix(observation, history_mask, text_ids, text_mask, instruction)
     b = x.shape[0]
-    start = jnp.broadcast_to(self.action_start, (b, 1, cfg.width)) + self.action_pos[:1]
+    start = (jnp.broadcast_to(self.action_start, (b, 1, cfg.width))
+             + self.action_pos[:1]).astype(self.dtype)
     key_valid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)
     mask = self._attention_mask(key_valid)
     x = jnp.concatenate([x, start], axis=1)
@@ -296,6 +311,7 @@ class RT1Small(nn.Module):
     emb = self.action_embed(jnp.asarray(prev_token, jnp.int32))
     x = jnp.where(j == 0, jnp.broadcast_to(self.action_start, (b, cfg.width)), emb)
     x = (x + jax.lax.dynamic_index_in_dim(self.action_pos, j, keepdims=False))[:, None, :]
+    x = x.astype(self.dtype)
     index = cfg.prefix_len + j
     mask = cache["key_valid"] & (jnp.arange(cfg.seq_len) <= index)[None, :]
     mask = mask[:, None, None, :]
