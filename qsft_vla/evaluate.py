@@ -39,6 +39,7 @@ from typing import Any, Optional
 from qsft_vla import config as qconfig
 from qsft_vla import envs
 from qsft_vla import paths
+from qsft_vla.learning import spec as learner_spec
 from qsft_vla.robot import RobotSpec
 from qsft_vla.policy import Controller, ControllerError, TrainedPolicy, checkpoints
 from qsft_vla.evaluation import loop, outcomes
@@ -292,9 +293,9 @@ def _define_flags():
   flags.DEFINE_integer("seed", None, "Episode i is reset from (seed, i) (default: eval.seed).")
   flags.DEFINE_float("beta", None, "Q-SFT beta (default: the run's learner.beta; 0 for BC). "
                      "Given explicitly, it is part of the output file name.")
-  flags.DEFINE_enum("extraction", None, ["p", "ratio", "sample"], "Q-SFT policy extraction "
-                    "(default: the run's learner.extraction): p = pi * exp(beta * p), ratio = "
-                    "pi * exp(beta * p / pi) on the support, sample = the best of "
+  flags.DEFINE_enum("extraction", None, list(learner_spec.EXTRACTIONS), "Q-SFT policy "
+                    "extraction (default: the run's learner.extraction): p = pi * exp(beta * p), "
+                    "ratio = pi * exp(beta * p / pi) on the support, sample = the best of "
                     "learner.sample_k actions drawn from pi by log pi + beta * implied Q. "
                     "Given explicitly, it is part of the output file name.")
   flags.DEFINE_float("temperature", 0.0, "0: argmax; > 0: sample.")

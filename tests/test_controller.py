@@ -46,8 +46,7 @@ def controller(path, **kwargs):
   if key not in _CONTROLLERS:
     _CONTROLLERS[key] = Controller.load(path, **kwargs)
   ctrl = _CONTROLLERS[key]
-  run_beta = (ctrl.learner_config.ratio_beta if ctrl.extraction == "ratio"
-              else ctrl.learner_config.beta)
+  run_beta = ctrl.learner_config.beta_of(ctrl.extraction)
   ctrl.beta = kwargs.get("beta", run_beta if ctrl.has_p else 0.0)
   ctrl.temperature = kwargs.get("temperature", 0.0)
   ctrl.reset_latency_stats()

@@ -169,10 +169,15 @@ class LearnerConfig:
       raise ValueError("lora_rank > 0 needs architecture='separate': the three LoRA adapter "
                        "sets on one frozen base replace the shared trunk")
 
+  def beta_of(self, extraction: str) -> float:
+    """The run's beta for an extraction: beta for "p", ratio_beta for the two on the
+    implied Q ("ratio", "sample")."""
+    return self.beta if extraction == "p" else self.ratio_beta
+
   @property
   def inference_beta(self) -> float:
-    """The beta of the configured extraction (ratio_beta for both on the implied Q)."""
-    return self.beta if self.extraction == "p" else self.ratio_beta
+    """The beta of the configured extraction."""
+    return self.beta_of(self.extraction)
 
   @property
   def uses_lora(self) -> bool:

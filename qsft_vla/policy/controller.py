@@ -44,6 +44,7 @@ TF-free: nothing here imports TensorFlow, TFDS, Reverb or rlds.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 import time
@@ -140,15 +141,13 @@ class Controller:
     self._cameras = {c.name: (c.height, c.width) for c in self._spec.cameras}
     self._keys = set(self._cameras) | ({"state"} if self._spec.state_dim else set())
 
-    if sample_k is not None and (isinstance(sample_k, bool) or not isinstance(sample_k, int)
-                                 or sample_k < 1):
-      raise ValueError(f"sample_k must be an integer >= 1, got {sample_k!r}")
+    if sample_k is not None:  # checked as the learner config checks it
+      learner_config = dataclasses.replace(learner_config, sample_k=sample_k)
     self._extraction = learner_config.extraction if extraction is None else extraction
     if self._extraction not in reweighting.EXTRACTIONS:
       raise ValueError(f"extraction must be one of {reweighting.EXTRACTIONS}, got {extraction!r}")
     if beta is None:
-      beta = (learner_config.beta if self._extraction == "p"
-              else learner_config.ratio_beta) if self._has_p else 0.0
+      beta = learner_config.beta_of(self._extraction) if self._has_p else 0.0
     self.beta = beta
     self.temperature = temperature
     # Host-side key and call counter: numpy arguments keep every act() on the
@@ -169,7 +168,7 @@ class Controller:
         tuple(sorted(self._params)), self._extraction, float(learner_config.ratio_eps),
         learner_config.p_parametrization,
         self._model_config.num_action_dims > 1 if kv_cache is None else bool(kv_cache),
-        int(learner_config.sample_k if sample_k is None else sample_k))
+        learner_config.sample_k)
 
     self._instruction: Optional[str] = None
     self._text = None

@@ -86,6 +86,8 @@ class QGapProbe:
       seen += take
     lc = setup.policy.learner
     self._extraction, self._eps = lc.extraction, lc.ratio_eps
+    # agree_policy is a per-token figure: "sample"'s choice depends on its draws.
+    self._per_token = lc.extraction in reweighting.TOKEN_EXTRACTIONS
     self._beta = lc.inference_beta
     self._fn = jax.jit(self._per_step)
 
@@ -108,7 +110,7 @@ class QGapProbe:
     q = implied_q(tok)
     agree_pi = jnp.all(jnp.argmax(pi_logits, -1) == tok[..., 0], axis=-1)
     agree_policy = agree_pi  # placeholder where the extraction is not per token
-    if self._extraction in reweighting.TOKEN_EXTRACTIONS:
+    if self._per_token:
       logits = reweighting.reweighted_logits(pi_logits, p_logits, self._beta, self.learner.valid,
                                              self._extraction, self._eps)
       agree_policy = jnp.all(jnp.argmax(logits, -1) == tok[..., 0], axis=-1)
@@ -132,8 +134,8 @@ class QGapProbe:
     labels = np.concatenate(self.labels)
     if not has_p:
       return summarize(None, agree_pi, None, labels)
-    per_token = self._extraction in reweighting.TOKEN_EXTRACTIONS
-    return summarize(q, agree_pi, agree_policy if per_token else None, labels, agree_q, q_choice)
+    return summarize(q, agree_pi, agree_policy if self._per_token else None, labels, agree_q,
+                     q_choice)
 
 
 def summarize(q, agree_pi, agree_policy, labels, agree_q=None,
