@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+# Compute dtypes a backbone config may name (compute_dtype); params stay float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 class FiLM(nn.Module):
   """x * (1 + dgamma(c)) + beta(c) per channel; identity at init (zero-init denses).

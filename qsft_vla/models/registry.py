@@ -42,7 +42,7 @@ _MODELS = {
     "vlm": _Backbone(vlm.VLM, vlm.VLMConfig,
                      lambda section: TextTokenizer.from_file(
                          vlm.tokenizer_path(section.get("lm_folder"))),
-                     vlm.init_variables, lambda c: vlm.pretrained_params(c),
+                     vlm.init_variables, vlm.pretrained_params,
                      vlm.pretrained_sources),
 }
 

@@ -40,11 +40,11 @@ import jax
 import jax.numpy as jnp
 
 from qsft_vla.models import film_efficientnet, minilm
-from qsft_vla.models.layers import FiLM, TokenLearner, TransformerBlock, check_policy_inputs
+from qsft_vla.models.layers import (COMPUTE_DTYPES, FiLM, TokenLearner, TransformerBlock,
+                                    check_policy_inputs)
 from qsft_vla.models.backbone_config import BackboneConfig
 
 IMAGE_ENCODERS = ("conv", "efficientnet_lite0")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEXT_ENCODERS = ("learned", "minilm")
 
 
@@ -92,8 +92,8 @@ class RT1SmallConfig(BackboneConfig):
     if self.image_encoder not in IMAGE_ENCODERS:
       raise ValueError(f"RT1SmallConfig.image_encoder must be one of {IMAGE_ENCODERS}, "
                        f"got {self.image_encoder!r}")
-    if self.compute_dtype not in _DTYPES:
-      raise ValueError(f"RT1SmallConfig.compute_dtype must be one of {sorted(_DTYPES)}, "
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"RT1SmallConfig.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
                        f"got {self.compute_dtype!r}")
     if self.text_encoder not in TEXT_ENCODERS:
       raise ValueError(f"RT1SmallConfig.text_encoder must be one of {TEXT_ENCODERS}, "
@@ -152,7 +152,7 @@ class RT1Small(nn.Module):
   @property
   def dtype(self):
     """The compute dtype (config.compute_dtype); params stay float32, logits are float32."""
-    return _DTYPES[self.config.compute_dtype]
+    return COMPUTE_DTYPES[self.config.compute_dtype]
 
   def setup(self):
     cfg = self.config

@@ -81,12 +81,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsft_vla.models import film_efficientnet
-from qsft_vla.models.layers import check_policy_inputs
+from qsft_vla.models.layers import COMPUTE_DTYPES, check_policy_inputs
 from qsft_vla.models.llama import Llama, LlamaConfig, params_from_hf
 from qsft_vla.models.backbone_config import BackboneConfig
 
 MAX_ACTION_VOCAB = 256      # action bins live in 256 reserved vocabulary ids
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @functools.lru_cache(maxsize=8)
@@ -155,8 +154,8 @@ class VLMConfig(BackboneConfig):
                        f"(shared trunk), got {self.num_output_heads}")
     if not self.cameras:
       raise ValueError("VLMConfig.cameras must name at least one camera")
-    if self.compute_dtype not in _DTYPES:
-      raise ValueError(f"VLMConfig.compute_dtype must be one of {sorted(_DTYPES)}, "
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"VLMConfig.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
                        f"got {self.compute_dtype!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"VLMConfig.dropout must be in [0, 1), got {self.dropout}")
@@ -257,7 +256,7 @@ class VLM(nn.Module):
     cfg = self.config
     self.lm_cfg = cfg.lm()
     self.out_ids = cfg.output_vocab_ids()  # validates the ids
-    dtype = _DTYPES[cfg.compute_dtype]
+    dtype = COMPUTE_DTYPES[cfg.compute_dtype]
     width = self.lm_cfg.hidden_size
     self.lm = Llama(self.lm_cfg, dtype=dtype)
     self.vision = film_efficientnet.FiLMEfficientNetLite0(film=False, dtype=dtype)

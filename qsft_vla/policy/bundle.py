@@ -82,7 +82,7 @@ class TrainedPolicy:
 
   def param_groups(self, variables) -> dict[str, Any]:
     """The training groups (layout.GROUPS) of full variables (not for LoRA runs,
-    whose groups are adapter sets: see _load_lora)."""
+    whose groups are adapter sets: see load)."""
     return layout.param_groups(variables, self.learner)
 
   def base_identity(self, base) -> dict[str, Any]:
@@ -171,8 +171,8 @@ class TrainedPolicy:
     if spec:  # the acting groups are adapter sets on the base of this host's weights
       pretrained = registry.pretrained_params(policy.model_name, policy.model_config)
       kinds = lora.classify(variables, lora.paths(pretrained), spec)
-      groups = {g: lora.split(variables, lora.paths(pretrained), spec)[1]
-                for g in layout.ACTING_GROUPS}
+      adapter_set = lora.split(variables, lora.paths(pretrained), spec)[1]  # shapes only
+      groups = {g: adapter_set for g in layout.ACTING_GROUPS}
     else:
       groups = policy.param_groups(variables)
     wanted = {g: groups[g] for g in layout.ACTING_GROUPS}
