@@ -66,7 +66,8 @@ def measure(spec: str) -> dict:
     mngr = checkpoints.manager(folder)
     checkpoints.save(mngr, 0, items, setup.meta(), setup.policy.text_tokenizer)
     step = os.path.join(folder, "0")
-    sizes = {i: _bytes(os.path.join(step, i)) for i in ITEMS if os.path.isdir(os.path.join(step, i))}
+    sizes = {i: _bytes(os.path.join(step, i)) for i in ITEMS
+             if os.path.isdir(os.path.join(step, i))}
     total = _bytes(step)
   finally:
     shutil.rmtree(folder, ignore_errors=True)

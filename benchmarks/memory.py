@@ -5,8 +5,9 @@
 For each config and fsdp size:
 - the state per device: the parameters, the Polyak target and both Adam states
   of a TrainState (LoRA: of the adapter sets, plus the frozen base), each leaf
-  whole or 1/fsdp of it as train.sharding_rules place it. This is counted from the state's shapes (jax.eval_shape: nothing is
-  allocated, so the 135M-parameter backbone costs nothing to count).
+  whole or 1/fsdp of it as train.sharding_rules place it. This is counted from
+  the state's shapes (jax.eval_shape: nothing is allocated, so the
+  135M-parameter backbone costs nothing to count).
 - with --step_peak, for configs whose step compiles in seconds on a CPU: what
   XLA reports for the compiled step on a (data, fsdp) mesh of 8 host devices
   (arguments, outputs, and temporaries per device).
@@ -85,7 +86,8 @@ def main(argv):
            f"`{' '.join(sys.argv)}`", "",
            f"Machine: {report.machine()} (host CPU devices stand in for accelerators; "
            "the bytes are the same on any backend).", "",
-           "## State per device (parameters, Polyak target, both Adam states; with LoRA the adapter sets, their Adam states and the frozen base)", "",
+           "## State per device (parameters, Polyak target, both Adam states; with LoRA "
+           "the adapter sets, their Adam states and the frozen base)", "",
            "Counted from the state's shapes and `train.sharding_rules` (the defaults).", "",
            "| config | whole state MiB | " + " | ".join(f"fsdp {f} MiB/device" for f in sizes)
            + " | fsdp " + str(sizes[-1]) + " / whole |",

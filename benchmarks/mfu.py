@@ -29,9 +29,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402  (benchmarks/report.py, beside this script)
-from qsft_vla import config as qconfig  # noqa: E402
 from qsft_vla import train  # noqa: E402
-from qsft_vla.learning import sharding  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", "robot_configs/babyai.py:vlm_smollm2",
                               "robot config file[:variant]")
@@ -61,11 +59,7 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
 
 def step_flops(setup, state, batch) -> float:
   """XLA's FLOP count of the learner's compiled step on this batch."""
-  learner = setup.learner
-  data = sharding.batch_sharding(learner.mesh, steps_axis=learner.config.steps_per_call > 1)
-  lowered = learner._jit_step.lower(  # pylint: disable=protected-access
-      state, sharding.global_batch(learner._select(batch), data))  # pylint: disable=protected-access
-  cost = lowered.compile().cost_analysis()
+  cost = setup.learner.lower_step(state, batch).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
     cost = cost[0]
   return float(cost["flops"])
@@ -73,11 +67,7 @@ def step_flops(setup, state, batch) -> float:
 
 def main(argv):
   del argv
-  cfg = report.load_config(_CONFIG.value, _OVERRIDE.value)
-  algorithm, *modifiers = _ALGORITHM.value.split("+")
-  for m in modifiers:
-    qconfig.MODIFIER_VARIANTS[m](cfg)
-  qconfig.apply_algorithm_variant(cfg, algorithm, where=_CONFIG.value)
+  cfg = report.load_learner_config(_CONFIG.value, _ALGORITHM.value, _OVERRIDE.value)
   cfg.train.batch_size = _BATCH.value
   cfg.data.dir = cfg.data.dir or "unused"
   setup = train.build(cfg, stats=[None])

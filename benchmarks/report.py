@@ -59,6 +59,21 @@ def load_config(spec: str, overrides=()):
   return cfg
 
 
+def load_learner_config(spec: str, learner: str, overrides=()):
+  """load_config with the learner "<algorithm>[+modifier...]" (e.g. "qsft+lora")
+  applied: the modifiers (config.MODIFIER_VARIANTS), then the algorithm."""
+  cfg = load_config(spec, overrides)
+  algorithm, *modifiers = learner.split("+")
+  for m in modifiers:
+    if m not in qconfig.MODIFIER_VARIANTS:
+      raise ValueError(f"learner {learner!r}: unknown modifier {m!r}; known: "
+                       f"{', '.join(qconfig.MODIFIER_VARIANTS)}")
+    qconfig.MODIFIER_VARIANTS[m](cfg)
+  qconfig.apply_algorithm_variant(cfg, algorithm, where=spec)
+  qconfig.validate(cfg, where=f"{spec} ({learner})")
+  return cfg
+
+
 def model_summary(name: str, m) -> str:
   """One line naming the backbone and the sizes that set its cost."""
   if name == "vlm":

@@ -29,7 +29,6 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402  (benchmarks/report.py, beside this script)
-from qsft_vla import config as qconfig  # noqa: E402
 from qsft_vla import train  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", "robot_configs/babyai.py",
@@ -49,13 +48,7 @@ _OUT = flags.DEFINE_string("out", None, "markdown table to write")
 
 def _config(learner: str):
   """The config with learner "<algorithm>[+modifier...]" (e.g. "qsft+lora")."""
-  cfg = report.load_config(_CONFIG.value, _OVERRIDE.value)
-  algorithm, *modifiers = learner.split("+")
-  for m in modifiers:
-    qconfig.MODIFIER_VARIANTS[m](cfg)
-  qconfig.apply_algorithm_variant(cfg, algorithm, where=_CONFIG.value)
-  qconfig.validate(cfg, where=f"{_CONFIG.value} ({learner})")
-  return cfg
+  return report.load_learner_config(_CONFIG.value, learner, _OVERRIDE.value)
 
 
 def _learner(algorithm: str, batch_size: int):

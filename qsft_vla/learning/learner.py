@@ -470,6 +470,17 @@ class Learner:
   def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     """Jitted train_steps on self.mesh: the state where state_shardings puts it,
     the batch split over every device, the metrics replicated."""
+    fn, args = self._jitted_call(state, batch)
+    return fn(*args)
+
+  def lower_step(self, state: TrainState, batch):
+    """The jitted step lowered for these arguments, exactly as `step` runs it (e.g.
+    for XLA's cost analysis: .compile().cost_analysis())."""
+    fn, args = self._jitted_call(state, batch)
+    return fn.lower(*args)
+
+  def _jitted_call(self, state: TrainState, batch):
+    """(the jitted train_steps, its arguments) for a state and a batch."""
     batch = self._select(batch)
     data = sharding.batch_sharding(self.mesh, steps_axis=self.config.steps_per_call > 1)
     if self._jit_step is None:
@@ -480,4 +491,4 @@ class Learner:
                                out_shardings=(placed, replicated),
                                donate_argnums=(0,) if self.config.donate_state else ())
     # Several processes: each passed its own rows; together they are the batch.
-    return self._jit_step(state, sharding.global_batch(batch, data))
+    return self._jit_step, (state, sharding.global_batch(batch, data))
