@@ -31,7 +31,8 @@ def test_table_and_plots(tmp_path):
   pq.FLAGS(["policy_quality"])
   results = [_result("gotolocal", 0.7, 0.4, 0.5), _result("reach", 0.9, 0.2, 0.8)]
   text = pq.table(results)
-  assert "| gotolocal | 0,1,2 |" in text and "70.0% [60, 80]" in text
+  assert "| gotolocal | 0,1,2 | 2000 x 64 |" in text and "70.0% [60, 80]" in text
+  assert "| reach | 0,1,2 | 1500 x 32 |" in text  # a summary without steps: its size's
   assert "ratio, beta 16" in text and "60 vs 10, p = 1e-09" in text
   assert "Average over 2 task(s): Q-SFT 80.0%, BC 30.0%, filtered BC 65.0%" in text
   assert "Q-SFT at >= 90% of the expert on 1 of 2" in text
@@ -40,6 +41,17 @@ def test_table_and_plots(tmp_path):
                                                   "pq_steps.png"]
   for p in paths:
     assert os.path.getsize(p) > 5000
+
+
+def test_a_task_trains_longer_by_its_factor_and_the_table_says_so():
+  pq.FLAGS(["policy_quality"])
+  base = pq.SIZES["small"]["babyai"]
+  slow = pq.Task("babyai:BabyAI-PickupLoc-v0", "expert:1", steps_factor=2)
+  assert pq.task_size(slow) == {**base, "steps": 2 * base["steps"]}
+  assert pq.task_size(pq.Task("babyai:BabyAI-GoToLocal-v0", "expert:1")) == base
+  assert base["steps"] == 2000  # task_size copies: the size itself is unchanged
+  result = {**_result("pickuploc", 0.5, 0.2, 0.6), "steps": 4000, "batch": 64}
+  assert "| pickuploc | 0,1,2 | 4000 x 64 |" in pq.table([result])
 
 
 def test_summaries_from_several_runs_make_one_table(tmp_path):
