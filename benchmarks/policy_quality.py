@@ -46,6 +46,7 @@ sys.path.insert(0, REPO)
 import report  # noqa: E402  (benchmarks/report.py, beside this script)
 from qsft_vla import evaluate as evaluate_lib  # noqa: E402
 from qsft_vla.evaluation import loop, outcomes  # noqa: E402
+from qsft_vla.learning import spec as learner_spec  # noqa: E402
 
 METHODS = ("qsft", "bc", "filtered_bc")
 NAMES = {"qsft": "Q-SFT", "bc": "BC", "filtered_bc": "filtered BC"}
@@ -161,10 +162,21 @@ def evaluate(workdir: str, task: Task, size: dict[str, Any], seed: int,
   path = os.path.join(workdir, "eval", stem + ".json")
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      cached = json.load(f)
+    # "sample" files written before sample_proposal existed drew from pi alone
+    # (and recorded no sampling): evaluated again under the run's proposal.
+    if extraction != "sample" or (cached.get("sampling") or {}).get(
+        "sample_proposal", "pi") == _run_learner(workdir).sample_proposal:
+      return cached
   return evaluate_lib.run(workdir, env=task.env, episodes=size["eval_episodes"], seed=seed,
                           beta=beta, extraction=extraction, video_episodes=0,
                           max_steps=size["max_steps"], progress=False)
+
+
+def _run_learner(workdir: str) -> learner_spec.LearnerConfig:
+  """The learner config a training run recorded (later fields at their defaults)."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    return learner_spec.LearnerConfig.from_dict(json.load(f)["learner"])
 
 
 def expert_ceiling(task: Task, size: dict[str, Any]) -> dict[str, Any]:

@@ -72,14 +72,16 @@ def run(workdir: Optional[str] = None, env: Optional[str] = None,
         checkpoint_step: Optional[int] = None, video_episodes: Optional[int] = None,
         max_steps: Optional[int] = None, progress: bool = True,
         extraction: Optional[str] = None, server: Optional[str] = None,
-        token: Optional[str] = None, out_dir: Optional[str] = None) -> dict[str, Any]:
+        token: Optional[str] = None, out_dir: Optional[str] = None,
+        sample_proposal: Optional[str] = None) -> dict[str, Any]:
   """Evaluates a checkpoint of `workdir`, or the policy qsft_vla.serve serves at
   `server` ("HOST:PORT", with its `token`); writes and returns the result dict.
 
   None means: from the checkpoint's eval config (env, episodes, seed,
   max_steps, video_episodes; a server sends its run's), the run's
-  learner.extraction and its beta, the latest step (checkpoint_step). beta,
-  extraction, temperature and checkpoint_step are the server's own when it
+  learner.extraction and its beta, the latest step (checkpoint_step), the run's
+  learner.sample_proposal (for "sample"). beta, extraction, sample_proposal,
+  temperature and checkpoint_step are the server's own when it
   serves: giving them with `server` is an error. out_dir: where the JSON and
   videos go (default <workdir>/eval; needed with a server and no workdir).
   Returns outcomes.summarize's fields (success_rate, ci_low, ci_high, episodes,
@@ -92,10 +94,12 @@ def run(workdir: Optional[str] = None, env: Optional[str] = None,
     if workdir is None:
       raise ValueError("give --workdir (a training run) or --server (HOST:PORT of "
                        "qsft_vla.serve)")
-    actor, about = _local_policy(workdir, checkpoint_step, beta, temperature, extraction, seed)
+    actor, about = _local_policy(workdir, checkpoint_step, beta, temperature, extraction, seed,
+                                 sample_proposal)
   else:
     given = [name for name, value in (("beta", beta), ("extraction", extraction),
-                                      ("checkpoint_step", checkpoint_step)) if value is not None]
+                                      ("checkpoint_step", checkpoint_step),
+                                      ("sample_proposal", sample_proposal)) if value is not None]
     given += ["temperature"] if temperature else []
     if given:
       raise ValueError(f"--{', --'.join(given)}: the server's own (start qsft_vla.serve with "
@@ -160,7 +164,8 @@ def _run_root(path: str) -> str:
   return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
 
 
-def _local_policy(workdir, checkpoint_step, beta, temperature, extraction, seed):
+def _local_policy(workdir, checkpoint_step, beta, temperature, extraction, seed,
+                  sample_proposal=None):
   """(Controller, what it is) for a checkpoint; a damaged latest step falls back."""
   try:
     policy = TrainedPolicy.load(workdir, checkpoint_step)
@@ -176,10 +181,12 @@ def _local_policy(workdir, checkpoint_step, beta, temperature, extraction, seed)
   eval_cfg = {**qconfig.eval_defaults().to_dict(), **(policy.config.get("eval") or {})}
   run_seed = eval_cfg["seed"] if seed is None else seed
   controller = Controller(policy, beta=beta, temperature=temperature, seed=int(run_seed),
-                          extraction=extraction)
+                          extraction=extraction, sample_proposal=sample_proposal)
   return controller, {
       "eval_cfg": eval_cfg, "robot": policy.robot, "algorithm": policy.learner.algorithm,
       "architecture": policy.learner.architecture, "extraction": controller.extraction,
+      # How "sample" drew its candidates (None for the per-token extractions).
+      "sampling": controller.sampling if controller.extraction == "sample" else None,
       "beta": controller.beta, "temperature": controller.temperature,
       "checkpoint_step": policy.step, "checkpoint": policy.path,
       "workdir": os.path.dirname(os.path.dirname(policy.path))}  # <workdir>/checkpoints/<step>
@@ -201,7 +208,8 @@ def _remote_policy(server: str, token: Optional[str]):
   eval_cfg = {**qconfig.eval_defaults().to_dict(), **(meta.get("eval") or {})}
   return client, {
       "eval_cfg": eval_cfg, "robot": robot, "algorithm": meta.get("algorithm"),
-      "architecture": None, "extraction": meta.get("extraction"), "beta": meta.get("beta"),
+      "architecture": None, "extraction": meta.get("extraction"), "sampling": meta.get("sampling"),
+      "beta": meta.get("beta"),
       "temperature": meta.get("temperature"), "checkpoint_step": meta.get("checkpoint_step"),
       "checkpoint": f"{client.url} (run {meta.get('run')})", "workdir": None}
 
@@ -296,8 +304,12 @@ def _define_flags():
   flags.DEFINE_enum("extraction", None, list(learner_spec.EXTRACTIONS), "Q-SFT policy "
                     "extraction (default: the run's learner.extraction): p = pi * exp(beta * p), "
                     "ratio = pi * exp(beta * p / pi) on the support, sample = the best of "
-                    "learner.sample_k actions drawn from pi by log pi + beta * implied Q. "
-                    "Given explicitly, it is part of the output file name.")
+                    "learner.sample_k actions drawn from pi (and p) by log pi + beta * "
+                    "implied Q. Given explicitly, it is part of the output file name.")
+  flags.DEFINE_enum("sample_proposal", None, list(learner_spec.SAMPLE_PROPOSALS),
+                    "Where extraction sample draws its candidates (default: the run's "
+                    "learner.sample_proposal): pi+p = half from pi, half from p; pi = all "
+                    "from pi. Recorded in the JSON (sampling), not in the file name."),
   flags.DEFINE_float("temperature", 0.0, "0: argmax; > 0: sample.")
   flags.DEFINE_integer("checkpoint_step", None, "Step to evaluate (default: the latest).")
   flags.DEFINE_integer("video_episodes", None, "GIFs of the first N episodes "
@@ -320,6 +332,7 @@ def main(argv):
                  temperature=f.temperature, checkpoint_step=f.checkpoint_step,
                  video_episodes=f.video_episodes, max_steps=f.max_steps, progress=f.progress,
                  extraction=f.extraction, server=f.server, out_dir=f.out_dir,
+                 sample_proposal=f.sample_proposal,
                  token=_read_token(f.token_file) if f.token_file else None)
   except (ValueError, OSError, ControllerError, ServerError) as e:  # bad flags, checkpoint, env; refused acts
     print(f"evaluate: error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Serves a trained policy over a websocket, in openpi's policy protocol.
 
   python -m qsft_vla.serve --workdir=RUN [--host=127.0.0.1] [--port=8000] \\
-      [--token_file=F] [--beta=B] [--extraction=p|ratio] [--checkpoint_step=K]
+      [--token_file=F] [--beta=B] [--extraction=p|ratio|sample] [--checkpoint_step=K]
 
 Robot code written for openpi drives it unchanged:
 
@@ -77,6 +77,7 @@ def metadata(controller: Controller) -> dict[str, Any]:
       "algorithm": policy.learner.algorithm,
       "has_values": controller.has_p,
       "extraction": controller.extraction,
+      "sampling": controller.sampling if controller.extraction == "sample" else None,
       "beta": controller.beta,
       "temperature": controller.temperature,
       "checkpoint_step": policy.step,

@@ -118,6 +118,8 @@ def reference_tokens(path, obs, history_mask, beta, extraction="p", with_q=False
     log_pi, log_p = _log_softmax(pi), _log_softmax(p)
     if extraction == "p":
       score = np.where(pi_ok, log_pi + beta * np.exp(log_p), -np.inf)
+    elif extraction == "p_theta":  # p_theta's own greedy action over the valid bins
+      score = np.where(pi_ok, log_p, -np.inf)
     else:  # the implied Q = p / pi over the support pi > ratio_eps
       support = pi_ok & (log_pi > np.log(ck.learner.ratio_eps))
       if not support.any():  # the valid id of largest pi alone
@@ -182,9 +184,11 @@ def _log_pi_and_q(path, obs, mask, tokens):
 @pytest.mark.parametrize("robot,architecture", [("babyai", "separate"), ("metaworld", "shared")])
 def test_sample_extraction_acts_on_the_best_candidate(ckpt_dir, robot, architecture):
   """extraction "sample": the chosen action scores at least pi_phi's greedy action
-  (always candidate 0), by log pi + beta * Q computed by teacher forcing; with one
-  action dimension and many candidates every action is drawn, so the choice is
-  the argmax over all of them; beta 0 with one candidate is pi_phi's greedy action."""
+  (always candidate 0) and, with the "pi+p" proposal, p_theta's (candidate 1), by
+  log pi + beta * Q computed by teacher forcing; with one action dimension and many
+  candidates every action is drawn, so the choice is the argmax over all of them;
+  beta 0 with one candidate is pi_phi's greedy action; two candidates are exactly
+  the two greedy actions."""
   path = ckpt_dir(robot, "qsft", architecture)
   ck, _ = load_reference(path)
   rng = np.random.RandomState(5)
@@ -195,18 +199,30 @@ def test_sample_extraction_acts_on_the_best_candidate(ckpt_dir, robot, architect
   for frame, (obs, mask) in zip(frames, windows):
     got = greedy_ctrl.action_tokenizer.encode(greedy_ctrl.act(frame))
     np.testing.assert_array_equal(got, reference_tokens(path, obs, mask, 0.0))
-  for beta in (0.0, 30.0):
-    ctrl = controller(path, extraction="sample", sample_k=256, beta=beta)
-    ctrl.reset(INSTRUCTION)
-    for frame, (obs, mask) in zip(frames, windows):
-      action, info = ctrl.act(frame, return_info=True)
-      chosen = ctrl.action_tokenizer.encode(action)
-      score = lambda a: np.dot(_log_pi_and_q(path, obs, mask, a), (1.0, beta))
-      assert score(chosen) >= score(reference_tokens(path, obs, mask, 0.0)) - 1e-4
-      np.testing.assert_allclose(info["q"][-1], _log_pi_and_q(path, obs, mask, chosen)[1],
-                                 rtol=1e-4)
-      if robot == "babyai":
-        assert chosen[0] == int(np.argmax([score([a]) for a in range(7)]))
+  for proposal in ("pi+p", "pi"):
+    for beta in (0.0, 30.0):
+      ctrl = controller(path, extraction="sample", sample_k=256, beta=beta,
+                        sample_proposal=proposal)
+      assert ctrl.sampling == {"sample_k": 256, "sample_proposal": proposal}
+      ctrl.reset(INSTRUCTION)
+      for frame, (obs, mask) in zip(frames, windows):
+        action, info = ctrl.act(frame, return_info=True)
+        chosen = ctrl.action_tokenizer.encode(action)
+        score = lambda a: np.dot(_log_pi_and_q(path, obs, mask, a), (1.0, beta))
+        assert score(chosen) >= score(reference_tokens(path, obs, mask, 0.0)) - 1e-4
+        if proposal == "pi+p":
+          assert score(chosen) >= score(reference_tokens(path, obs, mask, 0.0, "p_theta")) - 1e-4
+        np.testing.assert_allclose(info["q"][-1], _log_pi_and_q(path, obs, mask, chosen)[1],
+                                   rtol=1e-4)
+        if robot == "babyai":
+          assert chosen[0] == int(np.argmax([score([a]) for a in range(7)]))
+  two = controller(path, extraction="sample", sample_k=2, beta=30.0)
+  two.reset(INSTRUCTION)
+  for frame, (obs, mask) in zip(frames, windows):
+    chosen = two.action_tokenizer.encode(two.act(frame))
+    greedy = [reference_tokens(path, obs, mask, 0.0, e) for e in ("p", "p_theta")]
+    scores = [np.dot(_log_pi_and_q(path, obs, mask, a), (1.0, 30.0)) for a in greedy]
+    np.testing.assert_array_equal(chosen, greedy[int(np.argmax(scores))])
 
 
 def test_best_candidate_known_answer():

@@ -91,3 +91,29 @@ def test_choice_on_validation_breaks_ties_to_p_then_the_smaller_beta():
   assert pq.choose({"sample": {16.0: min(a, b), 32.0: max(a, b)}}) == ("sample", 16.0)
   assert pq.choose({"ratio": {4.0: 0.5}, "p": {8.0: 0.5}}) == ("p", 8.0)
   assert pq.choose({"ratio": {4.0: 0.6}, "p": {8.0: 0.5, 0.0: 0.2}}) == ("ratio", 4.0)
+
+
+def test_cached_sample_evaluations_must_match_the_runs_proposal(tmp_path, monkeypatch):
+  """An evaluation file is reused unless it is a "sample" one drawn from another
+  proposal than the run's (files from before sample_proposal drew from pi alone)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from qsft_vla.learning import spec  # pylint: disable=g-import-not-at-top
+  pq.FLAGS(["policy_quality"])
+  task, size = pq.TASKS["gotolocal"], pq.SIZES["small"]["babyai"]
+  workdir = tmp_path / "run"
+  (workdir / "eval").mkdir(parents=True)
+  (workdir / "config.json").write_text(json.dumps({"learner": spec.LearnerConfig().to_dict()}))
+  calls = []
+  monkeypatch.setattr(pq.evaluate_lib, "run", lambda *a, **k: calls.append(k) or {"fresh": 1})
+
+  def cached(extraction, beta, content):
+    stem = pq.evaluate_lib.output_stem(task.env, 5000, beta, extraction)
+    (workdir / "eval" / f"{stem}.json").write_text(json.dumps(content))
+    return pq.evaluate(str(workdir), task, size, 5000, extraction, beta)
+
+  assert cached("ratio", 4.0, {"old": 1}) == {"old": 1}
+  assert cached("sample", 4.0, {"sampling": {"sample_proposal": "pi+p"}})["sampling"]
+  assert not calls
+  assert cached("sample", 8.0, {"old": 1}) == {"fresh": 1}  # no record: drawn from pi
+  assert cached("sample", 2.0, {"sampling": {"sample_proposal": "pi"}}) == {"fresh": 1}
+  assert [c["extraction"] for c in calls] == ["sample", "sample"]

@@ -10,12 +10,14 @@ valid bins of the dimension being decoded:
 The controller decodes the D dimensions autoregressively, one call per token position.
 
 A third extraction ranks whole actions instead of tokens:
-  "sample": K candidate actions, pi_phi's greedy one and K - 1 draws from pi_phi
-            (each dimension given the ones before), scored by
-            log pi_phi(a) + beta * Q(a), Q(a) the implied Q of the candidate's
-            last token, which the Bellman weights make the value of the whole
-            action (best_candidate). The candidates are in pi_phi's support by
-            construction and, unlike the per-token ratio, a choice in one
+  "sample": K candidate actions, pi_phi's greedy one and K - 1 draws, each
+            dimension given the ones before (LearnerConfig.sample_proposal: all
+            from pi_phi, or half from p_theta over the valid bins, p ~ pi * Q,
+            which also proposes the high-value actions pi_phi makes rare),
+            scored by log pi_phi(a) + beta * Q(a), Q(a) the implied Q of the
+            candidate's last token, which the Bellman weights make the value of
+            the whole action (best_candidate). A candidate pi_phi makes rare pays
+            for it in log pi; and, unlike the per-token ratio, a choice in one
             dimension is judged by the value of the action it ends up in.
 """
 

@@ -22,6 +22,7 @@ from qsft_vla.errors import check_dataclass_fields
 ALGORITHMS = ("qsft", "bc", "filtered_bc")
 RESIDUALS = ("dummy", "uniform")
 EXTRACTIONS = ("p", "ratio", "sample")
+SAMPLE_PROPOSALS = ("pi+p", "pi")
 P_PARAMETRIZATIONS = ("independent", "residual")
 DEFAULT_EPS = 1e-4  # support threshold on pi_phi (QSFT.md)
 BACKUPS = ("max", "mean", "expectile")
@@ -51,13 +52,19 @@ class LearnerConfig:
   # Inference: "p" (the paper's pi * exp(beta * p)) or "ratio" (pi * exp(ratio_beta * p / pi)
   # over the support pi > ratio_eps: ranks actions by the implied Q = p / pi;
   # reweighting.reweighted_logits), per token; or "sample": sample_k whole actions
-  # (pi_phi's greedy one and sample_k - 1 draws from pi_phi), the one of largest
+  # (pi_phi's greedy one and draws, see sample_proposal), the one of largest
   # log pi(a) + ratio_beta * Q(a) acts, Q(a) the implied Q of its last token, i.e.
   # of the whole action (reweighting.best_candidate).
   extraction: str = "p"
   ratio_beta: float = 1.0
   ratio_eps: float = 0.01
   sample_k: int = 32
+  # Where "sample" draws its candidates: "pi+p" half from pi_phi, half from p_theta
+  # over the valid bins (p ~ pi * Q: the behaviour's actions weighted by their value,
+  # so high-value actions that pi_phi makes rare are proposed too; candidate 1 is
+  # p_theta's greedy action); "pi" all from pi_phi. Candidate 0 is pi_phi's greedy
+  # action either way, and every candidate is scored alike.
+  sample_proposal: str = "pi+p"
   gamma: float = 0.99
   eps: float = DEFAULT_EPS          # support threshold on pi_phi in the Bellman target
   clip_weights: bool = True         # clip Bellman weights to [0, 1]
@@ -109,6 +116,7 @@ class LearnerConfig:
     for name, allowed in (("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
                           ("architecture", ARCHITECTURES), ("residual", RESIDUALS),
                           ("extraction", EXTRACTIONS), ("backup", BACKUPS),
+                          ("sample_proposal", SAMPLE_PROPOSALS),
                           ("p_parametrization", P_PARAMETRIZATIONS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"LearnerConfig.{name} must be one of {allowed}, "

@@ -102,8 +102,9 @@ class Controller:
     extraction: None = the learner's extraction; "p" (the paper's) or "ratio"
       (reweighting.reweighted_logits; support threshold learner.ratio_eps), or
       "sample" (learner.sample_k whole candidate actions from pi_phi, ranked by
-      log pi + beta * implied Q: reweighting.best_candidate); sample_k: None =
-      the learner's (how many candidates "sample" draws).
+      log pi + beta * implied Q: reweighting.best_candidate); sample_k,
+      sample_proposal: None = the learner's (how many candidates "sample" draws,
+      and from which networks: LearnerConfig.sample_proposal).
     temperature: 0 = argmax (the control default), > 0 = sampling.
     seed: seeds the sampling rng (act() number n samples from fold_in(key(seed), n)).
     warmup: compile now, on zeros, so the first act() runs at full speed.
@@ -119,7 +120,7 @@ class Controller:
   def __init__(self, policy: bundle.TrainedPolicy, beta: Optional[float] = None,
                temperature: float = 0.0, seed: int = 0, warmup: bool = True,
                extraction: Optional[str] = None, robot=None, kv_cache: Optional[bool] = None,
-               sample_k: Optional[int] = None):
+               sample_k: Optional[int] = None, sample_proposal: Optional[str] = None):
     if policy.params is None:
       raise ValueError("Controller needs a TrainedPolicy with params (TrainedPolicy.load, "
                        "or policy.with_params)")
@@ -141,8 +142,11 @@ class Controller:
     self._cameras = {c.name: (c.height, c.width) for c in self._spec.cameras}
     self._keys = set(self._cameras) | ({"state"} if self._spec.state_dim else set())
 
-    if sample_k is not None:  # checked as the learner config checks it
-      learner_config = dataclasses.replace(learner_config, sample_k=sample_k)
+    overrides = {k: v for k, v in (("sample_k", sample_k), ("sample_proposal", sample_proposal))
+                 if v is not None}
+    if overrides:  # checked as the learner config checks them
+      learner_config = dataclasses.replace(learner_config, **overrides)
+    self._sampling = {k: getattr(learner_config, k) for k in ("sample_k", "sample_proposal")}
     self._extraction = learner_config.extraction if extraction is None else extraction
     if self._extraction not in reweighting.EXTRACTIONS:
       raise ValueError(f"extraction must be one of {reweighting.EXTRACTIONS}, got {extraction!r}")
@@ -168,7 +172,7 @@ class Controller:
         tuple(sorted(self._params)), self._extraction, float(learner_config.ratio_eps),
         learner_config.p_parametrization,
         self._model_config.num_action_dims > 1 if kv_cache is None else bool(kv_cache),
-        learner_config.sample_k)
+        learner_config.sample_k, learner_config.sample_proposal)
 
     self._instruction: Optional[str] = None
     self._text = None
@@ -183,14 +187,21 @@ class Controller:
   def load(cls, workdir_or_checkpoint: str, beta: Optional[float] = None,
            temperature: float = 0.0, seed: int = 0, step: Optional[int] = None,
            warmup: bool = True, extraction: Optional[str] = None, robot=None,
-           kv_cache: Optional[bool] = None, sample_k: Optional[int] = None) -> "Controller":
+           kv_cache: Optional[bool] = None, sample_k: Optional[int] = None,
+           sample_proposal: Optional[str] = None) -> "Controller":
     """From a workdir, its checkpoints/ directory or one step directory (the
     latest step unless `step`). beta None: the run's beta for the extraction
     (0 for BC); extraction None: the run's learner.extraction; robot: the host's
     own RobotSpec or robot config file (see the class docstring)."""
     return cls(bundle.TrainedPolicy.load(workdir_or_checkpoint, step), beta=beta,
                temperature=temperature, seed=seed, warmup=warmup, extraction=extraction,
-               robot=robot, kv_cache=kv_cache, sample_k=sample_k)
+               robot=robot, kv_cache=kv_cache, sample_k=sample_k,
+               sample_proposal=sample_proposal)
+
+  @property
+  def sampling(self) -> dict[str, Any]:
+    """{"sample_k", "sample_proposal"}: how the "sample" extraction draws candidates."""
+    return dict(self._sampling)
 
   @property
   def extraction(self) -> str:
@@ -455,7 +466,7 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, mask_inva
                   image_sizes: tuple[tuple[str, tuple[int, int]], ...], nets: tuple[str, ...],
                   extraction: str = "p", ratio_eps: float = 0.01,
                   p_parametrization: str = "independent", kv_cache: bool = True,
-                  sample_k: int = 32):
+                  sample_k: int = 32, sample_proposal: str = "pi+p"):
   """The jit-compiled (instruct_fn, act_fn) of one network and action space,
   shared by every Controller built for them (the training loop builds one per
   periodic evaluation; it must not recompile each time).
@@ -469,7 +480,8 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, mask_inva
   kv_cache False (one action dimension only): position 0's logits in one pass
   (model.first_action_logits) instead of encode_prefix + decode_step.
   extraction "sample": sample_k candidate actions decoded as one batch (the
-  prefix encoded once), reweighting.best_candidate picks one.
+  prefix encoded once) from sample_proposal (LearnerConfig), and
+  reweighting.best_candidate picks one.
   """
   if not kv_cache and model.config.num_action_dims != 1:
     raise ValueError("kv_cache=False needs one action dimension, the model has "
@@ -535,11 +547,22 @@ def _compiled_fns(model, bins_per_dim: tuple[int, ...], residual: str, mask_inva
 
     def candidate(out, j):
       """Position j of every candidate ([K] tokens, finite, implied Q, log pi):
-      candidate 0 takes pi_phi's argmax, the others a draw from pi_phi."""
+      candidate 0 takes pi_phi's argmax, the others a draw from pi_phi; with the
+      "pi+p" proposal the odd candidates are p_theta's instead (its argmax for
+      candidate 1, draws for the others), from p_theta over the valid bins. Each
+      candidate is one row, so an action comes whole from one of the two."""
       pi_logits, p_logits, pi_ok = masked(out, j)
       log_pi = jnp.where(pi_ok, jax.nn.log_softmax(pi_logits, -1), -jnp.inf)
-      drawn = jax.random.categorical(jax.random.fold_in(call_key, j), log_pi, axis=-1)
-      tok = jnp.where(jnp.arange(sample_k) == 0, jnp.argmax(log_pi, -1), drawn).astype(jnp.int32)
+      key = jax.random.fold_in(call_key, j)
+      k = jnp.arange(sample_k)
+      tok = jnp.where(k == 0, jnp.argmax(log_pi, -1),
+                      jax.random.categorical(key, log_pi, axis=-1))
+      if sample_proposal == "pi+p" and nets != ("pi",):  # without p_theta: pi alone
+        log_q = jax.nn.log_softmax(jnp.where(pi_ok, p_logits, -jnp.inf), -1)
+        from_p = jnp.where(k == 1, jnp.argmax(log_q, -1),
+                           jax.random.categorical(jax.random.fold_in(key, 1), log_q, axis=-1))
+        tok = jnp.where(k % 2 == 1, from_p, tok)
+      tok = tok.astype(jnp.int32)
       finite, q = finite_and_q(pi_logits, p_logits, log_pi, pi_ok, tok)
       return tok, finite, q, jnp.take_along_axis(log_pi, tok[:, None], -1)[:, 0]
 
