@@ -101,8 +101,8 @@ class Controller:
     beta: None = the learner config's beta for the extraction (0 without p_theta).
     extraction: None = the learner's extraction; "p" (the paper's) or "ratio"
       (reweighting.reweighted_logits; support threshold learner.ratio_eps), or
-      "sample" (learner.sample_k whole candidate actions from pi_phi, ranked by
-      log pi + beta * implied Q: reweighting.best_candidate); sample_k,
+      "sample" (learner.sample_k whole candidate actions from pi_phi and p_theta,
+      ranked by log pi + beta * implied Q: reweighting.best_candidate); sample_k,
       sample_proposal: None = the learner's (how many candidates "sample" draws,
       and from which networks: LearnerConfig.sample_proposal).
     temperature: 0 = argmax (the control default), > 0 = sampling.
