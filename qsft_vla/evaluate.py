@@ -185,8 +185,7 @@ def _local_policy(workdir, checkpoint_step, beta, temperature, extraction, seed,
   return controller, {
       "eval_cfg": eval_cfg, "robot": policy.robot, "algorithm": policy.learner.algorithm,
       "architecture": policy.learner.architecture, "extraction": controller.extraction,
-      # How "sample" drew its candidates (None for the per-token extractions).
-      "sampling": controller.sampling if controller.extraction == "sample" else None,
+      "sampling": controller.sampling,
       "beta": controller.beta, "temperature": controller.temperature,
       "checkpoint_step": policy.step, "checkpoint": policy.path,
       "workdir": os.path.dirname(os.path.dirname(policy.path))}  # <workdir>/checkpoints/<step>
@@ -309,7 +308,7 @@ def _define_flags():
   flags.DEFINE_enum("sample_proposal", None, list(learner_spec.SAMPLE_PROPOSALS),
                     "Where extraction sample draws its candidates (default: the run's "
                     "learner.sample_proposal): pi+p = half from pi, half from p; pi = all "
-                    "from pi. Recorded in the JSON (sampling), not in the file name."),
+                    "from pi. Recorded in the JSON (sampling), not in the file name.")
   flags.DEFINE_float("temperature", 0.0, "0: argmax; > 0: sample.")
   flags.DEFINE_integer("checkpoint_step", None, "Step to evaluate (default: the latest).")
   flags.DEFINE_integer("video_episodes", None, "GIFs of the first N episodes "

@@ -77,7 +77,7 @@ def metadata(controller: Controller) -> dict[str, Any]:
       "algorithm": policy.learner.algorithm,
       "has_values": controller.has_p,
       "extraction": controller.extraction,
-      "sampling": controller.sampling if controller.extraction == "sample" else None,
+      "sampling": controller.sampling,
       "beta": controller.beta,
       "temperature": controller.temperature,
       "checkpoint_step": policy.step,

@@ -204,6 +204,7 @@ def test_sample_extraction_acts_on_the_best_candidate(ckpt_dir, robot, architect
       ctrl = controller(path, extraction="sample", sample_k=256, beta=beta,
                         sample_proposal=proposal)
       assert ctrl.sampling == {"sample_k": 256, "sample_proposal": proposal}
+      assert controller(path).sampling is None  # per-token extraction: no candidates
       ctrl.reset(INSTRUCTION)
       for frame, (obs, mask) in zip(frames, windows):
         action, info = ctrl.act(frame, return_info=True)

@@ -199,9 +199,10 @@ class Controller:
                sample_proposal=sample_proposal)
 
   @property
-  def sampling(self) -> dict[str, Any]:
-    """{"sample_k", "sample_proposal"}: how the "sample" extraction draws candidates."""
-    return dict(self._sampling)
+  def sampling(self) -> Optional[dict[str, Any]]:
+    """{"sample_k", "sample_proposal"}: how the "sample" extraction draws its
+    candidates; None for the per-token extractions, which draw none."""
+    return dict(self._sampling) if self._extraction == "sample" else None
 
   @property
   def extraction(self) -> str:
