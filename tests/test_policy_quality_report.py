@@ -32,7 +32,7 @@ def test_table_and_plots(tmp_path):
   results = [_result("gotolocal", 0.7, 0.4, 0.5), _result("reach", 0.9, 0.2, 0.8)]
   text = pq.table(results)
   assert "| gotolocal | 0,1,2 | 2000 x 64 |" in text and "70.0% [60, 80]" in text
-  assert "| reach | 0,1,2 | 1500 x 32 |" in text  # a summary without steps: its size's
+  assert "| reach | 0,1,2 | 3000 x 32 |" in text  # a summary without steps: its size's
   assert "ratio, beta 16" in text and "60 vs 10, p = 1e-09" in text
   assert "Average over 2 task(s): Q-SFT 80.0%, BC 30.0%, filtered BC 65.0%" in text
   assert "Q-SFT at >= 90% of the expert on 1 of 2" in text
@@ -93,9 +93,10 @@ def test_choice_on_validation_breaks_ties_to_p_then_the_smaller_beta():
   assert pq.choose({"ratio": {4.0: 0.6}, "p": {8.0: 0.5, 0.0: 0.2}}) == ("ratio", 4.0)
 
 
-def test_cached_sample_evaluations_must_match_the_runs_proposal(tmp_path, monkeypatch):
-  """An evaluation file is reused unless it is a "sample" one drawn from another
-  proposal than the run's (files from before sample_proposal drew from pi alone)."""
+def test_cached_evaluations_must_match_the_runs_checkpoint_and_proposal(tmp_path, monkeypatch):
+  """An evaluation file is reused unless it is of an earlier checkpoint (the run has
+  since trained further) or a "sample" one drawn from another proposal than the
+  run's (files from before sample_proposal drew from pi alone)."""
   import json  # pylint: disable=g-import-not-at-top
   from qsft_vla.learning import spec  # pylint: disable=g-import-not-at-top
   pq.FLAGS(["policy_quality"])
@@ -106,14 +107,18 @@ def test_cached_sample_evaluations_must_match_the_runs_proposal(tmp_path, monkey
   calls = []
   monkeypatch.setattr(pq.evaluate_lib, "run", lambda *a, **k: calls.append(k) or {"fresh": 1})
 
-  def cached(extraction, beta, content):
+  def cached(extraction, beta, content, step=size["steps"]):
     stem = pq.evaluate_lib.output_stem(task.env, 5000, beta, extraction)
+    content = {**content, "checkpoint_step": step}
     (workdir / "eval" / f"{stem}.json").write_text(json.dumps(content))
     return pq.evaluate(str(workdir), task, size, 5000, extraction, beta)
 
-  assert cached("ratio", 4.0, {"old": 1}) == {"old": 1}
+  assert cached("ratio", 4.0, {"old": 1})["old"] == 1
   assert cached("sample", 4.0, {"sampling": {"sample_proposal": "pi+p"}})["sampling"]
   assert not calls
   assert cached("sample", 8.0, {"old": 1}) == {"fresh": 1}  # no record: drawn from pi
   assert cached("sample", 2.0, {"sampling": {"sample_proposal": "pi"}}) == {"fresh": 1}
-  assert [c["extraction"] for c in calls] == ["sample", "sample"]
+  assert cached("ratio", 1.0, {"old": 1}, step=size["steps"] // 2) == {"fresh": 1}
+  assert cached("sample", 16.0, {"sampling": {"sample_proposal": "pi+p"}},
+                step=size["steps"] // 2) == {"fresh": 1}
+  assert [c["extraction"] for c in calls] == ["sample", "sample", "ratio", "sample"]
