@@ -40,6 +40,7 @@ from qsft_vla import config as qconfig
 from qsft_vla import paths
 from qsft_vla.learning import learner as learner_lib
 from qsft_vla.learning import sharding
+from qsft_vla.learning import spec as learner_spec
 from qsft_vla.models import lora, registry
 from qsft_vla.policy import checkpoints, layout
 from qsft_vla.policy.bundle import TrainedPolicy
@@ -197,7 +198,9 @@ def _from_items(items: dict[str, Any], base) -> learner_lib.TrainState:
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
   """A workdir resumes only the run it holds: same model, learner, action space
-  and (LoRA) frozen base."""
+  and (LoRA) frozen base. Both sides are read back through their loaders first, so
+  a field added by a later version at its default does not block a resume."""
+  saved, current = _normalised(saved), _normalised(current)
   for key in ("model", "learner", "action_tokenizer", "lora_base"):
     a, b = dict(saved.get(key) or {}), dict(current.get(key) or {})
     if key == "learner":  # how the step is computed does not change the run
@@ -208,6 +211,23 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) 
       raise checkpoints.CheckpointError(
           f"{where} holds a checkpoint with a different {key} than this config; use a new "
           f"--workdir (or the original config) to resume.\n saved:   {a}\n current: {b}")
+
+
+def _normalised(meta: dict[str, Any]) -> dict[str, Any]:
+  """The meta's model and learner as their loaders read them (missing fields at
+  their defaults, tuples as lists); unreadable parts are left for the comparison
+  to report."""
+  out = dict(meta)
+  try:
+    _, model_cfg = registry.from_description(meta["model"])
+    out["model"] = registry.describe(meta["model"]["name"], model_cfg)
+  except (KeyError, TypeError, ValueError):
+    pass
+  try:
+    out["learner"] = learner_spec.LearnerConfig.from_dict(meta["learner"]).to_dict()
+  except (KeyError, TypeError, ValueError):
+    pass
+  return json.loads(json.dumps(out))
 
 
 def filter_thresholds(setup: Setup) -> Optional[list[float]]:

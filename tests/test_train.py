@@ -4,6 +4,7 @@ A real BabyAI dataset (the bot at noise 0 and 1) and a tiny RT1Small keep each
 run to a few seconds on 2 cores.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -323,3 +324,22 @@ def test_binary_log_filter_drops_the_libraries_noise_only():
   assert not kept(std_logging.WARNING, f"{site}/tensorflow/python/util/deprecation.py")
   assert kept(std_logging.ERROR, f"{site}/tensorflow/python/util/deprecation.py")
   assert kept(std_logging.INFO, "/work/qsft_vla/train.py")
+
+
+def test_a_run_saved_before_a_field_existed_resumes_at_its_default():
+  """A later version's new model or learner field, at its default, does not block a
+  resume; at another value it does."""
+  from qsft_vla.learning import spec  # pylint: disable=g-import-not-at-top
+  from qsft_vla.models import registry  # pylint: disable=g-import-not-at-top
+  from qsft_vla.models.rt1_small import RT1SmallConfig  # pylint: disable=g-import-not-at-top
+  current = {"model": registry.describe("rt1_small", RT1SmallConfig(4, 256)),
+             "learner": spec.LearnerConfig(gamma=0.9).to_dict()}
+  saved = json.loads(json.dumps(current))
+  del saved["model"]["config"]["compute_dtype"], saved["learner"]["sample_proposal"]
+  train._check_same_run(saved, current, "run")
+  with pytest.raises(checkpoints.CheckpointError, match="different model"):
+    train._check_same_run(saved, {**current, "model": registry.describe(
+        "rt1_small", RT1SmallConfig(4, 256, compute_dtype="bfloat16"))}, "run")
+  with pytest.raises(checkpoints.CheckpointError, match="different learner"):
+    train._check_same_run(saved, {**current, "learner": spec.LearnerConfig(
+        gamma=0.9, sample_proposal="pi").to_dict()}, "run")
