@@ -40,7 +40,6 @@ from qsft_vla import config as qconfig
 from qsft_vla import paths
 from qsft_vla.learning import learner as learner_lib
 from qsft_vla.learning import sharding
-from qsft_vla.learning import spec as learner_spec
 from qsft_vla.models import lora, registry
 from qsft_vla.policy import checkpoints, layout
 from qsft_vla.policy.bundle import TrainedPolicy
@@ -224,7 +223,7 @@ def _normalised(meta: dict[str, Any]) -> dict[str, Any]:
   except (KeyError, TypeError, ValueError):
     pass
   try:
-    out["learner"] = learner_spec.LearnerConfig.from_dict(meta["learner"]).to_dict()
+    out["learner"] = learner_lib.LearnerConfig.from_dict(meta["learner"]).to_dict()
   except (KeyError, TypeError, ValueError):
     pass
   return json.loads(json.dumps(out))
