@@ -66,6 +66,8 @@ def test_actor_inserts_its_episodes_as_the_pipelines_examples(run, monkeypatch):
     assert [r["step"] for r in rows] == [1, 2]           # reloaded between episodes
     assert summary["episodes"] == 2 and server.size() == summary["inserted"]
     assert summary["inserted"] == sum(r["length"] for r in rows)
+    assert [r["inserted"] for r in rows] == [r["length"] for r in rows]    # per episode
+    assert rows[-1]["inserted_total"] == summary["inserted"]
     chunks = sorted(os.path.join(run, "actors", "seed0", n)
                     for n in os.listdir(os.path.join(run, "actors", "seed0"))
                     if n.startswith("episode_"))

@@ -155,13 +155,15 @@ def run(workdir: str, env_id: str, server: str, *, episodes: int = 0, temperatur
                                     "reset_seed": reset_seed, "temperature": temperature,
                                     "epsilon": epsilon}) as writer:
           writer.add(episode)
-        inserted += insert_lib.insert(cfg, [chunk], server, log_every=0, timeout=timeout,
-                                      stats=controller.policy.statistics[0])
+        n = insert_lib.insert(cfg, [chunk], server, log_every=0, timeout=timeout,
+                              stats=controller.policy.statistics[0])
+        inserted += n
         success = bool(episode["episode_metadata"]["success"])
         recent.append(success)
         done += 1
         row = {"episode": index + 1, "step": controller.step, "success": success,
-               "length": len(episode["steps"]["action"]), "inserted": inserted,
+               # this episode's examples, as in a recovered row; the run's total is "inserted_total"
+               "length": len(episode["steps"]["action"]), "inserted": n, "inserted_total": inserted,
                "success_rate_recent": float(np.mean(recent)), "wall_s": time.time() - start}
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
