@@ -202,14 +202,24 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) 
   saved, current = _normalised(saved), _normalised(current)
   for key in ("model", "learner", "action_tokenizer", "lora_base"):
     a, b = dict(saved.get(key) or {}), dict(current.get(key) or {})
-    if key == "learner":  # how the step is computed does not change the run
-      for field in ("donate_state", "microbatches"):
+    if key == "learner":
+      # How the step is computed does not change the run, nor do fields without
+      # effect on both sides (LoRA's settings in a run without LoRA).
+      ignored = {"donate_state", "microbatches"} | _without_effect(a) & _without_effect(b)
+      for field in ignored:
         a.pop(field, None)
         b.pop(field, None)
     if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
       raise checkpoints.CheckpointError(
           f"{where} holds a checkpoint with a different {key} than this config; use a new "
           f"--workdir (or the original config) to resume.\n saved:   {a}\n current: {b}")
+
+
+def _without_effect(learner: dict[str, Any]) -> set[str]:
+  try:
+    return set(learner_lib.LearnerConfig.from_dict(learner).fields_without_effect())
+  except (TypeError, ValueError):
+    return set()
 
 
 def _normalised(meta: dict[str, Any]) -> dict[str, Any]:

@@ -343,3 +343,11 @@ def test_a_run_saved_before_a_field_existed_resumes_at_its_default():
   with pytest.raises(checkpoints.CheckpointError, match="different learner"):
     train._check_same_run(saved, {**current, "learner": spec.LearnerConfig(
         gamma=0.9, sample_proposal="pi").to_dict()}, "run")
+  # A changed default of a field without effect (LoRA's targets without LoRA) does
+  # not block either; with LoRA on both sides it does.
+  old_targets = {**saved["learner"], "lora_targets": "(q_proj|v_proj)/kernel$"}
+  train._check_same_run({**saved, "learner": old_targets}, current, "run")
+  lora = lambda d: {**d, "lora_rank": 8}
+  with pytest.raises(checkpoints.CheckpointError, match="different learner"):
+    train._check_same_run({**saved, "learner": lora(old_targets)},
+                          {**current, "learner": lora(current["learner"])}, "run")

@@ -187,6 +187,12 @@ class LearnerConfig:
     """The beta of the configured extraction."""
     return self.beta_of(self.extraction)
 
+  def fields_without_effect(self) -> tuple[str, ...]:
+    """Fields that change nothing under this config: LoRA's settings without LoRA
+    (lora_rank 0). A resume ignores them, so a later default of one (lora_targets
+    grew EfficientNet's convolutions) does not refuse a run saved before it."""
+    return () if self.lora_rank else ("lora_alpha", "lora_targets", "lora_full")
+
   @property
   def uses_lora(self) -> bool:
     return self.lora_rank > 0
