@@ -14,7 +14,9 @@ the ratio of the medians and the median of the per-round ratios. The input
 pipeline is not included (tests and benchmarks/pipeline_throughput.py cover it).
 A learner may carry modifier variants: --algorithms=qsft,bc,qsft+lora,bc+lora
 times full fine-tuning and LoRA side by side (a pretrained backbone variant in
---config), each Q-SFT against the BC with the same modifiers.
+--config), each Q-SFT against the BC with the same modifiers, or plain BC where
+that is not timed (--algorithms=qsft,qsft+shared_encoder,bc: the architecture is
+Q-SFT's alone).
 """
 
 from __future__ import annotations
@@ -79,17 +81,19 @@ def _time(setup, state, batch, n):
   return state, times
 
 
-def _what_a_qsft_step_does(lcfg, action_dims: int) -> str:
+def _what_a_qsft_step_does(name: str, lcfg, action_dims: int) -> str:
   """One sentence on the passes a Q-SFT step of this learner config runs."""
-  trained = ("one trunk with two heads" if lcfg.architecture == "shared"
-             else "two networks")
+  trained = {"shared": "one trunk with two heads",
+             "shared_encoder": "two transformers on one observation encoder (p_theta's loss "
+                               "stops at the encoder, which runs once)",
+             "separate": "two networks"}[lcfg.architecture]
   if not lcfg.bootstraps:
     extra = "no extra forward pass (the Monte-Carlo target, mc_mix=1, needs no bootstrap)"
   else:
     target = "s'" if action_dims == 1 else "s and s'"
     extra = (f"extra forward passes of pi_phi at s' and of the Polyak target at {target} for "
              "the Bellman weights")
-  return f"A Q-SFT step trains {trained} with {extra}; BC trains one network."
+  return f"A {name} step trains {trained} with {extra}; BC trains one network."
 
 
 def main(argv):
@@ -98,9 +102,10 @@ def main(argv):
   batch_size = _BATCH.value or cfg.train.batch_size
   runs = {v: list(_learner(v, batch_size)) for v in _ALGORITHMS.value}
   times = {v: [] for v in runs}
-  # Q-SFT / BC pairs with the same modifiers: {"": ("qsft", "bc"), "+lora": (...)}.
-  pairs = {v[4:]: (v, "bc" + v[4:]) for v in runs if v.startswith("qsft") and
-           "bc" + v[4:] in runs}
+  # Q-SFT / BC pairs with the same modifiers ({"": ("qsft", "bc"), "+lora": (...)}),
+  # or plain BC where BC with them is not timed.
+  pairs = {v[4:]: (v, "bc" + v[4:] if "bc" + v[4:] in runs else "bc")
+           for v in runs if v.startswith("qsft") and ("bc" + v[4:] in runs or "bc" in runs)}
   round_ratios = {k: [] for k in pairs}
   for _ in range(_ROUNDS.value):
     per_round = {}
@@ -120,9 +125,8 @@ def main(argv):
       f"`{' '.join(sys.argv)}`",
       "",
       f"Machine: {report.machine()}. Batch {batch_size}; model "
-      f"{report.model_summary(cfg.model.name, m)}; learner architecture "
-      f"{cfg.learner.architecture}; {_ROUNDS.value} alternating rounds of {_STEPS.value} steps "
-      f"each.",
+      f"{report.model_summary(cfg.model.name, m)}; {_ROUNDS.value} alternating rounds of "
+      f"{_STEPS.value} steps each.",
       "",
       "| learner | median ms/step | p10–p90 ms | first call (compile) s |",
       "|---|---|---|---|",
@@ -133,7 +137,10 @@ def main(argv):
   for k, (a, b) in pairs.items():
     lines += [f"{a} / {b}: {med[a] / med[b]:.2f}x (ratio of medians); median of "
               f"per-round ratios {float(np.median(round_ratios[k])):.2f}x.", ""]
-  lines += [_what_a_qsft_step_does(train.learner_config(cfg), m.num_action_dims), ""]
+  for v in runs:
+    if v.startswith("qsft"):
+      lines += [_what_a_qsft_step_does(v, train.learner_config(_config(v)), m.num_action_dims),
+                ""]
   text = "\n".join(lines)
   report.emit(text, _OUT.value)
 

@@ -306,8 +306,16 @@ def _lora(c: ml_collections.ConfigDict) -> None:
   c.learner.lora_alpha = 16.0
 
 
+def _shared_encoder(c: ml_collections.ConfigDict) -> None:
+  """Q-SFT's cheaper architecture (learner.architecture="shared_encoder"): one
+  observation encoder, trained by pi_phi's loss alone, under pi_phi's and p_theta's
+  own transformers, so a step runs the image convolutions once, not twice
+  (benchmarks/results/train_step_time.md). rt1_small only."""
+  c.learner.architecture = "shared_encoder"
+
+
 # Variants that modify whatever algorithm and backbone they join.
-MODIFIER_VARIANTS = {"lora": _lora}
+MODIFIER_VARIANTS = {"lora": _lora, "shared_encoder": _shared_encoder}
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:

@@ -153,7 +153,7 @@ def build(cfg, stats: Optional[list[dict[str, Any]]] = None) -> Setup:
   image_sizes = {c.name: (tuple(cfg.data.image_size) if cfg.data.image_size is not None
                           else (c.height, c.width)) for c in spec.cameras}
   lcfg = learner_config(cfg)
-  model_cfg = registry.model_config(cfg, spec, action_tokenizer, lcfg.num_output_heads,
+  model_cfg = registry.model_config(cfg, spec, action_tokenizer, lcfg,
                                     text_vocab=text_tokenizer.vocab_size)
   if lcfg.uses_lora and not registry.uses_pretrained(cfg.model.name, model_cfg):
     raise qconfig.ConfigError(

@@ -62,7 +62,7 @@ def write_checkpoint(workdir, robot_name="babyai", algorithm="qsft", architectur
   fields = {f.name for f in dataclasses.fields(learner_lib.LearnerConfig)}
   learner_cfg = learner_lib.LearnerConfig(
       **{k: v for k, v in qconfig.as_dict(cfg)["learner"].items() if k in fields})
-  model_cfg = registry.model_config(cfg, spec, tokenizer, learner_cfg.num_output_heads,
+  model_cfg = registry.model_config(cfg, spec, tokenizer, learner_cfg,
                                     text_vocab=text.vocab_size)
   sizes = {c.name: tuple(cfg.data.image_size or (c.height, c.width)) for c in spec.cameras}
 

@@ -185,7 +185,7 @@ def test_polyak_target_update():
 
 
 def test_shared_architecture_two_heads():
-  with pytest.raises(ValueError, match="num_output_heads=2"):
+  with pytest.raises(ValueError, match="'num_output_heads': 2"):
     L.Learner(RT1Small(TINY), L.LearnerConfig(architecture="shared"), VALID)
   lrn = make_learner(architecture="shared", lr_pi=3e-3, lr_p=3e-3)
   assert lrn.model.config.num_output_heads == 2
@@ -208,6 +208,55 @@ def test_shared_architecture_two_heads():
   step0, _ = lrn.model.apply(full, cache, b["action_tokens"][:, 0], 0,
                              method=RT1Small.decode_step)
   np.testing.assert_allclose(step0, logits[:, :, 0], atol=1e-5)
+
+
+def test_shared_encoder_trains_pi_as_separate_and_p_apart_from_the_encoder():
+  """architecture="shared_encoder": p_theta's own transformer and head read pi_phi's
+  observation encoder through a stop-gradient. Known answer: from the same weights,
+  one step moves pi_phi exactly as the separate architecture does (p's loss never
+  reaches it), and p_theta's transformer and head exactly as the separate p_theta's
+  (whose encoder moves too, which the shared encoder's p_theta has not)."""
+  from qsft_vla.models.vlm import VLMConfig  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="'p_trunk': True"):
+    L.Learner(RT1Small(L.model_config_for(TINY, L.LearnerConfig(architecture="shared"))),
+              L.LearnerConfig(architecture="shared_encoder"), VALID)
+  with pytest.raises(ValueError, match=r"shared_encoder.*rt1_small.*VLMConfig has none"):
+    L.check_model_fields(VLMConfig, L.LearnerConfig(architecture="shared_encoder"))
+  L.check_model_fields(VLMConfig, L.LearnerConfig(algorithm="bc", architecture="shared_encoder"))
+  kw = dict(MAIN, grad_clip_norm=None)  # a global-norm clip would mix the groups' norms
+  sep, enc = make_learner(**kw), make_learner(**kw, architecture="shared_encoder")
+  assert enc.model.config.p_trunk and enc.model.config.num_output_heads == 2
+  batch = make_batch(seed=6)
+  s_sep, s_enc = init_state(sep, batch), init_state(enc, batch)
+  trunk = set(s_enc.params_p["params"]["p_trunk"])
+  assert set(s_enc.params_p["params"]) == {"head_1", "p_trunk"}
+  assert trunk == {"action_embed", "action_start", "action_pos", "block0", "ln_out"}
+  assert_tree_equal(s_enc.params_pi, s_sep.params_pi)  # the same init, pi's own names
+  b = enc._select(batch)  # pylint: disable=protected-access
+  args = (b["observation"], b["history_mask"], b["text_ids"], b["text_mask"], b["action_tokens"])
+  out = enc.model.apply(enc.inference_params(s_enc)["shared"], *args)
+  np.testing.assert_array_equal(out[1], out[0])  # p_theta starts as pi_phi
+  new_sep, m_sep = sep.step(s_sep, batch)
+  new_enc, m_enc = enc.step(s_enc, batch)
+  for k in ("loss_pi", "loss_p"):
+    assert float(m_enc[k]) == pytest.approx(float(m_sep[k]), rel=1e-5)
+  assert_params_close(new_enc.params_pi, new_sep.params_pi, MAIN["lr_pi"])
+  p_sep = new_sep.params_p["params"]
+  assert_params_close(new_enc.params_p["params"]["p_trunk"], {k: p_sep[k] for k in trunk},
+                      MAIN["lr_p"])
+  assert_params_close(new_enc.params_p["params"]["head_1"], p_sep["head"], MAIN["lr_p"])
+  assert tree_changed(p_sep["image_encoder"], s_sep.params_p["params"]["image_encoder"])
+  # Acting: the cache path (decode_step) gives both outputs as teacher forcing does.
+  full = enc.inference_params(new_enc)["shared"]
+  out = enc.model.apply(full, *args)
+  cache = enc.model.apply(full, *args[:4], method=RT1Small.encode_prefix)
+  prev = jnp.zeros_like(b["action_tokens"][:, 0])
+  for j in range(TINY.num_action_dims):
+    step, cache = enc.model.apply(full, cache, prev, j, method=RT1Small.decode_step)
+    np.testing.assert_allclose(step, out[:, :, j], atol=1e-5)
+    prev = b["action_tokens"][:, j]
+  first = enc.model.apply(full, *args[:4], method=RT1Small.first_action_logits)
+  np.testing.assert_allclose(first, out[:, :, 0], atol=1e-5)
 
 
 def test_steps_per_call_equals_single_steps():
@@ -333,7 +382,7 @@ def test_non_finite_step_changes_nothing(algorithm):
   assert int(new.step) == int(state.step) + 1
 
 
-@pytest.mark.parametrize("architecture", ["separate", "shared"])
+@pytest.mark.parametrize("architecture", ["separate", "shared", "shared_encoder"])
 def test_pure_monte_carlo_target_never_reads_the_target_network(architecture):
   """mc_mix = 1: every token's weight is the example's G_t, and the step never evaluates
   p_theta_bar (a NaN target changes nothing), so it costs one forward pass less per net."""
@@ -354,7 +403,7 @@ def test_pure_monte_carlo_target_never_reads_the_target_network(architecture):
     L.LearnerConfig(mc_mix=1.5)
 
 
-@pytest.mark.parametrize("architecture", ["separate", "shared"])
+@pytest.mark.parametrize("architecture", ["separate", "shared", "shared_encoder"])
 def test_residual_parametrization_starts_at_pi_and_cancels_pi(architecture):
   """p = softmax(stop_grad(log pi) + out): equal to pi at the start (zero head, the
   dummy at -20), and p / pi = exp(out_b) / Z whatever pi is."""
@@ -365,7 +414,7 @@ def test_residual_parametrization_starts_at_pi_and_cancels_pi(architecture):
   params = lrn.inference_params(state)
   args = (batch["observation"], batch["history_mask"], batch["text_ids"], batch["text_mask"],
           batch["action_tokens"], False)
-  if architecture == "shared":
+  if architecture != "separate":
     out = lrn.model.apply(params["shared"], *args)
     pi_raw, p_raw = out[0], out[1]
   else:

@@ -22,6 +22,11 @@ Architectures (LearnerConfig.architecture):
               variables (trunk and both heads), of which only head 1 is read.
               At init head_1 is a copy of head, so p_theta starts equal to
               pi_phi, as with separate backbones.
+  "shared_encoder": as "shared", but p_theta also has its own transformer
+              (rt1_small's p_trunk, in params_p beside head_1) reading the
+              observation encoder through a stop-gradient: the encoder is
+              pi_phi's, trained by L_CE alone, and runs once for both. At init
+              p_trunk is a copy of pi_phi's transformer.
 
 Schedules (LearnerConfig.schedule):
   "joint":      every step trains both (the author's code: L_CE + L_WCE).
@@ -94,7 +99,8 @@ from qsft_vla.models import lora
 # (optax-free, shared with the checkpoint loader and the Controller); the
 # schema's names are re-exported for training code.
 from qsft_vla.learning.spec import (ALGORITHMS, ARCHITECTURES, BACKUPS,  # noqa: F401
-                                    SCHEDULES, LearnerConfig, model_config_for)
+                                    SCHEDULES, LearnerConfig, check_model_fields,
+                                    model_config_for)
 from qsft_vla.policy import layout
 from qsft_vla.policy.layout import P_HEAD, merge_shared
 
@@ -144,11 +150,11 @@ class Learner:
                sharding_rules=sharding.DEFAULT_RULES):
     self.model = model
     self.config = config
-    heads = getattr(model.config, "num_output_heads", 1)
-    if heads != config.num_output_heads:
+    want = {"num_output_heads": 1, "p_trunk": False, **config.model_fields}
+    got = {k: getattr(model.config, k, v if k == "p_trunk" else 1) for k, v in want.items()}
+    if got != want:
       raise ValueError(f"algorithm={config.algorithm!r}, architecture={config.architecture!r} "
-                       f"needs a model with num_output_heads={config.num_output_heads}, got "
-                       f"{heads} (use learner.model_config_for)")
+                       f"needs a model with {want}, got {got} (use learner.model_config_for)")
     self.dummy_id = int(model.config.dummy_id)
     vocab = int(model.config.output_size)
     self.valid, self.p_allowed = reweighting.allowed_ids(valid_mask, vocab, self.dummy_id,
@@ -240,6 +246,9 @@ class Learner:
     if shared:
       params = dict(variables["params"])
       params[P_HEAD] = jax.tree_util.tree_map(jnp.array, params["head"])  # p starts as pi
+      if layout.P_TRUNK in params:  # shared encoder: so does p_theta's own transformer
+        params[layout.P_TRUNK] = {k: jax.tree_util.tree_map(jnp.array, params[k])
+                                  for k in params[layout.P_TRUNK]}
       if residual:
         params[P_HEAD] = self._residual_head(params[P_HEAD])
       variables = {**variables, "params": params}

@@ -27,7 +27,7 @@ P_PARAMETRIZATIONS = ("independent", "residual")
 DEFAULT_EPS = 1e-4  # support threshold on pi_phi (QSFT.md)
 BACKUPS = ("max", "mean", "expectile")
 SCHEDULES = ("joint", "sequential")
-ARCHITECTURES = ("separate", "shared")
+ARCHITECTURES = ("separate", "shared", "shared_encoder")
 RETIRED_FIELDS = ("filter_threshold",)
 # LoRA's default targets: every linear map of the Llama decoder and of MiniLM's layers,
 # and EfficientNet-Lite0's 1x1 convolutions (its depthwise 3x3 ones have one input
@@ -87,7 +87,10 @@ class LearnerConfig:
   lr_p: float = 1e-4
   schedule: str = "joint"           # "joint" | "sequential" (pi_phi first, then p_theta)
   pi_steps: int = 0                 # sequential: steps of the pi_phi phase
-  architecture: str = "separate"    # "separate" backbones | "shared" trunk with two heads
+  # "separate" backbones | "shared" trunk with two heads | "shared_encoder": one
+  # observation encoder, trained by pi_phi's loss only, under two transformers
+  # (rt1_small's p_trunk: the image convolutions run once for both networks)
+  architecture: str = "separate"
   grad_clip_norm: Optional[float] = 1.0   # None: no clipping
   steps_per_call: int = 1           # optimiser steps per jit call (lax.scan)
   # Gradient accumulation: each step's batch is split into this many microbatches
@@ -208,8 +211,17 @@ class LearnerConfig:
 
   @property
   def num_output_heads(self) -> int:
-    """Heads the model must have: 2 for Q-SFT with a shared trunk, else 1."""
-    return 2 if self.uses_p and self.architecture == "shared" else 1
+    """Heads the model must have: 2 for Q-SFT with a shared trunk or encoder, else 1."""
+    return 2 if self.uses_p and self.architecture != "separate" else 1
+
+  @property
+  def model_fields(self) -> dict[str, Any]:
+    """What the learner fixes in the model config: the output heads, and with
+    the shared encoder p_theta's own transformer (a field rt1_small alone has)."""
+    fields = {"num_output_heads": self.num_output_heads}
+    if self.uses_p and self.architecture == "shared_encoder":
+      fields["p_trunk"] = True
+    return fields
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -224,5 +236,16 @@ class LearnerConfig:
 
 
 def model_config_for(model_config, learner_config: LearnerConfig):
-  """The model config with the number of output heads the learner needs."""
-  return dataclasses.replace(model_config, num_output_heads=learner_config.num_output_heads)
+  """The model config with the output heads (and trunks) the learner needs."""
+  check_model_fields(type(model_config), learner_config)
+  return dataclasses.replace(model_config, **learner_config.model_fields)
+
+
+def check_model_fields(config_cls, learner_config: LearnerConfig) -> None:
+  """Raises ValueError if a model config class cannot hold what the learner needs."""
+  known = {f.name for f in dataclasses.fields(config_cls)}
+  missing = sorted(set(learner_config.model_fields) - known)
+  if missing:
+    raise ValueError(f"learner.architecture={learner_config.architecture!r} needs a model with "
+                     f"{missing} (an observation encoder apart from its transformer: rt1_small); "
+                     f"{config_cls.__name__} has none: use 'separate' or 'shared'")

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from qsft_vla.errors import ConfigError
+from qsft_vla.learning import spec as learner_spec
 from qsft_vla.models import rt1_small, vlm
 from qsft_vla.tokenizers.text import TextTokenizer
 
@@ -75,11 +76,18 @@ def text_tokenizer(cfg) -> TextTokenizer:
     raise ConfigError(f"model.{cfg.model.name}: instruction tokenizer: {e}") from None
 
 
-def model_config(cfg, spec, action_tokenizer, num_output_heads: int = 1,
-                 text_vocab: int | None = None):
+def model_config(cfg, spec, action_tokenizer, learner=None, text_vocab: int | None = None):
   """The model config for a run: robot and tokenizers fix the inputs/outputs,
-  cfg.model.<name> the sizes, the learner the number of output heads."""
+  cfg.model.<name> the sizes, the learner (a LearnerConfig; None: BC's single
+  head) its output heads (LearnerConfig.model_fields)."""
   config_cls = _entry(cfg.model.name).config
+  learner_fields = {}
+  if learner is not None:
+    try:
+      learner_spec.check_model_fields(config_cls, learner)
+    except ValueError as e:
+      raise ConfigError(f"model.{cfg.model.name}: {e}") from None
+    learner_fields = learner.model_fields
   sizes = _section(cfg)
   for k, v in sizes.items():
     if isinstance(v, list):
@@ -88,7 +96,7 @@ def model_config(cfg, spec, action_tokenizer, num_output_heads: int = 1,
     sizes["text_vocab"] = int(text_vocab)
   try:
     return config_cls.for_robot(spec, action_tokenizer, window=cfg.data.window,
-                                num_output_heads=num_output_heads, **sizes)
+                                **learner_fields, **sizes)
   except (TypeError, ValueError, OSError) as e:
     raise ConfigError(f"model.{cfg.model.name}: {e}") from None
 

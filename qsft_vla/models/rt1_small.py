@@ -27,6 +27,12 @@ output heads") the trunk is shared and H Dense heads ("head", "head_1", ...,
 "head_{H-1}") read the same final features; __call__ then returns
 [H, B, D, V] and decode_step [H, B, V] (head 0 first). H = 1 keeps the single
 head's parameter name "head" and the unstacked shapes.
+With `p_trunk` (Q-SFT "shared encoder", H = 2) only the observation encoder is
+shared: head 1 reads its own transformer ("p_trunk": action inputs, blocks and
+final norm named as the model's own) over the encoded prefix behind a
+stop-gradient, so p_theta's loss never reaches the encoder and pi_phi trains
+exactly as on its own, while the image convolutions, most of a step's FLOPs,
+run once for both networks.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ TEXT_ENCODERS = ("learned", "minilm")
 class RT1SmallConfig(BackboneConfig):
   """Sizes of RT1Small. `action_vocab` is K (ActionTokenizer.vocab_size)."""
   _TUPLE_FIELDS = ("cameras", "conv_channels")
-  NOT_CONFIGURABLE = BackboneConfig.NOT_CONFIGURABLE + ("text_vocab",)
+  NOT_CONFIGURABLE = BackboneConfig.NOT_CONFIGURABLE + ("text_vocab", "p_trunk")
   num_action_dims: int
   action_vocab: int
   window: int = 1
@@ -69,6 +75,7 @@ class RT1SmallConfig(BackboneConfig):
   mlp_ratio: int = 4
   dropout: float = 0.0
   num_output_heads: int = 1
+  p_trunk: bool = False              # with 2 heads: head 1 gets its own transformer (above)
   # "conv": the small FiLM conv net above; "efficientnet_lite0": RT-1's
   # FiLM-EfficientNet (film_efficientnet.py; `pretrained_variables`
   # loads ImageNet weights). "learned": masked mean of text_dim embeddings;
@@ -87,6 +94,9 @@ class RT1SmallConfig(BackboneConfig):
         raise ValueError(f"RT1SmallConfig.{name} must be >= 1, got {getattr(self, name)}")
     if not self.cameras:
       raise ValueError("RT1SmallConfig.cameras must name at least one camera")
+    if self.p_trunk and self.num_output_heads != 2:
+      raise ValueError(f"RT1SmallConfig.p_trunk needs num_output_heads=2 (pi_phi's head and "
+                       f"p_theta's), got {self.num_output_heads}")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     if self.image_encoder not in IMAGE_ENCODERS:
@@ -145,6 +155,29 @@ class ImageEncoder(nn.Module):
     return TokenLearner(self.num_tokens, self.width, d, name="token_learner")(x)
 
 
+def _trunk_layers(module: nn.Module, cfg: RT1SmallConfig, dtype) -> None:
+  """Defines a transformer trunk's layers on `module` (call in its setup): the
+  action inputs, the blocks and the final norm, under the names RT1Small's own
+  trunk has always had (checkpoints read them), so a p_trunk starts as a copy."""
+  embed_init = nn.initializers.normal(0.02)
+  module.action_embed = nn.Embed(cfg.action_vocab, cfg.width, embedding_init=embed_init)
+  module.action_start = module.param("action_start", embed_init, (cfg.width,))
+  module.action_pos = module.param("action_pos", embed_init, (cfg.num_action_dims, cfg.width))
+  module.blocks = [TransformerBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.dropout,
+                                    dtype=dtype, name=f"block{i}") for i in range(cfg.depth)]
+  module.ln_out = nn.LayerNorm(dtype=dtype)
+
+
+class Trunk(nn.Module):
+  """p_theta's own transformer trunk with a shared encoder (RT1SmallConfig.p_trunk).
+  Holds layers only: RT1Small runs it as it runs its own trunk."""
+  config: RT1SmallConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    _trunk_layers(self, self.config, self.dtype)
+
+
 class RT1Small(nn.Module):
   """See the module docstring. All shapes are static given the config."""
   config: RT1SmallConfig
@@ -170,15 +203,12 @@ class RT1Small(nn.Module):
     if cfg.state_dim:
       self.state_proj = nn.Dense(cfg.width, dtype=d)
     self.obs_pos = self.param("obs_pos", embed_init, (cfg.window, cfg.tokens_per_frame, cfg.width))
-    self.action_embed = nn.Embed(cfg.action_vocab, cfg.width, embedding_init=embed_init)
-    self.action_start = self.param("action_start", embed_init, (cfg.width,))
-    self.action_pos = self.param("action_pos", embed_init, (cfg.num_action_dims, cfg.width))
-    self.blocks = [TransformerBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.dropout,
-                                    dtype=d, name=f"block{i}") for i in range(cfg.depth)]
-    self.ln_out = nn.LayerNorm(dtype=d)
+    _trunk_layers(self, cfg, d)
     self.head = nn.Dense(cfg.output_size, dtype=d)
     self.extra_heads = [nn.Dense(cfg.output_size, dtype=d, name=f"head_{i}")
                         for i in range(1, cfg.num_output_heads)]
+    if cfg.p_trunk:
+      self.p_trunk = Trunk(cfg, d)
 
   # ------------------------------------------------------------------ inputs
   def _instruction(self, text_ids, text_mask):
@@ -213,16 +243,28 @@ class RT1Small(nn.Module):
     valid = jnp.repeat(jnp.asarray(history_mask, bool), cfg.tokens_per_frame, axis=1)
     return x.reshape(b, cfg.prefix_len, cfg.width), valid
 
-  def _action_inputs(self, action_tokens):
+  def _trunks(self, prefix):
+    """(trunk, its input prefix) per transformer: this module's own, and with
+    p_trunk p_theta's, which sees the encoder's output behind a stop-gradient."""
+    if not self.config.p_trunk:
+      return [(self, prefix)]
+    return [(self, prefix), (self.p_trunk, jax.lax.stop_gradient(prefix))]
+
+  def _action_inputs(self, trunk, action_tokens):
     """Shifted teacher forcing: [start, emb(k_0), ..., emb(k_{D-2})] + position: [B, D, C]."""
     b = action_tokens.shape[0]
-    prev = self.action_embed(action_tokens[:, :-1])
-    start = jnp.broadcast_to(self.action_start, (b, 1, self.config.width))
-    return (jnp.concatenate([start, prev], axis=1) + self.action_pos).astype(self.dtype)
+    prev = trunk.action_embed(action_tokens[:, :-1])
+    start = jnp.broadcast_to(trunk.action_start, (b, 1, self.config.width))
+    return (jnp.concatenate([start, prev], axis=1) + trunk.action_pos).astype(self.dtype)
 
-  def _logits(self, h):
-    """float32[..., V] with one head, [H, ..., V] with H > 1 heads."""
-    h = self.ln_out(h)
+  def _logits(self, hs):
+    """float32[..., V] with one head, [H, ..., V] with H > 1 heads, from the final
+    features of each trunk (hs: one per _trunks entry). One trunk: every head reads
+    it; with p_trunk, head 1 reads the second."""
+    if self.config.p_trunk:
+      return jnp.stack([self.head(self.ln_out(hs[0])).astype(jnp.float32),
+                        self.extra_heads[0](self.p_trunk.ln_out(hs[1])).astype(jnp.float32)])
+    h = self.ln_out(hs[0])
     out = self.head(h).astype(jnp.float32)
     if not self.extra_heads:
       return out
@@ -238,13 +280,16 @@ class RT1Small(nn.Module):
       raise ValueError(f"action_tokens: expected [B, {cfg.num_action_dims}], "
                        f"got {action_tokens.shape}")
     prefix, valid = self._prefix(observation, history_mask, text_ids, text_mask)
-    x = jnp.concatenate([prefix, self._action_inputs(action_tokens)], axis=1)
     key_valid = jnp.concatenate(
         [valid, jnp.ones((valid.shape[0], cfg.num_action_dims), bool)], axis=1)
     mask = self._attention_mask(key_valid)
-    for block in self.blocks:
-      x, _ = block(x, mask, train)
-    return self._logits(x[:, cfg.prefix_len:])
+    hs = []
+    for trunk, x in self._trunks(prefix):
+      x = jnp.concatenate([x, self._action_inputs(trunk, action_tokens)], axis=1)
+      for block in trunk.blocks:
+        x, _ = block(x, mask, train)
+      hs.append(x[:, cfg.prefix_len:])
+    return self._logits(hs)
 
   def _attention_mask(self, key_valid):
     """Prefix-LM mask bool[B, 1, T, T] over T = P + D positions."""
@@ -266,20 +311,27 @@ class RT1Small(nn.Module):
     instruction: encode_instruction(text_ids, text_mask), if already computed.
 
     cache = {"k", "v": per layer [B, P + D, H, d] (action slots zero until
-    decoded), "key_valid": bool[B, P + D]}.
+    decoded), "key_valid": bool[B, P + D]}; with p_trunk also "p_trunk":
+    {"k", "v"} of p_theta's transformer.
     """
     cfg = self.config
-    x, valid = self._prefix(observation, history_mask, text_ids, text_mask, instruction)
+    prefix, valid = self._prefix(observation, history_mask, text_ids, text_mask, instruction)
     mask = valid[:, None, None, :]  # the prefix sees itself bidirectionally
     pad = ((0, 0), (0, cfg.num_action_dims), (0, 0), (0, 0))
-    ks, vs = [], []
-    for block in self.blocks:
-      x, (k, v) = block(x, mask, False)
-      ks.append(jnp.pad(k, pad))
-      vs.append(jnp.pad(v, pad))
+    kvs = []
+    for trunk, x in self._trunks(prefix):
+      ks, vs = [], []
+      for block in trunk.blocks:
+        x, (k, v) = block(x, mask, False)
+        ks.append(jnp.pad(k, pad))
+        vs.append(jnp.pad(v, pad))
+      kvs.append({"k": ks, "v": vs})
     key_valid = jnp.concatenate(
         [valid, jnp.ones((valid.shape[0], cfg.num_action_dims), bool)], axis=1)
-    return {"k": ks, "v": vs, "key_valid": key_valid}
+    cache = {**kvs[0], "key_valid": key_valid}
+    if cfg.p_trunk:
+      cache["p_trunk"] = kvs[1]
+    return cache
 
   def first_action_logits(self, observation, history_mask, text_ids, text_mask,
                           instruction=None):
@@ -288,16 +340,19 @@ class RT1Small(nn.Module):
     encode_prefix + decode_step(j=0) give. For one action dimension there is
     nothing to decode after it, so acting needs no cache at all."""
     cfg = self.config
-    x, valid = self._prefix(observation, history_mask, text_ids, text_mask, instruction)
-    b = x.shape[0]
-    start = (jnp.broadcast_to(self.action_start, (b, 1, cfg.width))
-             + self.action_pos[:1]).astype(self.dtype)
+    prefix, valid = self._prefix(observation, history_mask, text_ids, text_mask, instruction)
+    b = prefix.shape[0]
     key_valid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)
     mask = self._attention_mask(key_valid)
-    x = jnp.concatenate([x, start], axis=1)
-    for block in self.blocks:
-      x, _ = block(x, mask, False)
-    return self._logits(x[:, cfg.prefix_len])
+    hs = []
+    for trunk, x in self._trunks(prefix):
+      start = (jnp.broadcast_to(trunk.action_start, (b, 1, cfg.width))
+               + trunk.action_pos[:1]).astype(self.dtype)
+      x = jnp.concatenate([x, start], axis=1)
+      for block in trunk.blocks:
+        x, _ = block(x, mask, False)
+      hs.append(x[:, cfg.prefix_len])
+    return self._logits(hs)
 
   def decode_step(self, cache, prev_token, j):
     """Logits float32[B, V] ([H, B, V] with H > 1 output heads) for action
@@ -308,20 +363,27 @@ class RT1Small(nn.Module):
     cfg = self.config
     j = jnp.asarray(j, jnp.int32)
     b = prev_token.shape[0]
-    emb = self.action_embed(jnp.asarray(prev_token, jnp.int32))
-    x = jnp.where(j == 0, jnp.broadcast_to(self.action_start, (b, cfg.width)), emb)
-    x = (x + jax.lax.dynamic_index_in_dim(self.action_pos, j, keepdims=False))[:, None, :]
-    x = x.astype(self.dtype)
     index = cfg.prefix_len + j
     mask = cache["key_valid"] & (jnp.arange(cfg.seq_len) <= index)[None, :]
     mask = mask[:, None, None, :]
-    ks, vs = [], []
-    for block, k, v in zip(self.blocks, cache["k"], cache["v"]):
-      x, (k, v) = block.decode(x, k, v, index, mask)
-      ks.append(k)
-      vs.append(v)
-    new_cache = {"k": ks, "v": vs, "key_valid": cache["key_valid"]}
-    return self._logits(x[:, 0]), new_cache
+    trunks = [(self, cache)] + ([(self.p_trunk, cache["p_trunk"])] if cfg.p_trunk else [])
+    hs, kvs = [], []
+    for trunk, kv in trunks:
+      emb = trunk.action_embed(jnp.asarray(prev_token, jnp.int32))
+      x = jnp.where(j == 0, jnp.broadcast_to(trunk.action_start, (b, cfg.width)), emb)
+      x = (x + jax.lax.dynamic_index_in_dim(trunk.action_pos, j, keepdims=False))[:, None, :]
+      x = x.astype(self.dtype)
+      ks, vs = [], []
+      for block, k, v in zip(trunk.blocks, kv["k"], kv["v"]):
+        x, (k, v) = block.decode(x, k, v, index, mask)
+        ks.append(k)
+        vs.append(v)
+      hs.append(x[:, 0])
+      kvs.append({"k": ks, "v": vs})
+    new_cache = {**kvs[0], "key_valid": cache["key_valid"]}
+    if cfg.p_trunk:
+      new_cache["p_trunk"] = kvs[1]
+    return self._logits(hs), new_cache
 
 
 # ---- pretrained weights

@@ -97,7 +97,9 @@ class TrainedPolicy:
     lc, spec = self.learner, self.robot
     cams = ", ".join(f"{c}: {h}x{w}" for c, (h, w) in self.image_sizes.items())
     dims = ", ".join(f"{d.name} ({d.kind}, {d.bins} bins)" for d in self.action_tokenizer.dims)
-    algo = lc.algorithm + (f" ({lc.architecture} trunk, beta {lc.inference_beta:g} on the "
+    arch = {"separate": "separate networks", "shared": "shared trunk",
+            "shared_encoder": "shared encoder"}[lc.architecture]
+    algo = lc.algorithm + (f" ({arch}, beta {lc.inference_beta:g} on the "
                            f"{lc.extraction!r} extraction)" if lc.uses_p else "")
     lines = [f"policy: {algo}" + (f", step {self.step}" if self.step is not None else
                                    ", untrained"),

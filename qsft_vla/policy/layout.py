@@ -8,6 +8,8 @@ per algorithm and architecture:
   separate Q-SFT:  three full variable dicts (p and the target start as pi)
   shared Q-SFT:    params_pi = the trunk + head 0, params_p = {"params": {"head_1"}},
                    params_target = the whole shared variables
+  shared encoder:  as shared, with p_theta's transformer in params_p too:
+                   {"params": {"head_1", "p_trunk"}}
   BC, filtered BC: params_pi only (params_p and params_target are {})
   LoRA (learner.lora_rank > 0): each group is an adapter set on a frozen base
                    that is not a group (models/lora.py; built by the learner and
@@ -26,14 +28,16 @@ from typing import Any
 GROUPS = ("params_pi", "params_p", "params_target")
 ACTING_GROUPS = GROUPS[:2]  # what acting reads of a checkpoint (not the target)
 P_HEAD = "head_1"  # p_theta's head in a shared trunk (head 0, "head", is pi_phi's)
+P_TRUNK = "p_trunk"  # p_theta's own transformer on a shared encoder (rt1_small)
 
 
 def split_shared(variables):
-  """Full shared variables -> (trunk + pi head, {"params": {"head_1": ...}})."""
+  """Full shared variables -> (what pi_phi owns, {"params": {"head_1": ...}} and,
+  with a shared encoder, "p_trunk")."""
   params = dict(variables["params"])
-  head_p = params.pop(P_HEAD)
+  owned_by_p = {k: params.pop(k) for k in (P_HEAD, P_TRUNK) if k in params}
   rest = {k: v for k, v in variables.items() if k != "params"}
-  return {**rest, "params": params}, {"params": {P_HEAD: head_p}}
+  return {**rest, "params": params}, {"params": owned_by_p}
 
 
 def merge_shared(group_pi, group_p):
