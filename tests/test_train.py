@@ -351,3 +351,22 @@ def test_a_run_saved_before_a_field_existed_resumes_at_its_default():
   with pytest.raises(checkpoints.CheckpointError, match="different learner"):
     train._check_same_run({**saved, "learner": lora(old_targets)},
                           {**current, "learner": lora(current["learner"])}, "run")
+
+
+def test_shared_encoder_variant_builds_p_theta_its_own_transformer():
+  """`+shared_encoder` is Q-SFT's cheaper architecture: the model gets p_theta's own
+  transformer (rt1_small's p_trunk); a backbone without an encoder apart from its
+  transformer is refused at build, naming the field and the model."""
+  cfg = qconfig.load_config_file(f"{BABYAI}:qsft+shared_encoder")
+  assert cfg.learner.architecture == "shared_encoder"
+  cfg.data.dir = "unused"
+  setup = train.build(cfg, stats=[None])
+  assert setup.policy.model_config.p_trunk and setup.policy.model_config.num_output_heads == 2
+  bc = qconfig.load_config_file(f"{BABYAI}:bc+shared_encoder")  # nothing to share: one network
+  bc.data.dir = "unused"
+  assert not train.build(bc, stats=[None]).policy.model_config.p_trunk
+  vlm = qconfig.load_config_file(f"{BABYAI}:vlm_smollm2+shared_encoder")
+  vlm.data.dir = "unused"
+  with pytest.raises(qconfig.ConfigError, match=r"model\.vlm: learner\.architecture="
+                                                r"'shared_encoder' needs .*rt1_small"):
+    train.build(vlm, stats=[None])
