@@ -84,8 +84,8 @@ def _time(setup, state, batch, n):
 def _what_a_qsft_step_does(name: str, lcfg, action_dims: int) -> str:
   """One sentence on the passes a Q-SFT step of this learner config runs."""
   trained = {"shared": "one trunk with two heads",
-             "shared_encoder": "two transformers on one observation encoder (p_theta's loss "
-                               "stops at the encoder, which runs once)",
+             "shared_encoder": "two transformers on one observation encoder (which runs "
+                               "once)",
              "separate": "two networks"}[lcfg.architecture]
   if not lcfg.bootstraps:
     extra = "no extra forward pass (the Monte-Carlo target, mc_mix=1, needs no bootstrap)"

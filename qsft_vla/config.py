@@ -308,8 +308,8 @@ def _lora(c: ml_collections.ConfigDict) -> None:
 
 def _shared_encoder(c: ml_collections.ConfigDict) -> None:
   """Q-SFT's cheaper architecture (learner.architecture="shared_encoder"): one
-  observation encoder, trained by pi_phi's loss alone, under pi_phi's and p_theta's
-  own transformers, so a step runs the image convolutions once, not twice
+  observation encoder, trained by both losses, under pi_phi's and p_theta's own
+  transformers, so a step runs the image convolutions once, not twice
   (benchmarks/results/train_step_time.md). rt1_small only."""
   c.learner.architecture = "shared_encoder"
 

@@ -23,10 +23,11 @@ Architectures (LearnerConfig.architecture):
               At init head_1 is a copy of head, so p_theta starts equal to
               pi_phi, as with separate backbones.
   "shared_encoder": as "shared", but p_theta also has its own transformer
-              (rt1_small's p_trunk, in params_p beside head_1) reading the
-              observation encoder through a stop-gradient: the encoder is
-              pi_phi's, trained by L_CE alone, and runs once for both. At init
-              p_trunk is a copy of pi_phi's transformer.
+              (rt1_small's p_trunk, in params_p beside head_1) on the one
+              observation encoder, which runs once for both networks and is
+              trained by both losses (it sits in params_pi, so L_WCE's
+              gradient reaches it there). At init p_trunk is a copy of
+              pi_phi's transformer.
 
 Schedules (LearnerConfig.schedule):
   "joint":      every step trains both (the author's code: L_CE + L_WCE).

@@ -88,8 +88,8 @@ class LearnerConfig:
   schedule: str = "joint"           # "joint" | "sequential" (pi_phi first, then p_theta)
   pi_steps: int = 0                 # sequential: steps of the pi_phi phase
   # "separate" backbones | "shared" trunk with two heads | "shared_encoder": one
-  # observation encoder, trained by pi_phi's loss only, under two transformers
-  # (rt1_small's p_trunk: the image convolutions run once for both networks)
+  # observation encoder under two transformers (rt1_small's p_trunk: the image
+  # convolutions run once for both networks; both losses train the encoder)
   architecture: str = "separate"
   grad_clip_norm: Optional[float] = 1.0   # None: no clipping
   steps_per_call: int = 1           # optimiser steps per jit call (lax.scan)

@@ -29,10 +29,10 @@ output heads") the trunk is shared and H Dense heads ("head", "head_1", ...,
 head's parameter name "head" and the unstacked shapes.
 With `p_trunk` (Q-SFT "shared encoder", H = 2) only the observation encoder is
 shared: head 1 reads its own transformer ("p_trunk": action inputs, blocks and
-final norm named as the model's own) over the encoded prefix behind a
-stop-gradient, so p_theta's loss never reaches the encoder and pi_phi trains
-exactly as on its own, while the image convolutions, most of a step's FLOPs,
-run once for both networks.
+final norm named as the model's own) over the same encoded prefix, so the image
+convolutions, most of a step's FLOPs, run once for both networks. Both losses
+train the encoder: behind a stop-gradient (features from L_CE alone) p_theta
+learned far worse (policy_quality_exploration.md, "Cost").
 """
 
 from __future__ import annotations
@@ -245,10 +245,10 @@ class RT1Small(nn.Module):
 
   def _trunks(self, prefix):
     """(trunk, its input prefix) per transformer: this module's own, and with
-    p_trunk p_theta's, which sees the encoder's output behind a stop-gradient."""
+    p_trunk p_theta's on the same prefix."""
     if not self.config.p_trunk:
       return [(self, prefix)]
-    return [(self, prefix), (self.p_trunk, jax.lax.stop_gradient(prefix))]
+    return [(self, prefix), (self.p_trunk, prefix)]
 
   def _action_inputs(self, trunk, action_tokens):
     """Shifted teacher forcing: [start, emb(k_0), ..., emb(k_{D-2})] + position: [B, D, C]."""
