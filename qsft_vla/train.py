@@ -202,11 +202,8 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) 
   saved, current = _normalised(saved), _normalised(current)
   for key in ("model", "learner", "action_tokenizer", "lora_base"):
     a, b = dict(saved.get(key) or {}), dict(current.get(key) or {})
-    if key == "learner":
-      # How the step is computed does not change the run, nor do fields without
-      # effect on both sides (LoRA's settings in a run without LoRA).
-      ignored = {"donate_state", "microbatches"} | _without_effect(a) & _without_effect(b)
-      for field in ignored:
+    if key == "learner":  # how the step is computed does not change the run
+      for field in ("donate_state", "microbatches"):
         a.pop(field, None)
         b.pop(field, None)
     if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
@@ -215,17 +212,11 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) 
           f"--workdir (or the original config) to resume.\n saved:   {a}\n current: {b}")
 
 
-def _without_effect(learner: dict[str, Any]) -> set[str]:
-  try:
-    return set(learner_lib.LearnerConfig.from_dict(learner).fields_without_effect())
-  except (TypeError, ValueError):
-    return set()
-
-
 def _normalised(meta: dict[str, Any]) -> dict[str, Any]:
   """The meta's model and learner as their loaders read them (missing fields at
-  their defaults, tuples as lists); unreadable parts are left for the comparison
-  to report."""
+  their defaults, tuples as lists; the learner without its fields that have no
+  effect, e.g. LoRA's settings in a run without LoRA); unreadable parts are left
+  for the comparison to report."""
   out = dict(meta)
   try:
     _, model_cfg = registry.from_description(meta["model"])
@@ -233,7 +224,9 @@ def _normalised(meta: dict[str, Any]) -> dict[str, Any]:
   except (KeyError, TypeError, ValueError):
     pass
   try:
-    out["learner"] = learner_lib.LearnerConfig.from_dict(meta["learner"]).to_dict()
+    learner = learner_lib.LearnerConfig.from_dict(meta["learner"])
+    inert = learner.fields_without_effect()
+    out["learner"] = {k: v for k, v in learner.to_dict().items() if k not in inert}
   except (KeyError, TypeError, ValueError):
     pass
   return json.loads(json.dumps(out))
