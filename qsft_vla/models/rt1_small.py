@@ -243,12 +243,18 @@ class RT1Small(nn.Module):
     valid = jnp.repeat(jnp.asarray(history_mask, bool), cfg.tokens_per_frame, axis=1)
     return x.reshape(b, cfg.prefix_len, cfg.width), valid
 
-  def _trunks(self, prefix):
-    """(trunk, its input prefix) per transformer: this module's own, and with
-    p_trunk p_theta's on the same prefix."""
-    if not self.config.p_trunk:
-      return [(self, prefix)]
-    return [(self, prefix), (self.p_trunk, prefix)]
+  def _trunks(self):
+    """The transformers over the encoded prefix: this module's own (pi_phi's, or
+    every head's), and with p_trunk p_theta's."""
+    return [self, self.p_trunk] if self.config.p_trunk else [self]
+
+  def _cache(self, kvs, key_valid):
+    """The decoding cache from each trunk's {"k", "v"} (in _trunks order)."""
+    return {**kvs[0], "key_valid": key_valid, **({"p_trunk": kvs[1]} if kvs[1:] else {})}
+
+  def _trunk_caches(self, cache):
+    """Each trunk's {"k", "v"} of a _cache, in _trunks order."""
+    return [cache] + ([cache["p_trunk"]] if self.config.p_trunk else [])
 
   def _action_inputs(self, trunk, action_tokens):
     """Shifted teacher forcing: [start, emb(k_0), ..., emb(k_{D-2})] + position: [B, D, C]."""
@@ -284,8 +290,8 @@ class RT1Small(nn.Module):
         [valid, jnp.ones((valid.shape[0], cfg.num_action_dims), bool)], axis=1)
     mask = self._attention_mask(key_valid)
     hs = []
-    for trunk, x in self._trunks(prefix):
-      x = jnp.concatenate([x, self._action_inputs(trunk, action_tokens)], axis=1)
+    for trunk in self._trunks():
+      x = jnp.concatenate([prefix, self._action_inputs(trunk, action_tokens)], axis=1)
       for block in trunk.blocks:
         x, _ = block(x, mask, train)
       hs.append(x[:, cfg.prefix_len:])
@@ -319,8 +325,8 @@ class RT1Small(nn.Module):
     mask = valid[:, None, None, :]  # the prefix sees itself bidirectionally
     pad = ((0, 0), (0, cfg.num_action_dims), (0, 0), (0, 0))
     kvs = []
-    for trunk, x in self._trunks(prefix):
-      ks, vs = [], []
+    for trunk in self._trunks():
+      x, ks, vs = prefix, [], []
       for block in trunk.blocks:
         x, (k, v) = block(x, mask, False)
         ks.append(jnp.pad(k, pad))
@@ -328,10 +334,7 @@ class RT1Small(nn.Module):
       kvs.append({"k": ks, "v": vs})
     key_valid = jnp.concatenate(
         [valid, jnp.ones((valid.shape[0], cfg.num_action_dims), bool)], axis=1)
-    cache = {**kvs[0], "key_valid": key_valid}
-    if cfg.p_trunk:
-      cache["p_trunk"] = kvs[1]
-    return cache
+    return self._cache(kvs, key_valid)
 
   def first_action_logits(self, observation, history_mask, text_ids, text_mask,
                           instruction=None):
@@ -345,10 +348,10 @@ class RT1Small(nn.Module):
     key_valid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)
     mask = self._attention_mask(key_valid)
     hs = []
-    for trunk, x in self._trunks(prefix):
+    for trunk in self._trunks():
       start = (jnp.broadcast_to(trunk.action_start, (b, 1, cfg.width))
                + trunk.action_pos[:1]).astype(self.dtype)
-      x = jnp.concatenate([x, start], axis=1)
+      x = jnp.concatenate([prefix, start], axis=1)
       for block in trunk.blocks:
         x, _ = block(x, mask, False)
       hs.append(x[:, cfg.prefix_len])
@@ -366,9 +369,8 @@ class RT1Small(nn.Module):
     index = cfg.prefix_len + j
     mask = cache["key_valid"] & (jnp.arange(cfg.seq_len) <= index)[None, :]
     mask = mask[:, None, None, :]
-    trunks = [(self, cache)] + ([(self.p_trunk, cache["p_trunk"])] if cfg.p_trunk else [])
     hs, kvs = [], []
-    for trunk, kv in trunks:
+    for trunk, kv in zip(self._trunks(), self._trunk_caches(cache)):
       emb = trunk.action_embed(jnp.asarray(prev_token, jnp.int32))
       x = jnp.where(j == 0, jnp.broadcast_to(trunk.action_start, (b, cfg.width)), emb)
       x = (x + jax.lax.dynamic_index_in_dim(trunk.action_pos, j, keepdims=False))[:, None, :]
@@ -380,10 +382,7 @@ class RT1Small(nn.Module):
         vs.append(v)
       hs.append(x[:, 0])
       kvs.append({"k": ks, "v": vs})
-    new_cache = {**kvs[0], "key_valid": cache["key_valid"]}
-    if cfg.p_trunk:
-      new_cache["p_trunk"] = kvs[1]
-    return self._logits(hs), new_cache
+    return self._logits(hs), self._cache(kvs, cache["key_valid"])
 
 
 # ---- pretrained weights
