@@ -18,7 +18,8 @@ Streams of evaluation episodes (qsft_vla.evaluation.loop.eval_reset_seed):
       made on validation only. Nothing is chosen on the test stream.
 The expert ceiling (the scripted expert, noise-free) and the dataset's success
 rate are reported beside them. Success vs training step comes from eval.every
-during training (validation stream, the run's configured extraction and beta).
+during training (validation stream, the run's configured extraction and beta, which
+the plot's legend names: not the choice made on validation).
 
 Resumable: every finished piece (dataset, training run, evaluation JSON) is
 kept under --workdir and skipped on the next run. Each task's summary goes to
@@ -263,6 +264,10 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
     out["methods"][m] = {"test": pooled(test),
                          "per_seed": [r["success_rate"] for r in test],
                          "curve": _curve(workdirs)}
+    if m == "qsft":  # training evaluates the run's configured policy, not the validation choice
+      lc = _run_learner(workdirs[0])
+      out["methods"][m]["curve_policy"] = {"extraction": lc.extraction,
+                                           "beta": lc.inference_beta}
   if "qsft" in runs and "bc" in runs:
     # Paired over the same (seed, episode) pairs of the test stream.
     a = [e["success"] for w in runs["qsft"]
@@ -374,10 +379,16 @@ def plots(results: list[dict[str, Any]], prefix: str) -> list[str]:
     for m in cols:
       c = r["methods"].get(m, {}).get("curve") or {}
       steps = sorted(int(s) for s in c)
-      ax.plot(steps, [_get(c, s) for s in steps], "o-", label=NAMES[m])
+      ax.plot(steps, [_get(c, s) for s in steps], "o-", label=curve_label(r, m))
     _panel(ax, r["task"], "training step")
   _finish(plt, fig, axes, prefix + "_steps.png", paths)
   return paths
+
+
+def curve_label(result: dict[str, Any], method: str) -> str:
+  """The legend of a method's training curve: Q-SFT's names the policy training evaluated."""
+  cp = result["methods"].get(method, {}).get("curve_policy")
+  return f"{NAMES[method]} ({cp['extraction']}, beta {cp['beta']:g})" if cp else NAMES[method]
 
 
 def _get(d, key):

@@ -39,6 +39,10 @@ def test_table_and_plots(tmp_path):
   assert "ratio, beta 16" in text and "60 vs 10, p = 1e-09" in text
   assert "Average over 2 task(s): Q-SFT 80.0%, BC 30.0%, filtered BC 65.0%" in text
   assert "Q-SFT at >= 90% of the expert on 1 of 2" in text
+  results[0]["methods"]["qsft"]["curve_policy"] = {"extraction": "p", "beta": 64.0}
+  assert pq.curve_label(results[0], "qsft") == "Q-SFT (p, beta 64)"
+  assert pq.curve_label(results[1], "qsft") == "Q-SFT"  # a summary from before it was recorded
+  assert pq.curve_label(results[0], "bc") == "BC"
   paths = pq.plots(results, str(tmp_path / "pq"))
   assert [os.path.basename(p) for p in paths] == ["pq_success.png", "pq_beta.png",
                                                   "pq_steps.png"]
