@@ -268,13 +268,14 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
       lc = _run_learner(workdirs[0])
       out["methods"][m]["curve_policy"] = {"extraction": lc.extraction,
                                            "beta": lc.inference_beta}
-  if "qsft" in runs and "bc" in runs:
-    # Paired over the same (seed, episode) pairs of the test stream.
-    a = [e["success"] for w in runs["qsft"]
-         for e in evaluate(w, task, size, FLAGS.test_seed, *choice)["per_episode"]]
-    b = [e["success"] for w in runs["bc"]
-         for e in evaluate(w, task, size, FLAGS.test_seed)["per_episode"]]
-    out["qsft_vs_bc"] = outcomes.paired_sign_test(a, b)
+  for base in ("bc", "filtered_bc"):
+    if "qsft" in runs and base in runs:
+      # Paired over the same (seed, episode) pairs of the test stream.
+      a = [e["success"] for w in runs["qsft"]
+           for e in evaluate(w, task, size, FLAGS.test_seed, *choice)["per_episode"]]
+      b = [e["success"] for w in runs[base]
+           for e in evaluate(w, task, size, FLAGS.test_seed)["per_episode"]]
+      out[f"qsft_vs_{base}"] = outcomes.paired_sign_test(a, b)
   return out
 
 
@@ -297,8 +298,9 @@ def table(results: list[dict[str, Any]]) -> str:
            "", "Success over training seeds x test episodes with Wilson 95% intervals; one "
            "summary per task in `policy_quality_" + FLAGS.size + "/<task>.json`.", "",
            "| task | seeds | steps x batch | data (success) | expert | "
-           + " | ".join(NAMES[m] for m in cols) + " | Q-SFT choice (val) | Q-SFT vs BC |",
-           "|---|---|---|---|---|" + "---|" * len(cols) + "---|---|"]
+           + " | ".join(NAMES[m] for m in cols) + " | Q-SFT choice (val) | Q-SFT vs BC "
+           "| Q-SFT vs filtered BC |",
+           "|---|---|---|---|---|" + "---|" * len(cols) + "---|---|---|"]
 
   def cell(p):
     return f"{100 * p['mean']:.1f}% [{100 * p['lo']:.0f}, {100 * p['hi']:.0f}]" if p else "-"
@@ -309,8 +311,9 @@ def table(results: list[dict[str, Any]]) -> str:
     c = r.get("qsft_choice")
     row.append(f"{c['extraction']}, beta {c['beta']:g} ({100 * c['val_success']:.0f}%)"
                if c else "")
-    t = r.get("qsft_vs_bc")
-    row.append(f"{t['a_only']} vs {t['b_only']}, p = {t['p_value']:.2g}" if t else "")
+    for base in ("bc", "filtered_bc"):  # discordant pairs: Q-SFT only vs the baseline only
+      t = r.get(f"qsft_vs_{base}")
+      row.append(f"{t['a_only']} vs {t['b_only']}, p = {t['p_value']:.2g}" if t else "")
     lines.append("| " + " | ".join(row) + " |")
   full = [r for r in results if all(m in r["methods"] for m in cols)]
   if full:

@@ -22,6 +22,7 @@ def _result(task, q, b, f):
           "qsft_choice": {"extraction": "ratio", "beta": 16.0, "val_success": q},
           "beta_sweep_val": {e: {str(x): q * x / 32 for x in pq.BETAS} for e in pq.EXTRACTIONS},
           "qsft_vs_bc": {"pairs": 300, "a_only": 60, "b_only": 10, "p_value": 1e-9},
+          "qsft_vs_filtered_bc": {"pairs": 300, "a_only": 30, "b_only": 20, "p_value": 0.2},
           "methods": {m: {"test": _pooled(v), "per_seed": [v] * 3,
                           "curve": {"1000": v / 2, "2000": v}}
                       for m, v in (("qsft", q), ("bc", b), ("filtered_bc", f))}}
@@ -36,7 +37,8 @@ def test_table_and_plots(tmp_path):
   text = pq.table(results)
   assert "| gotolocal | 0,1,2 | 2000 x 64 |" in text and "70.0% [60, 80]" in text
   assert "| reach | 0,1,2 | 3000 x 32 |" in text  # a summary without steps: its size's
-  assert "ratio, beta 16" in text and "60 vs 10, p = 1e-09" in text
+  assert "ratio, beta 16" in text and "| 60 vs 10, p = 1e-09 | 30 vs 20, p = 0.2 |" in text
+  assert "| 60 vs 10, p = 1e-09 |  |" in pq.table([{**results[1], "qsft_vs_filtered_bc": None}])
   assert "Average over 2 task(s): Q-SFT 80.0%, BC 30.0%, filtered BC 65.0%" in text
   assert "Q-SFT at >= 90% of the expert on 1 of 2" in text
   results[0]["methods"]["qsft"]["curve_policy"] = {"extraction": "p", "beta": 64.0}
