@@ -45,6 +45,7 @@ from absl import app, flags, logging
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import report  # noqa: E402  (benchmarks/report.py, beside this script)
+from qsft_vla import config as qconfig  # noqa: E402
 from qsft_vla import evaluate as evaluate_lib  # noqa: E402
 from qsft_vla.evaluation import loop, outcomes  # noqa: E402
 from qsft_vla.learning import spec as learner_spec  # noqa: E402
@@ -117,7 +118,8 @@ SIZES = {
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("size", "small", list(SIZES), "Dataset, training and evaluation sizes.")
-flags.DEFINE_list("tasks", list(TASKS), f"Tasks: {', '.join(TASKS)}.")
+flags.DEFINE_list("tasks", list(TASKS), f"Tasks: {', '.join(TASKS)}; empty (--tasks=): only "
+                  "rebuild the table and plots from the committed summaries.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
 flags.DEFINE_list("methods", list(METHODS), "Methods.")
 flags.DEFINE_string("workdir", "runs/policy_quality", "Datasets, runs and evaluations (kept; "
@@ -224,6 +226,53 @@ def choose(sweep: dict[str, dict[float, float]]) -> tuple[str, float]:
              key=lambda eb: (round(sweep[eb[0]][eb[1]], 9), eb[0] == "p", -eb[1]))
 
 
+def default_choice(task: Task) -> tuple[str, float]:
+  """The (extraction, beta) Q-SFT acts with under the robot config's defaults."""
+  lc = qconfig.load_config_file(os.path.join(REPO, "robot_configs", f"{task.robot}.py:qsft")).learner
+  return lc.extraction, float(lc.beta if lc.extraction == "p" else lc.ratio_beta)
+
+
+def one_choice(results: list[dict[str, Any]]) -> list[str]:
+  """One (extraction, beta) for every task, chosen on validation: the best mean over
+  the tasks' sweeps (over the cells every task has; ties as in `choose`), and, for
+  each task, the choice made on the other tasks read on the one left out: what a
+  fixed default is worth on a task it was not chosen on."""
+  sweeps = {r["task"]: {e: {float(b): v for b, v in s.items()}
+                        for e, s in r["beta_sweep_val"].items()}
+            for r in results if "beta_sweep_val" in r}
+  if len(sweeps) < 2:
+    return []
+  cells = set.intersection(*({(e, b) for e, s in sw.items() for b in s}
+                             for sw in sweeps.values()))
+
+  def best(tasks):
+    mean = {}
+    for e, b in cells:
+      mean.setdefault(e, {})[b] = float(np.mean([sweeps[t][e][b] for t in tasks]))
+    c = choose(mean)
+    return c, mean[c[0]][c[1]]
+  (e, b), v = best(list(sweeps))
+  lines = ["", f"One choice for every task (validation stream): {e}, beta {b:g} has the best "
+           f"mean over the {len(sweeps)} tasks' sweeps ({100 * v:.0f}%). Chosen on the other "
+           "tasks, read on the one left out:", "",
+           "| left out | chosen on the others | its validation | the task's own choice |",
+           "|---|---|---|---|"]
+  for r in results:
+    if r["task"] not in sweeps:
+      continue
+    (e, b), _ = best([x for x in sweeps if x != r["task"]])
+    own = r["qsft_choice"]
+    lines.append(f"| {r['task']} | {e}, beta {b:g} | {100 * sweeps[r['task']][e][b]:.0f}% | "
+                 f"{own['extraction']}, beta {own['beta']:g} ({100 * own['val_success']:.0f}%) |")
+  tested = [r for r in results if r.get("qsft_default")]
+  if tested:
+    lines += ["", "Q-SFT at the robot config's default (no per-task choice), test stream: "
+              + "; ".join(f"{r['task']} {100 * r['qsft_default']['test']['mean']:.1f}% "
+                          f"({r['qsft_default']['extraction']}, beta "
+                          f"{r['qsft_default']['beta']:g})" for r in tested)]
+  return lines
+
+
 def task_size(task: Task) -> dict[str, Any]:
   """The size's settings for the task's robot, its training steps scaled."""
   size = dict(SIZES[FLAGS.size][task.robot])
@@ -268,6 +317,12 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
       lc = _run_learner(workdirs[0])
       out["methods"][m]["curve_policy"] = {"extraction": lc.extraction,
                                            "beta": lc.inference_beta}
+  if "qsft" in runs:  # what a user gets with no per-task choice (cached when it is the choice)
+    default = default_choice(task)
+    out["qsft_default"] = {"extraction": default[0], "beta": default[1],
+                           "val_success": sweep.get(default[0], {}).get(default[1]),
+                           "test": pooled([evaluate(w, task, size, FLAGS.test_seed, *default)
+                                           for w in runs["qsft"]])}
   for base in ("bc", "filtered_bc"):
     if "qsft" in runs and base in runs:
       # Paired over the same (seed, episode) pairs of the test stream.
@@ -324,6 +379,7 @@ def table(results: list[dict[str, Any]]) -> str:
         f"{NAMES[m]} {100 * v:.1f}%" for m, v in mean.items())
               + (f"; Q-SFT at >= 90% of the expert on {sum(x >= 0.9 for x in ratio)} of "
                  f"{len(ratio)}" if ratio else "")]
+  lines += one_choice(results)
   notes = [f"- {r['task']}: {r['note']}" for r in results if r.get("note")]
   if notes:
     lines += ["", *notes]
@@ -443,6 +499,18 @@ def _earlier_wall_min(folder: str, task: str) -> float:
     return float(json.load(f).get("wall_min", 0.0))
 
 
+def rebuild(prefix: str, run_seconds: float | None = None) -> str:
+  """Writes <prefix>.md and the plots from every task summary under <prefix>/."""
+  results = task_summaries(prefix)
+  walls = ", ".join(f"{r['task']} {r['wall_min']:.0f}" for r in results if "wall_min" in r)
+  run = "" if run_seconds is None else f"Wall time of this run: {run_seconds / 60:.0f} min; "
+  text = table(results) + f"\n{run}Wall time per task, over the runs that built it (min): {walls}.\n"
+  with open(prefix + ".md", "w") as f:
+    f.write(text)
+  plots(results, prefix)
+  return text
+
+
 def main(argv):
   del argv
   unknown = [t for t in FLAGS.tasks if t not in TASKS]
@@ -462,14 +530,9 @@ def main(argv):
     # Summed over the runs that built the task (a resumed run's cached pieces cost nothing).
     result["wall_min"] = round(_earlier_wall_min(prefix, name) + (time.time() - t0) / 60, 1)
     write_summary(prefix, result)
-    results = task_summaries(prefix)
-    walls = ", ".join(f"{r['task']} {r['wall_min']:.0f}" for r in results if "wall_min" in r)
-    text = table(results) + (f"\nWall time of this run: {(time.time() - start) / 60:.0f} min; "
-                             f"per task, over the runs that built it (min): {walls}.\n")
-    with open(prefix + ".md", "w") as f:
-      f.write(text)
-    plots(results, prefix)
-    print(text)
+    print(rebuild(prefix, time.time() - start))
+  if not FLAGS.tasks:  # --tasks= : the table and plots from the committed summaries alone
+    print(rebuild(prefix))
   return 0
 
 

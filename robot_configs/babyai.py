@@ -44,7 +44,7 @@ def get_config(variant: str = "qsft"):
   c.learner.gamma = 0.95                 # ALFWorld / 20Q column of the paper
   c.learner.lr_pi = 1e-3                  # a small model from scratch
   c.learner.lr_p = 1e-3
-  qconfig.measured_learner(c)            # Monte-Carlo target, separate networks, beta 64
+  qconfig.measured_learner(c)            # Monte-Carlo target, separate networks, sample at beta 32
 
   c.train.num_steps = 2_000
   c.train.batch_size = 64

@@ -20,7 +20,9 @@ INSTRUCTION = "go to the red ball"
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
-  """Checkpoint directories by (robot, algorithm, architecture), written on first use."""
+  """Checkpoint directories by (robot, algorithm, architecture), written on first use.
+  Their runs' extraction is the paper's "p" (the robot configs' default is "sample"):
+  most tests here check p's reweighting against the teacher-forced reference."""
   cache = {}
 
   def get(robot="babyai", algorithm="qsft", architecture="separate", image_size=None,
@@ -30,7 +32,8 @@ def ckpt_dir(tmp_path_factory):
       d = tmp_path_factory.mktemp("_".join(map(str, key)))
       cache[key] = write_checkpoint(
           d, robot, algorithm, architecture, image_size=image_size,
-          **{"learner.p_parametrization": p_parametrization, "learner.ratio_eps": ratio_eps})
+          **{"learner.p_parametrization": p_parametrization, "learner.ratio_eps": ratio_eps,
+             "learner.extraction": "p"})
     return cache[key]
 
   return get

@@ -83,6 +83,13 @@ def test_summaries_from_several_runs_make_one_table(tmp_path):
   text = pq.table(results + [bare])
   assert "| push |" in text and "Average over 2 task(s)" in text
   assert len(pq.plots(results + [bare], str(tmp_path / "pq"))) == 3
+  # --tasks= rebuilds the table and plots from the summaries alone.
+  pq.FLAGS(["policy_quality", "--tasks=", f"--results={tmp_path}"])
+  assert pq.main(["policy_quality"]) == 0
+  pq.FLAGS.unparse_flags()
+  text = (tmp_path / "policy_quality_small.md").read_text()
+  assert "| gotolocal |" in text and "| reach |" in text and "this run" not in text
+  assert (tmp_path / "policy_quality_small_beta.png").exists()
 
 
 def test_unknown_task_is_refused():
@@ -131,3 +138,37 @@ def test_cached_evaluations_must_match_the_runs_checkpoint_and_proposal(tmp_path
   assert cached("sample", 16.0, {"sampling": {"sample_proposal": "pi+p"}},
                 step=size["steps"] // 2) == {"fresh": 1}
   assert [c["extraction"] for c in calls] == ["sample", "sample", "ratio", "sample"]
+
+
+def test_one_choice_for_every_task_and_leave_one_task_out():
+  pq.FLAGS(["policy_quality"])
+  sweeps = {"gotolocal": (0.5, 0.8), "pickuploc": (0.9, 0.6), "reach": (0.4, 0.7)}
+  results = []
+  for task, (p64, s32) in sweeps.items():
+    r = _result(task, 0.5, 0.2, 0.6)
+    # Cells every task has are compared; reach's extra cell is not.
+    r["beta_sweep_val"] = {"p": {"64.0": p64}, "sample": {"32.0": s32}}
+    results.append(r)
+  results[2]["beta_sweep_val"]["ratio"] = {"8.0": 1.0}
+  lines = "\n".join(pq.one_choice(results))
+  # Means: p 0.6, sample 0.7.
+  assert "sample, beta 32 has the best mean over the 3 tasks' sweeps (70%)" in lines
+  # Left out: pickuploc and reach tie p with sample on the others (ties go to p).
+  assert "| gotolocal | p, beta 64 | 50% |" in lines
+  assert "| pickuploc | sample, beta 32 | 60% |" in lines
+  assert "| reach | p, beta 64 | 40% |" in lines
+  assert "robot config's default" not in lines  # no summary tested it
+  results[0]["qsft_default"] = {"extraction": "sample", "beta": 32.0, "val_success": 0.8,
+                                "test": _pooled(0.75)}
+  assert "test stream: gotolocal 75.0% (sample, beta 32)" in "\n".join(pq.one_choice(results))
+  assert pq.one_choice(results[:1]) == []  # one task: nothing to leave out
+  assert "One choice for every task" in pq.table(results)
+
+
+def test_default_choice_reads_the_robot_config():
+  pq.FLAGS(["policy_quality"])
+  for task in pq.TASKS.values():
+    lc = pq.qconfig.load_config_file(
+        os.path.join(REPO, "robot_configs", f"{task.robot}.py:qsft")).learner
+    e, b = pq.default_choice(task)
+    assert e == lc.extraction and b == (lc.beta if e == "p" else lc.ratio_beta)
