@@ -503,7 +503,7 @@ def rebuild(prefix: str, run_seconds: float | None = None) -> str:
   """Writes <prefix>.md and the plots from every task summary under <prefix>/."""
   results = task_summaries(prefix)
   walls = ", ".join(f"{r['task']} {r['wall_min']:.0f}" for r in results if "wall_min" in r)
-  run = "" if run_seconds is None else f"Wall time of this run: {run_seconds / 60:.0f} min; "
+  run = "" if run_seconds is None else f"Wall time of this run: {run_seconds / 60:.0f} min. "
   text = table(results) + f"\n{run}Wall time per task, over the runs that built it (min): {walls}.\n"
   with open(prefix + ".md", "w") as f:
     f.write(text)
