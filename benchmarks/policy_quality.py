@@ -31,9 +31,11 @@ task's summary there, the ones just run replacing their earlier versions.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -127,6 +129,10 @@ flags.DEFINE_string("workdir", "runs/policy_quality", "Datasets, runs and evalua
 flags.DEFINE_string("results", "benchmarks/results", "Where the table and plots go.")
 flags.DEFINE_integer("val_seed", 5000, "Validation stream (hyperparameters are chosen here).")
 flags.DEFINE_integer("test_seed", 1000, "Test stream (reported; nothing is chosen here).")
+flags.DEFINE_integer("jobs", 1, "Pieces run at once: training runs (a process each), then "
+                     "evaluations (a process per run and extraction, its betas in turn, so one "
+                     "compilation serves them). An evaluation is mostly one core stepping the "
+                     "simulator: 2 on 2 cores.")
 flags.DEFINE_multi_string("override", [], "Extra --config.* for every training run, "
                           "e.g. learner.mc_lower_bound=True.")
 
@@ -280,13 +286,43 @@ def task_size(task: Task) -> dict[str, Any]:
   return size
 
 
+def _eval_group(workdir: str, task: Task, size: dict[str, Any], seed: int,
+                extraction: str | None, betas: tuple) -> None:
+  """One worker's piece: a run's evaluations on one stream, one extraction, its betas in turn."""
+  for b in betas:
+    evaluate(workdir, task, size, seed, extraction, b)
+
+
+def _prefetch(task: Task, size: dict[str, Any], groups: list[tuple]) -> None:
+  """Runs evaluation groups (workdir, seed, extraction, betas) FLAGS.jobs at a time, each
+  in its own process; their JSON files are the cache `evaluate` then reads. A no-op
+  with jobs = 1 (the callers evaluate in turn)."""
+  if FLAGS.jobs <= 1 or len(groups) <= 1:
+    return
+  # The "sample" groups first: the slowest, so the last ones to start are short.
+  groups = sorted(groups, key=lambda g: g[2] != "sample")
+  # spawn: a forked child would inherit jax's threads in whatever state they were.
+  with concurrent.futures.ProcessPoolExecutor(
+      FLAGS.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    for f in [pool.submit(_eval_group, w, task, size, seed, e, tuple(betas))
+              for w, seed, e, betas in groups]:
+      f.result()  # a failed evaluation fails the run, with its error
+
+
 def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
   task = TASKS[name]
   size = task_size(task)
   data = dataset(name, task, size)
   with open(os.path.join(data, "qsft_stats.json")) as f:
     data_stats = json.load(f)
-  runs = {m: [train(name, task, size, m, s, data) for s in seeds] for m in FLAGS.methods}
+  cells = [(m, s) for m in FLAGS.methods for s in seeds]
+  with concurrent.futures.ThreadPoolExecutor(max(1, FLAGS.jobs)) as pool:  # each a process
+    workdirs = list(pool.map(lambda c: train(name, task, size, c[0], c[1], data), cells))
+  runs = {m: [w for (mm, _), w in zip(cells, workdirs) if mm == m] for m in FLAGS.methods}
+  _prefetch(task, size, [(w, FLAGS.val_seed, e, BETAS) for w in runs.get("qsft", [])
+                         for e in EXTRACTIONS]
+            + [(w, FLAGS.test_seed, None, (None,)) for m, ws in runs.items() if m != "qsft"
+               for w in ws])
 
   out: dict[str, Any] = {"task": name, "env": task.env, "behavior": task.behavior,
                          "data_success": data_stats["success_rate"],
@@ -301,6 +337,8 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
           b: float(np.mean([evaluate(w, task, size, FLAGS.val_seed, extraction, b)
                             ["success_rate"] for w in runs["qsft"]])) for b in BETAS}
     choice = choose(sweep)
+    _prefetch(task, size, [(w, FLAGS.test_seed, e, (b,)) for w in runs["qsft"]
+                           for e, b in {choice, default_choice(task)}])
     out["qsft_choice"] = {"extraction": choice[0], "beta": choice[1],
                           "val_success": sweep[choice[0]][choice[1]]}
     out["beta_sweep_val"] = sweep

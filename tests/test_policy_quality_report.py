@@ -172,3 +172,31 @@ def test_default_choice_reads_the_robot_config():
         os.path.join(REPO, "robot_configs", f"{task.robot}.py:qsft")).learner
     e, b = pq.default_choice(task)
     assert e == lc.extraction and b == (lc.beta if e == "p" else lc.ratio_beta)
+
+
+def test_evaluations_run_in_parallel_equal_the_serial_ones(tmp_path):
+  """--jobs=2 evaluates groups in worker processes; every file equals the serial one's."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from checkpoint_fixture import write_checkpoint  # pylint: disable=g-import-not-at-top
+  task = pq.TASKS["gotolocal"]
+  size = {"eval_episodes": 3, "max_steps": 6, "steps": 1}
+  serial = write_checkpoint(tmp_path / "serial")
+  parallel = str(tmp_path / "parallel")
+  shutil.copytree(serial, parallel)
+  groups = [(parallel, 5, "p", (0.0, 200.0)), (parallel, 5, "ratio", (4.0,))]
+  pq.FLAGS(["policy_quality", "--jobs=2"])
+  try:
+    pq._prefetch(task, size, groups)  # pylint: disable=protected-access
+  finally:
+    pq.FLAGS.unparse_flags()
+  files = sorted(os.listdir(os.path.join(parallel, "eval")))
+  assert len([f for f in files if f.endswith(".json")]) == 3
+  for _, seed, e, betas in groups:
+    for b in betas:
+      want = pq.evaluate(serial, task, size, seed, e, b)
+      stem = pq.evaluate_lib.output_stem(task.env, seed, b, e)
+      with open(os.path.join(parallel, "eval", stem + ".json")) as f:
+        got = json.load(f)
+      strip = lambda r: [{k: v for k, v in x.items() if k != "video"} for x in r["per_episode"]]
+      assert strip(got) == strip(want) and got["beta"] == want["beta"] == b
