@@ -3,7 +3,7 @@
   .venv/bin/python benchmarks/controller_latency.py [--calls=500] \
       [--configs=robot_configs/babyai.py:qsft,...] [--architectures=separate,shared] \
       [--override=model.vlm.compute_dtype=bfloat16 ...] [--nopretrained] \
-      [--out=benchmarks/results/controller_latency.md]
+      [--extractions=p,sample] [--out=benchmarks/results/controller_latency.md]
 
 For each config (default: both robot configs' default models, Q-SFT and BC)
 and each architecture (Q-SFT only; BC has one network), builds the learner's
@@ -15,6 +15,11 @@ host->device copy, prefix encoding, D decoding steps for pi_phi and p_theta,
 decode to float actions, bounds guard). Latency does not depend on the
 weights' values, so --nopretrained (random init) measures the same thing
 where the packaged weights are not installed.
+
+Q-SFT acts with the config's extraction (the robot configs': "sample", 32
+candidate actions through both networks) unless --extractions names several;
+they then take turns as the cache choices do below. BC acts greedily ("p" at
+beta 0) whatever is asked.
 
 Robots with one action dimension act in one pass without a KV cache (the
 Controller's default); with --kv_cache_too they are also timed through the KV
@@ -49,18 +54,22 @@ _PRETRAINED = flags.DEFINE_bool("pretrained", True, "load pretrained weights whe
                                 "does (off: random init)")
 _KV_TOO = flags.DEFINE_bool("kv_cache_too", True, "one action dimension: also time the "
                             "KV-cache path, side by side")
+_EXTRACTIONS = flags.DEFINE_list("extractions", [], "Q-SFT extractions to time side by side "
+                                 "(p, ratio, sample; default: the config's own)")
 _OUT = flags.DEFINE_string("out", None, "markdown table to write")
 
 
-def controller_for(spec: str, architecture: str, kv_cache=(None,)):
-  """([Controller per kv_cache choice], config, model config) for a config spec."""
+def controller_for(spec: str, architecture: str, kv_cache=(None,), extractions=(None,)):
+  """([Controller per (kv_cache, extraction) choice], config, model config) for a
+  config spec; extraction None: the config's."""
   cfg = report.load_config(spec, _OVERRIDE.value)
   cfg.learner.architecture = architecture
   cfg.data.dir = cfg.data.dir or "unused"
   setup = train.build(cfg, stats=[None])
   state = setup.init_state(pretrained=_PRETRAINED.value)
   policy = setup.policy.with_params(jax.device_get(setup.learner.inference_params(state)))
-  return [Controller(policy, kv_cache=k) for k in kv_cache], cfg, policy.model_config
+  return ([Controller(policy, kv_cache=k, extraction=e) for k in kv_cache for e in extractions],
+          cfg, policy.model_config)
 
 
 def measure(ctrls: list[Controller], calls: int, seed: int = 0) -> list[dict[str, float]]:
@@ -85,24 +94,36 @@ def measure(ctrls: list[Controller], calls: int, seed: int = 0) -> list[dict[str
   return [ctrl.latency_stats() for ctrl in ctrls]
 
 
+def _extraction(ctrl: Controller) -> str:
+  """The extraction a controller acts with, as the table names it."""
+  if not ctrl.has_p:
+    return "greedy pi_phi"
+  k = f", {ctrl.sampling['sample_k']} candidates" if ctrl.extraction == "sample" else ""
+  return f"{ctrl.extraction}, beta {ctrl.beta:g}{k}"
+
+
 def main(argv):
   del argv
   lines = ["# Controller latency per act() on this machine", "",
            f"`{' '.join(sys.argv)}`", "",
            f"Machine: {report.machine()}. {_CALLS.value} calls each after warm-up, batch 1.", "",
-           "| config | learner | architecture | model | decoding | p50 ms | p99 ms | mean ms |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| config | learner | architecture | model | decoding | extraction | p50 ms | p99 ms "
+           "| mean ms |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for spec in _CONFIGS.value:
     cfg = report.load_config(spec, _OVERRIDE.value)
     algorithm = cfg.learner.algorithm
     for arch in (_ARCHS.value if algorithm == "qsft" else ["separate"]):
       one_dim = len(cfg.robot.action.names) == 1
       choices = (None, True) if one_dim and _KV_TOO.value else (None,)
-      ctrls, cfg, m = controller_for(spec, arch, choices)
-      for k, s in zip(choices, measure(ctrls, _CALLS.value)):
+      extractions = tuple(_EXTRACTIONS.value) if algorithm == "qsft" and _EXTRACTIONS.value \
+          else (None,)
+      ctrls, cfg, m = controller_for(spec, arch, choices, extractions)
+      pairs = [k for k in choices for _ in extractions]  # controller_for's order
+      for ctrl, k, s in zip(ctrls, pairs, measure(ctrls, _CALLS.value)):
         path = "one pass, no cache" if one_dim and k is None else "KV cache"
         lines.append(f"| {spec} | {algorithm} | {arch} | "
-                     f"{report.model_summary(cfg.model.name, m)} | {path} "
+                     f"{report.model_summary(cfg.model.name, m)} | {path} | {_extraction(ctrl)} "
                      f"| {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['mean_ms']:.2f} |")
         print(lines[-1], flush=True)
       del ctrls
