@@ -35,15 +35,15 @@ def test_binary_writes_results_and_videos_without_tensorflow(workdir):
       except SystemExit as e:
         assert e.code in (0, None), e.code
   """, absent=ROBOT_HOST_ABSENT)
-  beta = qconfig.load_config_file(os.path.join(REPO, "robot_configs", "babyai.py")).learner.beta
-  assert f"qsft (beta={beta!r})" in out and f"{TASK}-seed3.json" in out  # the table, the path
+  extraction, beta = _run_extraction()
+  assert _label(extraction, beta) in out and f"{TASK}-seed3.json" in out  # the table, the path
 
   with open(os.path.join(workdir, "eval", f"{TASK}-seed3.json")) as f:
     result = json.load(f)
   assert result["episodes"] == 2 and result["seed"] == 3
   assert 0.0 <= result["ci_low"] <= result["success_rate"] <= result["ci_high"] <= 1.0
   assert result["env"] == f"babyai:{TASK}" and result["algorithm"] == "qsft"
-  assert result["beta"] == beta and result["temperature"] == 0.0  # the run's learner.beta
+  assert result["beta"] == beta and result["temperature"] == 0.0  # the run's, for its extraction
   assert result["checkpoint_step"] == 7 and result["max_steps"] == 8
   episodes = result["per_episode"]
   assert len(episodes) == 2 and all(1 <= e["length"] <= 8 for e in episodes)
@@ -57,17 +57,30 @@ def test_binary_writes_results_and_videos_without_tensorflow(workdir):
   assert videos == [episodes[0]["video"]] and episodes[1]["video"] is None
 
 
+def _run_extraction():
+  """(extraction, its beta) of the BabyAI config's Q-SFT, which the workdir's run has."""
+  lc = qconfig.load_config_file(os.path.join(REPO, "robot_configs", "babyai.py")).learner
+  return lc.extraction, lc.beta if lc.extraction == "p" else lc.ratio_beta
+
+
+def _label(extraction, beta):
+  """The table's row name: the paper's "p" goes unnamed."""
+  return f"qsft (beta={beta!r})" if extraction == "p" else f"qsft ({extraction}, beta={beta!r})"
+
+
 def test_explicit_beta_names_the_output(workdir):
   proc = subprocess.run(
       [sys.executable, "-m", "qsft_vla.evaluate", f"--workdir={workdir}/checkpoints", "--beta=0.5",
        "--episodes=1", "--video_episodes=1", "--max_steps=3", "--seed=4", "--progress=false"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "qsft (beta=0.5)" in proc.stdout
+  extraction, _ = _run_extraction()  # --beta is the beta of the run's extraction
+  assert _label(extraction, 0.5) in proc.stdout
   stem = f"{TASK}-seed4-beta0.5"
   with open(os.path.join(workdir, "eval", f"{stem}.json")) as f:  # the workdir's eval/
     result = json.load(f)
-  assert result["beta"] == 0.5 and result["label"] == "qsft (beta=0.5)"
+  assert result["beta"] == 0.5 and result["label"] == _label(extraction, 0.5)
+  assert result["extraction"] == extraction
   assert len(glob.glob(os.path.join(workdir, "eval", "videos", stem, "*.gif"))) == 1
   assert not os.path.exists(os.path.join(workdir, "eval", f"{TASK}-seed4.json"))
 

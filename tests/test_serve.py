@@ -37,7 +37,8 @@ def _frames(n, seed=0):
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
   run = write_checkpoint(tmp_path_factory.mktemp("serve_qsft"), "babyai", "qsft",
-                         **{"learner.beta": 4.0, "eval.env": "babyai:BabyAI-GoToLocal-v0",
+                         **{"learner.beta": 4.0, "learner.extraction": "p",
+                            "eval.env": "babyai:BabyAI-GoToLocal-v0",
                             "eval.max_steps": 6, "eval.episodes": 3})
   return TrainedPolicy.load(run)
 
