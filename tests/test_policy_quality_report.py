@@ -59,6 +59,8 @@ def test_a_task_trains_longer_by_its_factor_and_the_table_says_so():
   assert pq.task_size(slow) == {**base, "steps": 2 * base["steps"]}
   assert pq.task_size(pq.Task("babyai:BabyAI-GoToLocal-v0", "expert:1")) == base
   assert base["steps"] == 2000  # task_size copies: the size itself is unchanged
+  short = pq.Task("babyai:BabyAI-OpenDoor-v0", "expert:1", max_steps=64)
+  assert pq.task_size(short) == {**base, "max_steps": 64} and base["max_steps"] is None
   result = {**_result("pickuploc", 0.5, 0.2, 0.6), "steps": 4000, "batch": 64}
   assert "| pickuploc | 0,1,2 | 4000 x 64 |" in pq.table([result])
 
