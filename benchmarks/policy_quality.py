@@ -1,7 +1,7 @@
 """Policy quality: Q-SFT vs BC vs filtered BC on data where imitation fails.
 
   .venv/bin/python benchmarks/policy_quality.py --size=small [--tasks=gotolocal,reach] \
-      [--seeds=0,1,2] [--workdir=runs/policy_quality] [--results=benchmarks/results]
+      [--seeds=0,1,2] [--jobs=2] [--workdir=runs/policy_quality] [--results=benchmarks/results]
 
 For every task: generate the dataset with a behaviour mixture whose most
 common behaviour is wrong (data_tools.generate --behavior), train every method
