@@ -86,6 +86,8 @@ def _what_a_qsft_step_does(name: str, lcfg, action_dims: int) -> str:
   trained = {"shared": "one trunk with two heads",
              "shared_encoder": "two transformers on one observation encoder (which runs "
                                "once)",
+             "pi_head": "one network (p_theta's) and a second head on its features (pi_phi's, "
+                        "behind a stop-gradient)",
              "separate": "two networks"}[lcfg.architecture]
   if not lcfg.bootstraps:
     extra = "no extra forward pass (the Monte-Carlo target, mc_mix=1, needs no bootstrap)"

@@ -326,8 +326,15 @@ def _shared_encoder(c: ml_collections.ConfigDict) -> None:
   c.learner.architecture = "shared_encoder"
 
 
+def _pi_head(c: ml_collections.ConfigDict) -> None:
+  """Q-SFT at about the price of BC (learner.architecture="pi_head"): p_theta's
+  network alone, with pi_phi a second output head on its features behind a
+  stop-gradient, so a step trains one network (benchmarks/results/train_step_time.md)."""
+  c.learner.architecture = "pi_head"
+
+
 # Variants that modify whatever algorithm and backbone they join.
-MODIFIER_VARIANTS = {"lora": _lora, "shared_encoder": _shared_encoder}
+MODIFIER_VARIANTS = {"lora": _lora, "shared_encoder": _shared_encoder, "pi_head": _pi_head}
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:

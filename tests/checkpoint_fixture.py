@@ -72,7 +72,7 @@ def write_checkpoint(workdir, robot_name="babyai", algorithm="qsft", architectur
   variables = init(key_pi, *inputs, False)
   if learner_cfg.num_output_heads == 2:
     # model.init draws head_1 independently of head (the learner would copy it).
-    params_pi, params_p = layout.split_shared(variables)
+    params_pi, params_p = layout.split_shared(variables, learner_cfg)
     params_target = variables
   elif learner_cfg.uses_p:
     params_pi, params_p = variables, init(key_p, *inputs, False)

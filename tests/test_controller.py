@@ -136,7 +136,8 @@ def reference_tokens(path, obs, history_mask, beta, extraction="p", with_q=False
 
 @pytest.mark.parametrize("robot,architecture", [("babyai", "separate"), ("babyai", "shared"),
                                                 ("metaworld", "shared"),
-                                                ("metaworld", "shared_encoder")])
+                                                ("metaworld", "shared_encoder"),
+                                                ("metaworld", "pi_head")])
 def test_tokens_equal_teacher_forced_argmax(ckpt_dir, robot, architecture):
   path = ckpt_dir(robot, "qsft", architecture)
   ck, _ = load_reference(path)

@@ -391,7 +391,51 @@ def test_non_finite_step_changes_nothing(algorithm):
   assert int(new.step) == int(state.step) + 1
 
 
-@pytest.mark.parametrize("architecture", ["separate", "shared", "shared_encoder"])
+def test_pi_head_p_theta_trains_as_a_separate_p_theta():
+  """architecture="pi_head": p_theta's network (trunk + head 1) with pi_phi a second head
+  behind a stop-gradient. Known answers: L_CE reaches pi_phi's head only (p_theta's
+  gradient from it is exactly 0); with the Monte-Carlo target p_theta's training never
+  reads pi_phi, so over several steps p_theta (trunk and head 1) follows a separate
+  p_theta from the same weights step for step."""
+  sep = make_learner(**MAIN, mc_mix=1.0)
+  ph = make_learner(**MAIN, mc_mix=1.0, architecture="pi_head")
+  assert ph.model.config.detach_head0 and ph.model.config.num_output_heads == 2
+  with pytest.raises(ValueError, match="sequential.*pi_head"):
+    L.LearnerConfig(architecture="pi_head", schedule="sequential", pi_steps=2)
+  with pytest.raises(ValueError, match="detach_head0 needs num_output_heads=2"):
+    dataclasses.replace(TINY, detach_head0=True)
+  batches = [make_batch(seed=10 + i) for i in range(3)]
+  for b in batches:
+    b["return_to_go"] = np.linspace(0.0, 1.0, 8).astype(np.float32)
+  s_sep, s_ph = init_state(sep, batches[0]), init_state(ph, batches[0])
+  assert set(s_ph.params_pi["params"]) == {"head"}
+  assert "head_1" in s_ph.params_p["params"] and "head" not in s_ph.params_p["params"]
+  b = ph._select(batches[0])  # pylint: disable=protected-access
+  on, off = jnp.ones((), bool), jnp.zeros((), bool)
+  g_pi, g_p, _ = ph._gradients(s_ph, b, on, off, s_ph.rng)  # pylint: disable=protected-access
+  assert all(not np.any(x) for x in leaves(g_p))  # L_CE alone: nothing reaches p_theta
+  assert any(np.any(x) for x in leaves(g_pi))
+
+  def as_separate(params_p):  # p_theta's group under the separate network's names
+    params = dict(params_p["params"])
+    params["head"] = params.pop("head_1")
+    return {**params_p, "params": params}
+
+  assert_tree_equal(as_separate(s_ph.params_p), s_sep.params_p)  # the same start
+  for batch in batches:
+    s_sep, m_sep = sep.step(s_sep, batch)
+    s_ph, m_ph = ph.step(s_ph, batch)
+    assert float(m_ph["loss_p"]) == pytest.approx(float(m_sep["loss_p"]), rel=1e-5)
+  assert_params_close(as_separate(s_ph.params_p), s_sep.params_p, MAIN["lr_p"])
+  assert tree_changed(s_ph.params_pi, init_state(ph, batches[0]).params_pi)
+  # Acting reads the one network: head 0 is pi_phi, head 1 p_theta.
+  args = (b["observation"], b["history_mask"], b["text_ids"], b["text_mask"], b["action_tokens"])
+  out = ph.model.apply(ph.inference_params(s_ph)["shared"], *args)
+  np.testing.assert_allclose(out[1], sep.model.apply(sep.inference_params(s_sep)["p"], *args),
+                             atol=1e-3)
+
+
+@pytest.mark.parametrize("architecture", ["separate", "shared", "shared_encoder", "pi_head"])
 def test_pure_monte_carlo_target_never_reads_the_target_network(architecture):
   """mc_mix = 1: every token's weight is the example's G_t, and the step never evaluates
   p_theta_bar (a NaN target changes nothing), so it costs one forward pass less per net."""
@@ -412,7 +456,7 @@ def test_pure_monte_carlo_target_never_reads_the_target_network(architecture):
     L.LearnerConfig(mc_mix=1.5)
 
 
-@pytest.mark.parametrize("architecture", ["separate", "shared", "shared_encoder"])
+@pytest.mark.parametrize("architecture", ["separate", "shared", "shared_encoder", "pi_head"])
 def test_residual_parametrization_starts_at_pi_and_cancels_pi(architecture):
   """p = softmax(stop_grad(log pi) + out): equal to pi at the start (zero head, the
   dummy at -20), and p / pi = exp(out_b) / Z whatever pi is."""

@@ -370,3 +370,18 @@ def test_shared_encoder_variant_builds_p_theta_its_own_transformer():
   with pytest.raises(qconfig.ConfigError, match=r"model\.vlm: learner\.architecture="
                                                 r"'shared_encoder' needs .*rt1_small"):
     train.build(vlm, stats=[None])
+
+
+def test_pi_head_variant_detaches_pi_phi_on_either_backbone():
+  """`+pi_head` makes pi_phi a head on p_theta's network: the model gets two heads and the
+  stop-gradient in front of head 0, on rt1_small and on the VLM alike; BC has one network."""
+  for variant in ("qsft+pi_head", "vlm_smollm2+pi_head"):
+    cfg = qconfig.load_config_file(f"{BABYAI}:{variant}")
+    assert cfg.learner.architecture == "pi_head"
+    cfg.data.dir = "unused"
+    mc = train.build(cfg, stats=[None]).policy.model_config
+    assert mc.detach_head0 and mc.num_output_heads == 2, variant
+  bc = qconfig.load_config_file(f"{BABYAI}:bc+pi_head")
+  bc.data.dir = "unused"
+  mc = train.build(bc, stats=[None]).policy.model_config
+  assert not mc.detach_head0 and mc.num_output_heads == 1

@@ -28,13 +28,20 @@ Architectures (LearnerConfig.architecture):
               trained by both losses (it sits in params_pi, so L_WCE's
               gradient reaches it there). At init p_trunk is a copy of
               pi_phi's transformer.
+  "pi_head":  one trunk with two heads, the other way round: the trunk and
+              head 1 are p_theta (params_p) and train on L_WCE alone; pi_phi is
+              head 0 (params_pi = {"params": {"head"}}) behind a stop-gradient
+              (the model's detach_head0), trained by L_CE. A step costs about one
+              network's. With the Monte-Carlo target (mc_mix = 1) and the
+              independent parametrization p_theta's training never reads pi_phi,
+              so it is exactly a separate p_theta's (without dropout).
 
 Schedules (LearnerConfig.schedule):
   "joint":      every step trains both (the author's code: L_CE + L_WCE).
   "sequential": steps [0, pi_steps) train pi_phi only, later steps p_theta
                 only with pi_phi frozen (the paper's Algorithm 1). With the
                 shared architecture the p phase trains only the p head (the
-                trunk belongs to pi_phi and stays frozen).
+                trunk belongs to pi_phi and stays frozen); pi_head refuses it.
 A frozen group's params and optimiser state are kept bit for bit (selected
 with jnp.where), and the target moves only on steps that update p_theta.
 
@@ -151,8 +158,9 @@ class Learner:
                sharding_rules=sharding.DEFAULT_RULES):
     self.model = model
     self.config = config
-    want = {"num_output_heads": 1, "p_trunk": False, **config.model_fields}
-    got = {k: getattr(model.config, k, v if k == "p_trunk" else 1) for k, v in want.items()}
+    absent = {"num_output_heads": 1, "p_trunk": False, "detach_head0": False}
+    want = {**absent, **config.model_fields}
+    got = {k: getattr(model.config, k, absent[k]) for k in want}
     if got != want:
       raise ValueError(f"algorithm={config.algorithm!r}, architecture={config.architecture!r} "
                        f"needs a model with {want}, got {got} (use learner.model_config_for)")

@@ -27,7 +27,7 @@ P_PARAMETRIZATIONS = ("independent", "residual")
 DEFAULT_EPS = 1e-4  # support threshold on pi_phi (QSFT.md)
 BACKUPS = ("max", "mean", "expectile")
 SCHEDULES = ("joint", "sequential")
-ARCHITECTURES = ("separate", "shared", "shared_encoder")
+ARCHITECTURES = ("separate", "shared", "shared_encoder", "pi_head")
 RETIRED_FIELDS = ("filter_threshold",)
 # LoRA's default targets: every linear map of the Llama decoder and of MiniLM's layers,
 # and EfficientNet-Lite0's 1x1 convolutions (its depthwise 3x3 ones have one input
@@ -89,7 +89,10 @@ class LearnerConfig:
   pi_steps: int = 0                 # sequential: steps of the pi_phi phase
   # "separate" backbones | "shared" trunk with two heads | "shared_encoder": one
   # observation encoder under two transformers (rt1_small's p_trunk: the image
-  # convolutions run once for both networks; both losses train the encoder)
+  # convolutions run once for both networks; both losses train the encoder) | "pi_head":
+  # p_theta's network, trained by L_WCE alone, with pi_phi a second head on its features
+  # behind a stop-gradient (a step costs about one network's; with the Monte-Carlo
+  # target and no dropout p_theta then trains exactly as a separate one)
   architecture: str = "separate"
   grad_clip_norm: Optional[float] = 1.0   # None: no clipping
   steps_per_call: int = 1           # optimiser steps per jit call (lax.scan)
@@ -160,6 +163,10 @@ class LearnerConfig:
       raise ValueError(f"sample_k must be an integer in [1, 4096], got {self.sample_k!r}")
     if not 0.0 <= self.ratio_eps < 1.0:
       raise ValueError(f"ratio_eps must be in [0, 1), got {self.ratio_eps}")
+    if self.uses_p and self.architecture == "pi_head" and self.schedule == "sequential":
+      raise ValueError("schedule='sequential' trains pi_phi before p_theta, but with "
+                       "architecture='pi_head' pi_phi reads p_theta's features, which its "
+                       "phase would leave untrained: use schedule='joint'")
     self._check_lora()
 
   def _check_lora(self):
@@ -216,11 +223,14 @@ class LearnerConfig:
 
   @property
   def model_fields(self) -> dict[str, Any]:
-    """What the learner fixes in the model config: the output heads, and with
-    the shared encoder p_theta's own transformer (a field rt1_small alone has)."""
+    """What the learner fixes in the model config: the output heads, with the
+    shared encoder p_theta's own transformer (a field rt1_small alone has), and
+    with pi_head the stop-gradient in front of pi_phi's head."""
     fields = {"num_output_heads": self.num_output_heads}
     if self.uses_p and self.architecture == "shared_encoder":
       fields["p_trunk"] = True
+    if self.uses_p and self.architecture == "pi_head":
+      fields["detach_head0"] = True
     return fields
 
   def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ class BackboneConfig:
   """Mixin for backbone config dataclasses (RT1SmallConfig, VLMConfig)."""
   _TUPLE_FIELDS: tuple[str, ...] = ("cameras",)  # lists in JSON, tuples here
   NOT_CONFIGURABLE: tuple[str, ...] = ("num_action_dims", "action_vocab", "window", "cameras",
-                                       "state_dim", "num_output_heads")
+                                       "state_dim", "num_output_heads", "detach_head0")
 
   @property
   def dummy_id(self) -> int:

@@ -33,6 +33,8 @@ final norm named as the model's own) over the same encoded prefix, so the image
 convolutions, most of a step's FLOPs, run once for both networks. Both losses
 train the encoder: behind a stop-gradient (features from L_CE alone) p_theta
 learned far worse (policy_quality_exploration.md, "Cost").
+With `detach_head0` (Q-SFT "pi_head", H = 2, one trunk) head 0 reads the final
+features behind a stop-gradient: the trunk is trained by head 1's loss alone.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class RT1SmallConfig(BackboneConfig):
   dropout: float = 0.0
   num_output_heads: int = 1
   p_trunk: bool = False              # with 2 heads: head 1 gets its own transformer (above)
+  detach_head0: bool = False         # with 2 heads: head 0 reads the trunk behind a stop-gradient
   # "conv": the small FiLM conv net above; "efficientnet_lite0": RT-1's
   # FiLM-EfficientNet (film_efficientnet.py; `pretrained_variables`
   # loads ImageNet weights). "learned": masked mean of text_dim embeddings;
@@ -97,6 +100,9 @@ class RT1SmallConfig(BackboneConfig):
     if self.p_trunk and self.num_output_heads != 2:
       raise ValueError(f"RT1SmallConfig.p_trunk needs num_output_heads=2 (pi_phi's head and "
                        f"p_theta's), got {self.num_output_heads}")
+    if self.detach_head0 and (self.num_output_heads != 2 or self.p_trunk):
+      raise ValueError("RT1SmallConfig.detach_head0 needs num_output_heads=2 on one trunk "
+                       f"(no p_trunk), got {self.num_output_heads} heads, p_trunk={self.p_trunk}")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     if self.image_encoder not in IMAGE_ENCODERS:
@@ -271,7 +277,10 @@ class RT1Small(nn.Module):
       return jnp.stack([self.head(self.ln_out(hs[0])).astype(jnp.float32),
                         self.extra_heads[0](self.p_trunk.ln_out(hs[1])).astype(jnp.float32)])
     h = self.ln_out(hs[0])
-    out = self.head(h).astype(jnp.float32)
+    # detach_head0 (Q-SFT "pi_head"): pi_phi's head is a probe of p_theta's features;
+    # L_CE trains the head alone, so the trunk learns from L_WCE only.
+    out = self.head(jax.lax.stop_gradient(h) if self.config.detach_head0 else h)
+    out = out.astype(jnp.float32)
     if not self.extra_heads:
       return out
     return jnp.stack([out] + [head(h).astype(jnp.float32) for head in self.extra_heads])

@@ -37,7 +37,8 @@ learner needs two parameters "head" and "head_1" (it copies "head" into
 "head_1" at init); here they are [K + 1, C] copies of the gathered LM-head
 rows (filled by `pretrained_variables`; random at a bare init), so at the
 pretrained start both heads equal the LM's own logits, but they then train
-apart from the (still tied) input embeddings.
+apart from the (still tied) input embeddings. With `detach_head0` (Q-SFT
+"pi_head") head 0 reads the final hidden state behind a stop-gradient.
 
 Vision: EfficientNet-Lite0 (ImageNet weights) -> last feature map, average
 pooled to `image_tokens_per_frame` tokens on a grid -> 2-layer MLP projector
@@ -124,6 +125,7 @@ class VLMConfig(BackboneConfig):
   state_dim: int = 0
   max_text_len: int = 16               # instruction tokens (the LM's own tokenizer)
   num_output_heads: int = 1
+  detach_head0: bool = False           # with 2 heads: head 0 reads the LM behind a stop-gradient
   dropout: float = 0.0                 # on the projected image/state tokens
   # A Hugging Face Llama folder (config.json, safetensors, tokenizer.json);
   # None: the packaged SmolLM2-135M-Instruct, converted from GGUF on first use.
@@ -152,6 +154,9 @@ class VLMConfig(BackboneConfig):
     if self.num_output_heads not in (1, 2):
       raise ValueError(f"VLMConfig.num_output_heads must be 1 (separate backbones / BC) or 2 "
                        f"(shared trunk), got {self.num_output_heads}")
+    if self.detach_head0 and self.num_output_heads != 2:
+      raise ValueError(f"VLMConfig.detach_head0 needs num_output_heads=2, got "
+                       f"{self.num_output_heads}")
     if not self.cameras:
       raise ValueError("VLMConfig.cameras must name at least one camera")
     if self.compute_dtype not in COMPUTE_DTYPES:
@@ -308,8 +313,11 @@ class VLM(nn.Module):
     """Final (normed) hidden [..., C] -> float32 [..., K + 1] ([H, ..., K + 1] with H > 1)."""
     ids = jnp.asarray(self.out_ids)
     if self.config.num_output_heads > 1:
-      return jnp.stack([(hidden @ jnp.asarray(h, hidden.dtype).T).astype(jnp.float32)
-                        for h in self.heads])
+      # detach_head0 (Q-SFT "pi_head"): L_CE trains pi_phi's head alone, not the LM.
+      ins = [jax.lax.stop_gradient(hidden) if i == 0 and self.config.detach_head0 else hidden
+             for i in range(len(self.heads))]
+      return jnp.stack([(x @ jnp.asarray(h, x.dtype).T).astype(jnp.float32)
+                        for x, h in zip(ins, self.heads)])
     if self.lm_cfg.tie_word_embeddings:
       rows = self.lm.embed(ids)  # the tied LM-head rows of the output ids
       return (hidden @ rows.T.astype(hidden.dtype)).astype(jnp.float32)

@@ -98,7 +98,8 @@ class TrainedPolicy:
     cams = ", ".join(f"{c}: {h}x{w}" for c, (h, w) in self.image_sizes.items())
     dims = ", ".join(f"{d.name} ({d.kind}, {d.bins} bins)" for d in self.action_tokenizer.dims)
     arch = {"separate": "separate networks", "shared": "shared trunk",
-            "shared_encoder": "shared encoder"}[lc.architecture]
+            "shared_encoder": "shared encoder",
+            "pi_head": "pi_phi a head on p_theta's network"}[lc.architecture]
     algo = lc.algorithm + (f" ({arch}, beta {lc.inference_beta:g} on the "
                            f"{lc.extraction!r} extraction)" if lc.uses_p else "")
     lines = [f"policy: {algo}" + (f", step {self.step}" if self.step is not None else

@@ -10,6 +10,9 @@ per algorithm and architecture:
                    params_target = the whole shared variables
   shared encoder:  as shared, with p_theta's transformer in params_p too:
                    {"params": {"head_1", "p_trunk"}}
+  pi_head:         the other way round: params_pi = {"params": {"head"}} (pi_phi's
+                   head on p_theta's features), params_p = the trunk + head 1,
+                   params_target = the whole shared variables
   BC, filtered BC: params_pi only (params_p and params_target are {})
   LoRA (learner.lora_rank > 0): each group is an adapter set on a frozen base
                    that is not a group (models/lora.py; built by the learner and
@@ -29,19 +32,24 @@ GROUPS = ("params_pi", "params_p", "params_target")
 ACTING_GROUPS = GROUPS[:2]  # what acting reads of a checkpoint (not the target)
 P_HEAD = "head_1"  # p_theta's head in a shared trunk (head 0, "head", is pi_phi's)
 P_TRUNK = "p_trunk"  # p_theta's own transformer on a shared encoder (rt1_small)
+PI_HEAD = "head"  # pi_phi's head in a shared trunk
 
 
-def split_shared(variables):
-  """Full shared variables -> (what pi_phi owns, {"params": {"head_1": ...}} and,
-  with a shared encoder, "p_trunk")."""
+def split_shared(variables, learner):
+  """Full shared variables of a two-head model -> (pi_phi's group, p_theta's group).
+  "shared" / "shared_encoder": p_theta owns {"params": {"head_1"}} (and "p_trunk"),
+  pi_phi the rest; "pi_head": pi_phi owns {"params": {"head"}}, p_theta the rest."""
   params = dict(variables["params"])
-  owned_by_p = {k: params.pop(k) for k in (P_HEAD, P_TRUNK) if k in params}
   rest = {k: v for k, v in variables.items() if k != "params"}
+  if learner.architecture == "pi_head":
+    return {"params": {PI_HEAD: params.pop(PI_HEAD)}}, {**rest, "params": params}
+  owned_by_p = {k: params.pop(k) for k in (P_HEAD, P_TRUNK) if k in params}
   return {**rest, "params": params}, {"params": owned_by_p}
 
 
 def merge_shared(group_pi, group_p):
-  return {**group_pi, "params": {**group_pi["params"], **group_p["params"]}}
+  """The full shared variables from the two groups of split_shared."""
+  return {**group_p, **group_pi, "params": {**group_pi["params"], **group_p["params"]}}
 
 
 def param_groups(variables, learner) -> dict[str, Any]:
@@ -50,7 +58,7 @@ def param_groups(variables, learner) -> dict[str, Any]:
   updating in place."""
   variables = dict(variables)
   if learner.num_output_heads == 2:
-    pi, p = split_shared(variables)
+    pi, p = split_shared(variables, learner)
     return {"params_pi": pi, "params_p": p, "params_target": variables}
   if learner.uses_p:
     return {"params_pi": variables, "params_p": variables, "params_target": variables}
