@@ -26,6 +26,18 @@ def test_shared_groups_split_the_p_head_and_merge_back():
   assert set(inf["shared"]["params"]) == {"trunk", "head", layout.P_HEAD}
 
 
+def test_pi_head_groups_give_pi_phi_its_head_only_and_merge_back():
+  cfg = LearnerConfig(architecture="pi_head")
+  v = _variables()
+  g = layout.param_groups(v, cfg)
+  assert g["params_pi"] == {"params": {"head": v["params"]["head"]}}
+  assert set(g["params_p"]["params"]) == {"trunk", layout.P_HEAD}
+  assert "batch_stats" in g["params_p"]  # the trunk is p_theta's, and so is its state
+  inf = layout.inference_params(cfg, g["params_pi"], g["params_p"])
+  assert set(inf) == {"shared"}
+  assert inf["shared"]["params"] == v["params"] and inf["shared"]["batch_stats"] is v["batch_stats"]
+
+
 @pytest.mark.parametrize("algorithm,keys", [("qsft", {"pi", "p"}), ("bc", {"pi"}),
                                             ("filtered_bc", {"pi"})])
 def test_separate_groups(algorithm, keys):
