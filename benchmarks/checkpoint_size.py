@@ -31,7 +31,8 @@ from qsft_vla.models import lora  # noqa: E402
 from qsft_vla.policy import checkpoints, layout  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list(
-    "configs", ["robot_configs/babyai.py:vlm_smollm2", "robot_configs/babyai.py:vlm_smollm2+lora",
+    "configs", ["robot_configs/babyai.py:vlm_smollm2", "robot_configs/babyai.py:vlm_smollm2+pi_head",
+                "robot_configs/babyai.py:vlm_smollm2+lora",
                 "robot_configs/babyai.py:bc+vlm_smollm2+lora"], "config specs")
 _OUT = flags.DEFINE_string("out", None, "markdown table to write")
 
@@ -73,13 +74,14 @@ def measure(spec: str) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
   return {"spec": spec, "model": report.model_summary(setup.policy.model_name,
                                                       setup.policy.model_config),
-          "trained": lora.count(state.params_pi), "base": lora.count(state.base),
+          "trained": (lora.count(state.params_pi), lora.count(state.params_p)),
+          "base": lora.count(state.base),
           "sizes": sizes, "total": total}
 
 
 def table(rows: list[dict]) -> str:
   ref = rows[0]["total"]
-  head = ("| config | trained params per network | frozen base params | "
+  head = ("| config | trained params pi_phi / p_theta | frozen base params | "
           + " | ".join(ITEMS) + " | checkpoint | vs first row |")
   lines = [f"# Checkpoint size on disk\n\nMachine: {report.machine()}. Model: {rows[0]['model']}.",
            "Bytes of each orbax item of a checkpoint written by `checkpoints.save` "
@@ -88,7 +90,8 @@ def table(rows: list[dict]) -> str:
            "", head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     cells = [f"{r['sizes'].get(i, 0) / MB:.1f}" for i in ITEMS]
-    lines.append(f"| `{r['spec'].split('/')[-1]}` | {r['trained'] / 1e6:.2f}M | "
+    pi, p = r["trained"]
+    lines.append(f"| `{r['spec'].split('/')[-1]}` | {pi / 1e6:.3f}M / {p / 1e6:.3f}M | "
                  f"{r['base'] / 1e6:.1f}M | " + " | ".join(cells)
                  + f" | {r['total'] / MB:.1f} MB | {100 * r['total'] / ref:.1f}% |")
   return "\n".join(lines) + "\n"

@@ -288,6 +288,12 @@ def one_choice(results: list[dict[str, Any]]) -> list[str]:
   return lines
 
 
+def run_architecture(workdir: str) -> str:
+  """The learner architecture a training run used (its config.json)."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    return json.load(f)["learner"]["architecture"]
+
+
 def task_size(task: Task) -> dict[str, Any]:
   """The size's settings for the task's robot, its training steps scaled."""
   size = dict(SIZES[FLAGS.size][task.robot])
@@ -340,6 +346,8 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
                          "data_episodes": data_stats["num_episodes"],
                          "steps": size["steps"], "batch": size["batch"],
                          "expert": pooled([expert_ceiling(task, size)]), "methods": {}}
+  if "qsft" in runs:
+    out["architecture"] = run_architecture(runs["qsft"][0])
   sweep: dict[str, dict[float, float]] = {}
   choice = None
   if "qsft" in runs:
@@ -402,9 +410,9 @@ def table(results: list[dict[str, Any]]) -> str:
            "", "Success over training seeds x test episodes with Wilson 95% intervals; one "
            "summary per task in `policy_quality_" + FLAGS.size + "/<task>.json`.", "",
            "| task | seeds | steps x batch | data (success) | expert | "
-           + " | ".join(NAMES[m] for m in cols) + " | Q-SFT choice (val) | Q-SFT vs BC "
-           "| Q-SFT vs filtered BC |",
-           "|---|---|---|---|---|" + "---|" * len(cols) + "---|---|---|"]
+           + " | ".join(NAMES[m] for m in cols) + " | Q-SFT networks | Q-SFT choice (val) "
+           "| Q-SFT vs BC | Q-SFT vs filtered BC |",
+           "|---|---|---|---|---|" + "---|" * len(cols) + "---|---|---|---|"]
 
   def cell(p):
     return f"{100 * p['mean']:.1f}% [{100 * p['lo']:.0f}, {100 * p['hi']:.0f}]" if p else "-"
@@ -413,6 +421,8 @@ def table(results: list[dict[str, Any]]) -> str:
            f"{r['behavior']} ({100 * r['data_success']:.0f}%)", cell(r["expert"])]
     row += [cell(r["methods"].get(m, {}).get("test")) for m in cols]
     c = r.get("qsft_choice")
+    # Summaries written before the field was recorded all come from separate networks.
+    row.append(r.get("architecture", "separate") if "qsft" in r["methods"] else "")
     row.append(f"{c['extraction']}, beta {c['beta']:g} ({100 * c['val_success']:.0f}%)"
                if c else "")
     for base in ("bc", "filtered_bc"):  # discordant pairs: Q-SFT only vs the baseline only

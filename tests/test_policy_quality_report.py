@@ -37,6 +37,9 @@ def test_table_and_plots(tmp_path):
   text = pq.table(results)
   assert "| gotolocal | 0,1,2 | 2000 x 64 |" in text and "70.0% [60, 80]" in text
   assert "| reach | 0,1,2 | 3000 x 32 |" in text  # a summary without steps: its size's
+  # Q-SFT's networks: recorded, or "separate" for summaries from before they were.
+  assert "| separate | ratio, beta 16" in text
+  assert "| pi_head | ratio, beta 16" in pq.table([{**results[0], "architecture": "pi_head"}])
   assert "ratio, beta 16" in text and "| 60 vs 10, p = 1e-09 | 30 vs 20, p = 0.2 |" in text
   assert "| 60 vs 10, p = 1e-09 |  |" in pq.table([{**results[1], "qsft_vs_filtered_bc": None}])
   assert "Average over 2 task(s): Q-SFT 80.0%, BC 30.0%, filtered BC 65.0%" in text
@@ -174,6 +177,11 @@ def test_default_choice_reads_the_robot_config():
         os.path.join(REPO, "robot_configs", f"{task.robot}.py:qsft")).learner
     e, b = pq.default_choice(task)
     assert e == lc.extraction and b == (lc.beta if e == "p" else lc.ratio_beta)
+
+
+def test_run_architecture_reads_the_runs_config(tmp_path):
+  (tmp_path / "config.json").write_text('{"learner": {"architecture": "pi_head"}}')
+  assert pq.run_architecture(str(tmp_path)) == "pi_head"
 
 
 def test_evaluations_run_in_parallel_equal_the_serial_ones(tmp_path):
