@@ -31,7 +31,8 @@ from qsft_vla.models import lora  # noqa: E402
 from qsft_vla.policy import checkpoints, layout  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list(
-    "configs", ["robot_configs/babyai.py:vlm_smollm2", "robot_configs/babyai.py:vlm_smollm2+pi_head",
+    "configs", ["robot_configs/babyai.py:vlm_smollm2+separate",
+                "robot_configs/babyai.py:vlm_smollm2+pi_head",
                 "robot_configs/babyai.py:vlm_smollm2+lora",
                 "robot_configs/babyai.py:bc+vlm_smollm2+lora"], "config specs")
 _OUT = flags.DEFINE_string("out", None, "markdown table to write")

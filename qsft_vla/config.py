@@ -313,9 +313,12 @@ def _lora(c: ml_collections.ConfigDict) -> None:
   (alpha 16, PEFT's common choice; untuned here) on every linear map of the
   pretrained transformers and EfficientNet's 1x1 convolutions (the default
   learner.lora_targets); new layers are trained in full. Needs a backbone with
-  pretrained weights (rt1_pretrained, vlm_smollm2)."""
+  pretrained weights (rt1_pretrained, vlm_smollm2). The three networks are three
+  adapter sets on one frozen base, so the architecture is "separate" whatever the
+  robot config picked."""
   c.learner.lora_rank = 8
   c.learner.lora_alpha = 16.0
+  c.learner.architecture = "separate"
 
 
 def _shared_encoder(c: ml_collections.ConfigDict) -> None:
@@ -333,8 +336,15 @@ def _pi_head(c: ml_collections.ConfigDict) -> None:
   c.learner.architecture = "pi_head"
 
 
+def _separate(c: ml_collections.ConfigDict) -> None:
+  """pi_phi and p_theta as two networks (learner.architecture="separate"), the
+  paper's setting, where the robot config picked another architecture."""
+  c.learner.architecture = "separate"
+
+
 # Variants that modify whatever algorithm and backbone they join.
-MODIFIER_VARIANTS = {"lora": _lora, "shared_encoder": _shared_encoder, "pi_head": _pi_head}
+MODIFIER_VARIANTS = {"lora": _lora, "shared_encoder": _shared_encoder, "pi_head": _pi_head,
+                     "separate": _separate}
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:
