@@ -184,8 +184,9 @@ class LearnerConfig:
       raise ValueError("lora_rank > 0 and p_parametrization='residual' do not combine (the "
                        "residual p head replaces a head the adapter sets share)")
     if self.lora_rank and self.num_output_heads == 2:
-      raise ValueError("lora_rank > 0 needs architecture='separate': the three LoRA adapter "
-                       "sets on one frozen base replace the shared trunk")
+      raise ValueError("lora_rank > 0 needs architecture='separate' (the config modifier "
+                       "+lora sets it): the three LoRA adapter sets on one frozen base replace "
+                       f"the shared network, got architecture={self.architecture!r}")
 
   def beta_of(self, extraction: str) -> float:
     """The run's beta for an extraction: beta for "p", ratio_beta for the two on the

@@ -783,7 +783,8 @@ for _name, _extra, _parts in [
                                 "--config.learner.architecture=shared"],
      ["lora_rank", "separate"]),
     # The default rt1_small learns from scratch: there are no weights to adapt.
-    ("lora_without_pretrained_weights", ["--config.learner.lora_rank=4"],
+    ("lora_without_pretrained_weights", ["--config.learner.lora_rank=4",
+                                         "--config.learner.architecture=separate"],
      ["lora_rank", "pretrained"]),
 ]:
   case("qsft_vla.train", *_parts, name=f"train_{_name}")(
