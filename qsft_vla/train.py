@@ -195,6 +195,25 @@ def _from_items(items: dict[str, Any], base) -> learner_lib.TrainState:
                                 base=base)
 
 
+def _check_chunks(cfg, lcfg) -> None:
+  """Chunked batches (learner.chunk_length > 1) come from the RLDS pipeline, in
+  whole chunks per process and per microbatch."""
+  chunk = lcfg.chunk_length
+  if chunk == 1:
+    return
+  if cfg.data.source == "reverb":
+    raise qconfig.ConfigError(
+        f"learner.chunk_length={chunk} needs batches of consecutive steps, which the RLDS "
+        "pipeline builds; replay (data.source='reverb') samples single steps: set "
+        "learner.chunk_length=1 or data.source='rlds'")
+  per_call = cfg.train.batch_size // distributed.count() // lcfg.microbatches
+  if per_call % chunk or cfg.train.batch_size % (distributed.count() * lcfg.microbatches):
+    raise qconfig.ConfigError(
+        f"learner.chunk_length={chunk}: train.batch_size={cfg.train.batch_size} over "
+        f"{distributed.count()} process(es) and learner.microbatches={lcfg.microbatches} "
+        f"gives {per_call} rows per microbatch, not whole chunks")
+
+
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
   """A workdir resumes only the run it holds: same model, learner, action space
   and (LoRA) frozen base. Both sides are read back through their loaders first, so
@@ -374,6 +393,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     raise qconfig.ConfigError(f"train.batch_size={tcfg.batch_size} exceeds the {examples} "
                               f"training examples (steps) of {', '.join(setup.data_dirs)} "
                               f"(split {cfg.data.split!r}): every batch would repeat them")
+  _check_chunks(cfg, setup.policy.learner)
   _check_workdir(workdir)
 
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -395,7 +415,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
                                    gamma=policy.learner.gamma,
                                    batch_size=local_batch, seed=data_seed, train=True,
                                    validate=tcfg.validate_data, keep_returns=thresholds,
-                                   stats=setup.stats)
+                                   stats=setup.stats, chunk_length=policy.learner.chunk_length)
   prepare = batches_lib.BatchPreparer(policy.text_tokenizer, policy.model_config.max_text_len)
   primary = distributed.is_primary()
   probe = q_gap.maybe_probe(cfg, setup, prepare) if primary else None

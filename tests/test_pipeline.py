@@ -273,6 +273,32 @@ def test_mixture_weights(hand_dir, sparse_dir):
       0, 1, 2}
 
 
+def test_chunks_are_consecutive_steps_through_mixing_and_shuffle(hand_dir, sparse_dir):
+  """chunk_length=4: every 4 rows of a batch continue one member's stream of steps:
+  where a row bootstraps, the next row is its next step, whose observation is this
+  row's next_observation; the parallel map keeps the order although the config lets
+  it reorder (deterministic=False). The runs themselves are shuffled."""
+  from qsft_vla.learning.learner import check_chunks  # pylint: disable=g-import-not-at-top
+  cfg = _cfg([hand_dir, sparse_dir], window=2, reward_rescale="none", deterministic=False)
+  it = pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=GAMMA, batch_size=16, seed=0,
+                                 validate=False, chunk_length=4)
+  followed, starts = 0, set()
+  for _ in range(10):
+    b = next(it)
+    check_chunks(b, 4)
+    boot = b["has_next"] & ~b["terminal"]
+    for i in np.flatnonzero(boot & (np.arange(16) % 4 < 3)):
+      np.testing.assert_array_equal(b["next_observation"]["image"][i],
+                                    b["observation"]["image"][i + 1])
+      np.testing.assert_array_equal(b["next_history_mask"][i], b["history_mask"][i + 1])
+      followed += 1
+    starts |= set(zip(b["dataset_index"][::4], b["episode_index"][::4], b["step_index"][::4]))
+  assert followed > 50 and len(starts) > 3
+  with pytest.raises(ValueError, match="not a multiple of chunk_length=4"):
+    pipeline.make_dataset(cfg.data, SPEC, TOKENIZER, gamma=GAMMA, batch_size=10, seed=0,
+                          validate=False, chunk_length=4)
+
+
 def test_iterator_resume_continues_exactly(hand_dir, tmp_path):
   cfg = _cfg(hand_dir, deterministic=True, augment_enabled=True, reward_rescale="none")
   make = lambda: pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=cfg.learner.gamma,

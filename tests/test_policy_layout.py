@@ -53,6 +53,16 @@ def test_separate_groups(algorithm, keys):
   assert set(inf) == layout.inference_keys(cfg) == keys
 
 
+@pytest.mark.parametrize("architecture", ["separate", "pi_head"])
+def test_pure_monte_carlo_target_has_no_target_group(architecture):
+  # mc_mix = 1 never reads p_theta_bar: nothing to keep or checkpoint.
+  cfg = LearnerConfig(algorithm="qsft", architecture=architecture, mc_mix=1.0)
+  g = layout.param_groups(_variables(), cfg)
+  assert g["params_target"] == {} and g["params_p"]
+  assert layout.param_groups(_variables(), LearnerConfig(
+      algorithm="qsft", architecture=architecture, mc_mix=0.5))["params_target"]
+
+
 def test_shared_architecture_without_p_is_one_head():
   # BC has no p_theta: "shared" asks for nothing more than pi_phi.
   cfg = LearnerConfig(algorithm="bc", architecture="shared")

@@ -167,6 +167,8 @@ def test_filtered_bc_keeps_the_episodes_its_quantile_names(dataset, quantile):
     ("qsft", {"learner.architecture": "shared", "learner.schedule": "sequential",
               "learner.pi_steps": 2}),
     ("qsft", {"learner.steps_per_call": 2, "learner.residual": "uniform"}),
+    # Batches of consecutive steps with the bootstrapped target (the learner checks them).
+    ("qsft", {"learner.chunk_length": 4, "learner.mc_mix": 0.5, "learner.backup": "max"}),
 ])
 def test_variants_train(dataset, tmp_path, variant, extra):
   summary = train.train(_config(dataset, variant, **{"train.num_steps": 4, **extra}),
@@ -215,6 +217,18 @@ def test_workdir_and_batch_size_are_checked_before_anything_is_written(dataset, 
     train.train(_config(dataset, **{"train.num_steps": 2, "train.batch_size": 100_000}),
                 str(tmp_path / "big"))
   assert not (tmp_path / "big").exists()
+
+
+def test_chunked_batches_need_the_pipeline_and_whole_chunks(dataset, tmp_path):
+  with pytest.raises(qconfig.ConfigError, match=r"learner.chunk_length=3: .* gives 8 rows per "
+                     r"microbatch, not whole chunks"):
+    train.train(_config(dataset, **{"train.num_steps": 2, "learner.chunk_length": 3}),
+                str(tmp_path / "a"))
+  assert not (tmp_path / "a").exists()
+  cfg = _config(dataset, **{"learner.chunk_length": 4, "data.source": "reverb"})
+  with pytest.raises(qconfig.ConfigError, match=r"replay \(data.source='reverb'\) samples "
+                     "single steps"):
+    train._check_chunks(cfg, train.learner_config(cfg))
 
 
 def test_a_failed_save_stops_with_a_clear_error(dataset, tmp_path, monkeypatch):

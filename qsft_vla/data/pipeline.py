@@ -10,6 +10,13 @@ shuffle steps, decode/resize/augment images per step, batch and prefetch.
 Images stay PNG/JPEG bytes until after the shuffle, so the shuffle buffer (and
 a saved iterator state) holds compressed frames, not pixels.
 
+Chunks (chunk_length L > 1, for the learner's chunked batches): each member's
+steps, still in episode order, are cut into runs of L consecutive steps before
+mixing; the runs are what is mixed and shuffled (a buffer of data.shuffle_buffer
+steps holds data.shuffle_buffer // L runs), and a batch is B / L whole runs. A
+run may cross from one episode's last step into the next episode, where nothing
+bootstraps.
+
 Each training example's layout: data/examples.py.
 
 Bad data fails with DataError naming the dataset dir, episode, step and key:
@@ -195,7 +202,8 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
                  seed: int,
                  train: bool = True, validate: bool = True,
                  keep_returns: Optional[Sequence[float]] = None,
-                 stats: Optional[Sequence[Optional[dict[str, Any]]]] = None) -> tf.data.Dataset:
+                 stats: Optional[Sequence[Optional[dict[str, Any]]]] = None,
+                 chunk_length: int = 1) -> tf.data.Dataset:
   """The batched tf.data pipeline (see the module docstring for one example).
 
   data: the config's data section (dirs, weights, split, window, shuffle,
@@ -218,7 +226,15 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
   would search forever.
   stats: per member, the statistics of data.split the caller already has (the
   training binary reads them once); None reads them from each dataset's cache.
+  chunk_length: with train=True, every chunk_length examples in a row are
+  consecutive steps of one member (the module docstring); batch_size must be a
+  multiple of it.
   """
+  chunk = int(chunk_length)
+  if chunk > 1 and not train:
+    raise ValueError("chunk_length > 1 is for training batches (train=True)")
+  if chunk > 1 and (batch_size is None or batch_size % chunk):
+    raise ValueError(f"batch size {batch_size} is not a multiple of chunk_length={chunk}")
   members, weights = _members(data, spec, tokenizer, gamma, stats)
   if any(m.encoded != members[0].encoded for m in members):
     raise DataError(members[0].dir, "mixture members store cameras differently (encoded "
@@ -238,13 +254,17 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
     ds = ds.map(m.episode_fn, num_parallel_calls=parallel, deterministic=deterministic)
     if keep_returns is not None:
       ds = ds.filter(_keep_episode(keep_returns[m.index]))
-    streams.append(ds.unbatch())
+    ds = ds.unbatch()
+    streams.append(ds.batch(chunk, drop_remainder=True) if chunk > 1 else ds)
   if train:
     if len(streams) == 1:
       ds = streams[0]
     else:
       ds = tf.data.Dataset.sample_from_datasets(streams, weights=list(weights), seed=seed)
-    ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.shuffle(max(1, data.shuffle_buffer // chunk), seed=seed,
+                    reshuffle_each_iteration=True)
+    if chunk > 1:
+      ds = ds.unbatch()
   else:
     ds = streams[0]
     for s in streams[1:]:
@@ -254,7 +274,9 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
   image_size = None if data.image_size is None else tuple(data.image_size)
   step_fn = examples.step_fn(spec, members[0].encoded, tuple(m.dir for m in members),
                      image_size=image_size, augment=augment, seed=seed, window=data.window)
-  ds = ds.enumerate().map(step_fn, num_parallel_calls=parallel, deterministic=deterministic)
+  # Chunks need the runs' order kept through the parallel map.
+  ds = ds.enumerate().map(step_fn, num_parallel_calls=parallel,
+                          deterministic=deterministic or chunk > 1)
   if batch_size is None:  # the examples themselves (replay mixes them with its samples)
     return ds.with_options(options)
   ds = ds.batch(batch_size, drop_remainder=train)
@@ -267,10 +289,11 @@ def as_numpy_batches(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_si
                      seed: int,
                      train: bool = True, validate: bool = True,
                      keep_returns: Optional[Sequence[float]] = None,
-                     stats: Optional[Sequence[Optional[dict[str, Any]]]] = None) -> BatchIterator:
+                     stats: Optional[Sequence[Optional[dict[str, Any]]]] = None,
+                     chunk_length: int = 1) -> BatchIterator:
   """`make_dataset(...)` wrapped in a BatchIterator."""
   return BatchIterator(make_dataset(data, spec, tokenizer, gamma=gamma, batch_size=batch_size,
                                     seed=seed,
                                     train=train, validate=validate, keep_returns=keep_returns,
-                                    stats=stats),
+                                    stats=stats, chunk_length=chunk_length),
                        _data_dirs(data)[0])

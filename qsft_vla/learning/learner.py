@@ -15,6 +15,9 @@ Architectures (LearnerConfig.architecture):
   "separate": pi_phi and p_theta are two copies of a single-head model
               (model.config.num_output_heads == 1); params_pi and params_p are
               full flax variable dicts, params_target a copy of params_p.
+  With the pure Monte-Carlo target (mc_mix = 1) nothing reads p_theta_bar, so
+  params_target is {} under every architecture (layout.param_groups): no Polyak
+  update, nothing saved.
   "shared":   one trunk with two output heads (num_output_heads == 2): head 0
               ("head") is pi_phi, head 1 ("head_1") is p_theta. params_pi
               holds the trunk AND the pi head, params_p only {"params":
@@ -51,6 +54,21 @@ tokens are unknown, but position 0 is exact with any tokens: its input is the
 learned start embedding (never a token), and the prefix-LM mask lets it
 attend only to the observation prefix and itself, so tokens fed at positions
 >= 1 cannot reach it. We feed zeros.
+
+Chunked batches (LearnerConfig.chunk_length = L > 1): every L rows of a batch are
+consecutive steps of one episode (the data pipeline builds them; `check_chunks`
+verifies it on the host from episode_index / step_index). Where a row bootstraps
+(has_next and not terminal) the next row is its next step, so the forward pass a
+step already makes at the current states gives position 0 of the next states:
+the target's next-state logits are its current-state logits shifted by one row
+(with D > 1, where those are computed anyway: 2B passes become B + B/L), and
+pi_phi's come from the loss's own forward pass (B become B/L; exact without
+dropout; with dropout pi_phi keeps its own no-dropout pass). Only each chunk's
+last row needs its next state passed on its own. A row that does not bootstrap
+never reads its next state, so a chunk may cross the end of an episode. The
+weights equal the reference path's to float tolerance when the instruction is
+the same at t and t+1 and nothing augments frames (augmentation crops s' in the
+next row differently from s' in this row's next_observation; both are valid).
 
 Targets (LearnerConfig.backup, mc_lower_bound, mc_mix): the paper's in-support
 max of p_theta_bar / pi_phi at the next state, the behaviour's value
@@ -117,6 +135,41 @@ NEG_INF = reweighting.NEG_INF
 BATCH_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
               "text_ids", "text_mask", "action_tokens", "reward", "terminal", "has_next",
               "return_to_go")
+CHUNK_KEYS = ("episode_index", "step_index")  # what check_chunks reads (dataset_index too)
+
+
+def check_chunks(batch, length: int) -> None:
+  """Raises ValueError unless every `length` rows of the batch ([B] or [S, B]
+  leaves) are consecutive steps wherever a row bootstraps (has_next and not
+  terminal): the next row must be the same episode of the same dataset, one step
+  later. Host-side numpy on index arrays (microseconds)."""
+  missing = [k for k in CHUNK_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"learner.chunk_length={length} needs the batch's {missing} to check "
+                     "that its rows are consecutive steps")
+  flat = lambda k: np.asarray(batch[k]).reshape(-1, length)
+  if np.asarray(batch["reward"]).reshape(-1).shape[0] % length:
+    raise ValueError(f"a batch of {np.asarray(batch['reward']).shape} does not split into "
+                     f"chunks of learner.chunk_length={length}")
+  ep, step = flat("episode_index"), flat("step_index")
+  ds = flat("dataset_index") if "dataset_index" in batch else np.zeros_like(ep)
+  boot = (flat("has_next") & ~flat("terminal"))[:, :-1]
+  ok = (ep[:, 1:] == ep[:, :-1]) & (ds[:, 1:] == ds[:, :-1]) & (step[:, 1:] == step[:, :-1] + 1)
+  bad = np.argwhere(boot & ~ok)
+  if bad.size:
+    c, i = bad[0]
+    raise ValueError(
+        f"learner.chunk_length={length}: row {c * length + i} (dataset {ds[c, i]}, episode "
+        f"{ep[c, i]}, step {step[c, i]}) bootstraps but the next row is dataset "
+        f"{ds[c, i + 1]}, episode {ep[c, i + 1]}, step {step[c, i + 1]}: the batch is not "
+        "chunks of consecutive steps (build it with the pipeline's chunk_length)")
+
+
+def _shift_next(current, ends, length: int):
+  """Per chunk of `length` rows: the rows' values at the NEXT state from those at
+  the current state (row i+1) and, for each chunk's last row, `ends` [B/L, ...]."""
+  cur = current.reshape((-1, length) + current.shape[1:])
+  return jnp.concatenate([cur[:, 1:], ends[:, None]], axis=1).reshape(current.shape)
 
 
 @flax.struct.dataclass
@@ -273,7 +326,9 @@ class Learner:
                          f'{sorted(group_p.get("params", {}))}')
       group_p = {**group_p, "params": {**group_p["params"],
                                        "head": self._residual_head(group_p["params"]["head"])}}
-    target = jax.tree_util.tree_map(jnp.array, variables if shared else group_p)
+    target = {}
+    if groups["params_target"]:  # {} for BC and for the pure Monte-Carlo target
+      target = jax.tree_util.tree_map(jnp.array, variables if shared else group_p)
     state = TrainState(step=jnp.zeros((), jnp.int32), params_pi=group_pi, params_p=group_p,
                        params_target=target, opt_pi=self.opt_pi.init(group_pi),
                        opt_p=self.opt_p.init(group_p), rng=state_rng)
@@ -287,7 +342,7 @@ class Learner:
     base, group_pi = lora.split(variables, pretrained, self.lora, jax.random.fold_in(init_rng, 1))
     copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
     group_p = copy(group_pi) if self.config.uses_p else {}
-    target = copy(group_pi) if self.config.uses_p else {}
+    target = copy(group_pi) if self.config.uses_p and self.config.bootstraps else {}
     state = TrainState(step=jnp.zeros((), jnp.int32), params_pi=group_pi, params_p=group_p,
                        params_target=target, opt_pi=self.opt_pi.init(group_pi),
                        opt_p=self.opt_p.init(group_p), rng=state_rng, base=base)
@@ -307,6 +362,8 @@ class Learner:
 
   # -------------------------------------------------------------------- step
   def _select(self, batch, check_targets=True):
+    if check_targets and self.config.chunk_length > 1:
+      check_chunks(batch, self.config.chunk_length)
     out = {k: batch[k] for k in BATCH_KEYS if k in batch}
     missing = [k for k in BATCH_KEYS[:10] if k not in out]
     if missing:
@@ -336,8 +393,10 @@ class Learner:
       g_pi, g_p, aux = self._gradients(state, batch, train_pi, train_p, rng)
     else:
       size = batch["reward"].shape[0]
-      if size % k:
-        raise ValueError(f"batch of {size} does not split into learner.microbatches={k}")
+      if size % k or (size // k) % cfg.chunk_length:
+        raise ValueError(f"batch of {size} does not split into learner.microbatches={k}"
+                         + (f" of whole chunks of learner.chunk_length={cfg.chunk_length}"
+                            if cfg.chunk_length > 1 else ""))
       micro = jax.tree_util.tree_map(lambda x: x.reshape((k, size // k) + x.shape[1:]), batch)
 
       def accumulate(carry, mb):
@@ -366,6 +425,8 @@ class Learner:
     if self.model.config.dropout > 0:
       rng_pi, rng_p = jax.random.split(rng)
     shared = cfg.num_output_heads == 2
+    chunk = cfg.chunk_length
+    pi_from_loss = False
 
     if cfg.uses_p and cfg.bootstraps:
       # Targets: constants computed before the update, from the current pi_phi and p_theta_bar.
@@ -378,20 +439,35 @@ class Learner:
       # 0..D-2: with one action dimension there are none (one forward pass less).
       need_now = tokens.shape[-1] > 1
       head = (lambda x: x[1]) if shared else (lambda x: x)
+      if chunk > 1:  # each chunk's last next state: the one not in the batch's rows
+        if tokens.shape[0] % chunk:
+          raise ValueError(f"a (micro)batch of {tokens.shape[0]} does not split into chunks "
+                           f"of learner.chunk_length={chunk}")
+        end = lambda x: x.reshape((-1, chunk) + x.shape[1:])[:, -1]
+        e_in = jax.tree_util.tree_map(end, (nobs, nhm, ti, tm, next_tokens))
+        # pi_phi at the next states is the loss's own pass (no dropout there).
+        pi_from_loss = need_pi_next and self.model.config.dropout == 0
       if need_pi_next:
         online = (merge_shared(state.params_pi, state.params_p) if shared
                   else self.network(state, state.params_pi))
-        pi_next = self._apply(online, nobs, nhm, ti, tm, next_tokens, None)
-        pi_next = pi_next[0] if shared else pi_next
+        pick = (lambda x: x[0]) if shared else (lambda x: x)
+        if pi_from_loss:
+          pi_end = self.mask_pi_logits(pick(self._apply(online, *e_in, None)))
+        else:
+          pi_next = self.mask_pi_logits(pick(
+              self._apply(online, nobs, nhm, ti, tm, next_tokens, None)))
       target = self.network(state, state.params_target)
-      if need_now:
-        tgt_now = head(self._apply(target, obs, hm, ti, tm, tokens, None))
-      tgt_next = head(self._apply(target, nobs, nhm, ti, tm, next_tokens, None))
-      if need_pi_next:
-        pi_next = self.mask_pi_logits(pi_next)
-        tgt_next = self.p_logits_from(pi_next, tgt_next)
+      if chunk > 1 and need_now:
+        # One pass over the current states and the chunks' last next states.
+        both = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]),
+                                      (obs, hm, ti, tm, tokens), e_in)
+        out = head(self._apply(target, *both, None))
+        size = tokens.shape[0]
+        tgt_now, tgt_next_raw = out[:size], _shift_next(out[:size], out[size:], chunk)
       else:
-        tgt_next = self.mask_p_logits(tgt_next)
+        if need_now:
+          tgt_now = head(self._apply(target, obs, hm, ti, tm, tokens, None))
+        tgt_next_raw = head(self._apply(target, nobs, nhm, ti, tm, next_tokens, None))
 
     def loss_fn(group_pi, group_p):
       if shared:
@@ -416,7 +492,14 @@ class Learner:
           return targets.backup_value(cfg.backup, pi_l, tgt_l, valid, cfg.eps, cfg.expectile_tau)
         if need_now:
           r_within = backup(pi_sg, self.p_logits_from(pi_sg, tgt_now), self.valid)
-        r_next = backup(pi_next[:, 0] if need_pi_next else None, tgt_next[:, 0], self.valid[0])
+        pi_nx = _shift_next(pi_sg, pi_end, chunk) if pi_from_loss else (
+            pi_next if need_pi_next else None)
+        tgt_next = (self.p_logits_from(pi_nx, tgt_next_raw) if need_pi_next
+                    else self.mask_p_logits(tgt_next_raw))
+        r_next = backup(pi_nx[:, 0] if need_pi_next else None, tgt_next[:, 0], self.valid[0])
+      # r_next_first: the mean R(x_{t+1}[0]) over the rows whose weight reads it.
+      bootstrap = (~jnp.asarray(batch["terminal"], bool)
+                   & jnp.asarray(batch["has_next"], bool)).astype(jnp.float32)
       w, td_mask = targets.bellman_weights(
           r_within, r_next, batch["reward"], batch["terminal"], batch["has_next"], cfg.gamma,
           cfg.clip_weights,
@@ -430,7 +513,8 @@ class Learner:
       tok = tokens[..., None]
       log_ratio = (jnp.take_along_axis(logp_p, tok, -1) - jnp.take_along_axis(logp_pi, tok, -1))
       aux.update({"loss_p": loss_p, "ratio_p_pi": jnp.mean(jnp.exp(log_ratio)),
-                  "r_next_first": jnp.mean(r_next), "td_mask_mean": jnp.mean(td_mask)})
+                  "r_next_first": losses.masked_mean(r_next, bootstrap),
+                  "td_mask_mean": jnp.mean(td_mask)})
       aux.update(wmetrics)
       return w_pi * loss_pi + w_p * loss_p, aux
 
@@ -467,10 +551,11 @@ class Learner:
       new_p = optax.apply_updates(state.params_p, upd)
       new_p = _tree_where(train_p, new_p, state.params_p)
       new_opt_p = _tree_where(train_p, new_opt_p, state.opt_p)
-      online_p = merge_shared(new_pi, new_p) if shared else new_p
-      new_target = _tree_where(
-          train_p, polyak.polyak_update(state.params_target, online_p, cfg.polyak_alpha),
-          state.params_target)
+      if cfg.bootstraps:
+        online_p = merge_shared(new_pi, new_p) if shared else new_p
+        new_target = _tree_where(
+            train_p, polyak.polyak_update(state.params_target, online_p, cfg.polyak_alpha),
+            state.params_target)
       metrics["grad_norm_p"] = grad_norm_p
       metrics["lr_p"] = w_p * cfg.lr_p
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)

@@ -25,7 +25,7 @@ def _mask_like(mask, shape):
   return jnp.broadcast_to(jnp.asarray(mask, jnp.float32), shape)
 
 
-def _masked_mean(x, mask):
+def masked_mean(x, mask):
   total = jnp.sum(mask)
   # An empty mask gives 0 (not NaN), e.g. a batch of truncated ends only.
   return jnp.where(total > 0, jnp.sum(x * mask) / jnp.where(total > 0, total, 1.0), 0.0)
@@ -34,7 +34,7 @@ def _masked_mean(x, mask):
 def cross_entropy(logits, tokens, mask=None):
   """L_CE = mean over unmasked tokens of -log pi(k|x): behaviour cloning for pi_phi."""
   _, token_logp = _token_logp(logits, tokens)
-  return _masked_mean(-token_logp, _mask_like(mask, token_logp.shape))
+  return masked_mean(-token_logp, _mask_like(mask, token_logp.shape))
 
 
 def weighted_cross_entropy(logits, tokens, weights, *, residual="dummy", dummy_id=None,
@@ -83,18 +83,18 @@ def weighted_cross_entropy(logits, tokens, weights, *, residual="dummy", dummy_i
     total = jnp.sum(jnp.where(others, logp, 0.0), axis=-1)
     res_logp = total / jnp.maximum(n_valid - 1.0, 1.0)
   # With w == 1 the residual term is exactly 0, so L_WCE == L_CE bit for bit.
-  loss = _masked_mean(-(w * token_logp + (1.0 - w) * res_logp), m)
-  w_mean = _masked_mean(w, m)
+  loss = masked_mean(-(w * token_logp + (1.0 - w) * res_logp), m)
+  w_mean = masked_mean(w, m)
   metrics = {
       "weight_mean": w_mean,
-      "weight_std": jnp.sqrt(jnp.maximum(_masked_mean(jnp.square(w - w_mean), m), 0.0)),
+      "weight_std": jnp.sqrt(jnp.maximum(masked_mean(jnp.square(w - w_mean), m), 0.0)),
       "weight_min": jnp.min(jnp.where(m > 0, w, jnp.inf)),
       "weight_max": jnp.max(jnp.where(m > 0, w, -jnp.inf)),
-      "token_logp": _masked_mean(token_logp, m),
-      "residual_logp": _masked_mean(res_logp, m),
+      "token_logp": masked_mean(token_logp, m),
+      "residual_logp": masked_mean(res_logp, m),
   }
   if residual == "dummy":
-    metrics["dummy_prob"] = _masked_mean(jnp.exp(res_logp), m)
+    metrics["dummy_prob"] = masked_mean(jnp.exp(res_logp), m)
   if valid is not None:
-    metrics["valid_mass"] = _masked_mean(jnp.sum(jnp.where(valid, jnp.exp(logp), 0.0), -1), m)
+    metrics["valid_mass"] = masked_mean(jnp.sum(jnp.where(valid, jnp.exp(logp), 0.0), -1), m)
   return loss, metrics

@@ -117,6 +117,13 @@ class LearnerConfig:
   lora_targets: str = DEFAULT_LORA_TARGETS
   lora_full: str = ""
   donate_state: bool = False        # step donates the input state's buffers
+  # Batches of consecutive steps: every chunk_length rows of a batch are consecutive
+  # steps of one episode (data/pipeline.py builds them; the learner checks it), so a
+  # bootstrapped row's next state is the next row's state and the next-state passes
+  # of pi_phi and of the target reuse the current-state passes, plus one state per
+  # chunk. 1: independent examples (the reference path). No effect on the pure
+  # Monte-Carlo target beyond the batches' make-up.
+  chunk_length: int = 1
 
   def __post_init__(self):
     for name, allowed in (("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
@@ -132,6 +139,9 @@ class LearnerConfig:
     if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) \
         or self.microbatches < 1:
       raise ValueError(f"microbatches must be an integer >= 1, got {self.microbatches!r}")
+    if isinstance(self.chunk_length, bool) or not isinstance(self.chunk_length, int) \
+        or self.chunk_length < 1:
+      raise ValueError(f"chunk_length must be an integer >= 1, got {self.chunk_length!r}")
     if not 0.0 <= self.polyak_alpha <= 1.0:
       raise ValueError(f"polyak_alpha must be in [0, 1], got {self.polyak_alpha}")
     if self.pi_steps < 0:

@@ -14,6 +14,8 @@ per algorithm and architecture:
                    head on p_theta's features), params_p = the trunk + head 1,
                    params_target = the whole shared variables
   BC, filtered BC: params_pi only (params_p and params_target are {})
+  The pure Monte-Carlo target (learner.mc_mix = 1) never reads p_theta_bar:
+  params_target is {} there, under every architecture.
   LoRA (learner.lora_rank > 0): each group is an adapter set on a frozen base
                    that is not a group (models/lora.py; built by the learner and
                    by TrainedPolicy.load, not by param_groups)
@@ -57,11 +59,13 @@ def param_groups(variables, learner) -> dict[str, Any]:
   a LearnerConfig. The groups share leaves with `variables`: copy them before
   updating in place."""
   variables = dict(variables)
+  # The pure Monte-Carlo target (mc_mix = 1) never reads p_theta_bar: no target kept.
+  target = variables if learner.uses_p and learner.bootstraps else {}
   if learner.num_output_heads == 2:
     pi, p = split_shared(variables, learner)
-    return {"params_pi": pi, "params_p": p, "params_target": variables}
+    return {"params_pi": pi, "params_p": p, "params_target": target}
   if learner.uses_p:
-    return {"params_pi": variables, "params_p": variables, "params_target": variables}
+    return {"params_pi": variables, "params_p": variables, "params_target": target}
   return {"params_pi": variables, "params_p": {}, "params_target": {}}
 
 
