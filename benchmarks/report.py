@@ -109,4 +109,7 @@ def synthetic_batch(setup, batch_size: int, seed: int = 0):
           "next_history_mask": hm, "text_ids": ti, "text_mask": tm, "action_tokens": tok,
           "reward": (rng.random(batch_size) < 0.1).astype(np.float32),
           "terminal": rng.random(batch_size) < 0.1, "has_next": rng.random(batch_size) < 0.9,
-          "return_to_go": rng.random(batch_size).astype(np.float32)}  # mc_mix / mc_lower_bound
+          "return_to_go": rng.random(batch_size).astype(np.float32),  # mc_mix / mc_lower_bound
+          # One long episode: the rows are consecutive steps, as learner.chunk_length checks.
+          "episode_index": np.zeros(batch_size, np.int32),
+          "step_index": np.arange(batch_size, dtype=np.int32)}

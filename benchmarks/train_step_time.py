@@ -16,7 +16,7 @@ A learner may carry modifier variants: --algorithms=qsft,bc,qsft+lora,bc+lora
 times full fine-tuning and LoRA side by side (a pretrained backbone variant in
 --config), each Q-SFT against the BC with the same modifiers, or plain BC where
 that is not timed (--algorithms=qsft,qsft+shared_encoder,bc: the architecture is
-Q-SFT's alone).
+Q-SFT's alone; --algorithms=qsft,qsft+chunks,bc: batches of consecutive steps).
 """
 
 from __future__ import annotations
@@ -91,10 +91,17 @@ def _what_a_qsft_step_does(name: str, lcfg, action_dims: int) -> str:
              "separate": "two networks"}[lcfg.architecture]
   if not lcfg.bootstraps:
     extra = "no extra forward pass (the Monte-Carlo target, mc_mix=1, needs no bootstrap)"
+  elif lcfg.chunk_length > 1:
+    n = lcfg.chunk_length
+    pi = ("" if lcfg.backup == "mean" and lcfg.p_parametrization != "residual" else
+          f"pi_phi at s' read from its own pass at s, plus one state per {n} rows; ")
+    target = ("the Polyak target at s'" if action_dims == 1 else
+              f"one pass of the Polyak target over s and one s' per {n} rows")
+    extra = f"chunks of {n} consecutive steps: {pi}{target}, for the Bellman weights"
   else:
     target = "s'" if action_dims == 1 else "s and s'"
-    extra = (f"extra forward passes of pi_phi at s' and of the Polyak target at {target} for "
-             "the Bellman weights")
+    pi = "" if lcfg.backup == "mean" and lcfg.p_parametrization != "residual" else "pi_phi at s' and "
+    extra = f"extra forward passes of {pi}the Polyak target at {target} for the Bellman weights"
   return f"A {name} step trains {trained} with {extra}; BC trains one network."
 
 

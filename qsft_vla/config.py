@@ -342,9 +342,18 @@ def _separate(c: ml_collections.ConfigDict) -> None:
   c.learner.architecture = "separate"
 
 
+def _chunks(c: ml_collections.ConfigDict) -> None:
+  """Batches of runs of 8 consecutive steps (learner.chunk_length): the bootstrapped
+  targets' next-state passes reuse the current-state ones (learning/learner.py,
+  "Chunked batches"; benchmarks/results/train_step_time_chunks*.md). A batch then
+  holds batch_size / 8 runs, fewer independent samples; the pure Monte-Carlo target
+  (the robot configs' measured choice) has no next-state pass to save."""
+  c.learner.chunk_length = 8
+
+
 # Variants that modify whatever algorithm and backbone they join.
 MODIFIER_VARIANTS = {"lora": _lora, "shared_encoder": _shared_encoder, "pi_head": _pi_head,
-                     "separate": _separate}
+                     "separate": _separate, "chunks": _chunks}
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:
