@@ -6,7 +6,7 @@ killed run never leaves a half checkpoint under a step's name), with items
 
   params_pi      pi_phi's variables (shared trunk: the trunk and the pi head)
   params_p       p_theta's variables (shared trunk: the p head only); Q-SFT only
-  params_target  p_theta_bar (Polyak target); Q-SFT only
+  params_target  p_theta_bar (Polyak target); Q-SFT with a bootstrapped target only
                  (LoRA: the three are adapter sets; the frozen base is not
                  written, meta names it by sha256: lora_base)
   opt            {"opt_pi", "opt_p", "step", "rng"}: what else resuming needs
