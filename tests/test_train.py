@@ -126,6 +126,26 @@ def test_resume_continues_exactly(dataset, tmp_path):
   assert final["step"] == 6 and final["loss_p"] == b[-1]["loss_p"]
 
 
+def test_a_monte_carlo_run_saved_with_a_polyak_target_resumes_without_it(dataset, tmp_path,
+                                                                         monkeypatch):
+  """Runs of the pure Monte-Carlo target (the config's) saved while every Q-SFT run still
+  kept a Polyak target hold a params_target item: they resume, leave it unread, and
+  continue exactly as a run without it."""
+  from qsft_vla.policy import layout  # pylint: disable=g-import-not-at-top
+  real = layout.param_groups
+  monkeypatch.setattr(layout, "param_groups", lambda variables, learner: {
+      **real(variables, learner), "params_target": dict(variables)})
+  old, new = tmp_path / "old", tmp_path / "new"
+  train.train(_config(dataset, **{"train.num_steps": 2}), str(old))
+  assert (old / "checkpoints" / "2" / "params_target").is_dir()
+  monkeypatch.setattr(layout, "param_groups", real)
+  train.train(_config(dataset, **{"train.num_steps": 4}), str(old))
+  train.train(_config(dataset, **{"train.num_steps": 4}), str(new))
+  assert not (new / "checkpoints" / "4" / "params_target").exists()
+  a, b = metrics_lib.read_jsonl(str(old)), metrics_lib.read_jsonl(str(new))
+  assert a[-1]["step"] == b[-1]["step"] == 4 and a[-1]["loss_p"] == b[-1]["loss_p"]
+
+
 def _episode_returns(cfg, setup, thresholds):
   """{episode_index: return} of every episode that reaches a (single-pass) batch."""
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
