@@ -2,6 +2,7 @@
 the per-example reference path's, on a tiny RT1Small."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -62,14 +63,20 @@ def perturbed_state(lrn, batch):
                        params_target=noise(state.params_target, 3))
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_gradients(lrn):
+  return jax.jit(lambda st, b: lrn._gradients(st, b, np.bool_(True), np.bool_(True),
+                                              jax.random.PRNGKey(9)))
+
+
 def gradients(lrn, state, batch):
-  fn = jax.jit(lambda st, b: lrn._gradients(st, b, np.bool_(True), np.bool_(True),
-                                            jax.random.PRNGKey(9)))
-  return fn(state, lrn._select(batch))
+  """(grad pi, grad p, metrics) of one step, compiled once per learner."""
+  return _jitted_gradients(lrn)(state, lrn._select(batch))
 
 
+# Separate networks with the max backup: D2_mixed_mc (pi_phi at s' from the loss's pass)
+# and D2_max_dropout (from its own pass).
 CASES = {
-    "D2_max_separate": dict(dims=2, backup="max"),
     "D2_max_pi_head": dict(dims=2, backup="max", architecture="pi_head"),
     "D2_expectile_shared": dict(dims=2, backup="expectile", architecture="shared"),
     "D1_max_separate": dict(dims=1, backup="max"),
