@@ -45,8 +45,8 @@ def get_config(variant: str = "qsft"):
   c.learner.lr_pi = 1e-3                  # a small model from scratch
   c.learner.lr_p = 1e-3
   qconfig.measured_learner(c)            # Monte-Carlo target, sample at beta 32
-  # pi_phi a head on p_theta's network: a Q-SFT step costs 1.05x a BC step (separate
-  # networks: 2.06x) at the same validation success on the three BabyAI tasks of the
+  # pi_phi a head on p_theta's network: a Q-SFT step costs 1.02x a BC step (separate
+  # networks: 2.04x) at the same validation success on the three BabyAI tasks of the
   # suite (results/policy_quality_exploration.md, "Cost: pi_phi as a head").
   c.learner.architecture = "pi_head"
 
