@@ -148,7 +148,7 @@ def check_chunks(batch, length: int) -> None:
     raise ValueError(f"learner.chunk_length={length} needs the batch's {missing} to check "
                      "that its rows are consecutive steps")
   flat = lambda k: np.asarray(batch[k]).reshape(-1, length)
-  if np.asarray(batch["reward"]).reshape(-1).shape[0] % length:
+  if np.asarray(batch["reward"]).size % length:
     raise ValueError(f"a batch of {np.asarray(batch['reward']).shape} does not split into "
                      f"chunks of learner.chunk_length={length}")
   ep, step = flat("episode_index"), flat("step_index")
@@ -165,10 +165,15 @@ def check_chunks(batch, length: int) -> None:
         "chunks of consecutive steps (build it with the pipeline's chunk_length)")
 
 
+def _by_chunk(x, length: int):
+  """[B, ...] -> [B / length, length, ...]: the rows of each chunk together."""
+  return x.reshape((-1, length) + x.shape[1:])
+
+
 def _shift_next(current, ends, length: int):
   """Per chunk of `length` rows: the rows' values at the NEXT state from those at
   the current state (row i+1) and, for each chunk's last row, `ends` [B/L, ...]."""
-  cur = current.reshape((-1, length) + current.shape[1:])
+  cur = _by_chunk(current, length)
   return jnp.concatenate([cur[:, 1:], ends[:, None]], axis=1).reshape(current.shape)
 
 
@@ -342,7 +347,7 @@ class Learner:
     base, group_pi = lora.split(variables, pretrained, self.lora, jax.random.fold_in(init_rng, 1))
     copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
     group_p = copy(group_pi) if self.config.uses_p else {}
-    target = copy(group_pi) if self.config.uses_p and self.config.bootstraps else {}
+    target = copy(group_pi) if self.config.keeps_target else {}
     state = TrainState(step=jnp.zeros((), jnp.int32), params_pi=group_pi, params_p=group_p,
                        params_target=target, opt_pi=self.opt_pi.init(group_pi),
                        opt_p=self.opt_p.init(group_p), rng=state_rng, base=base)
@@ -428,7 +433,7 @@ class Learner:
     chunk = cfg.chunk_length
     pi_from_loss = False
 
-    if cfg.uses_p and cfg.bootstraps:
+    if cfg.keeps_target:  # the bootstrapped target reads p_theta_bar
       # Targets: constants computed before the update, from the current pi_phi and p_theta_bar.
       next_tokens = jnp.zeros_like(tokens)  # exact for position 0, see the module docstring
       nobs, nhm = batch["next_observation"], batch["next_history_mask"]
@@ -440,11 +445,9 @@ class Learner:
       need_now = tokens.shape[-1] > 1
       head = (lambda x: x[1]) if shared else (lambda x: x)
       if chunk > 1:  # each chunk's last next state: the one not in the batch's rows
-        if tokens.shape[0] % chunk:
-          raise ValueError(f"a (micro)batch of {tokens.shape[0]} does not split into chunks "
-                           f"of learner.chunk_length={chunk}")
-        end = lambda x: x.reshape((-1, chunk) + x.shape[1:])[:, -1]
-        e_in = jax.tree_util.tree_map(end, (nobs, nhm, ti, tm, next_tokens))
+        # (check_chunks and train_step have made sure the (micro)batch is whole chunks)
+        e_in = jax.tree_util.tree_map(lambda x: _by_chunk(x, chunk)[:, -1],
+                                      (nobs, nhm, ti, tm, next_tokens))
         # pi_phi at the next states is the loss's own pass (no dropout there).
         pi_from_loss = need_pi_next and self.model.config.dropout == 0
       if need_pi_next:
@@ -551,7 +554,7 @@ class Learner:
       new_p = optax.apply_updates(state.params_p, upd)
       new_p = _tree_where(train_p, new_p, state.params_p)
       new_opt_p = _tree_where(train_p, new_opt_p, state.opt_p)
-      if cfg.bootstraps:
+      if cfg.keeps_target:
         online_p = merge_shared(new_pi, new_p) if shared else new_p
         new_target = _tree_where(
             train_p, polyak.polyak_update(state.params_target, online_p, cfg.polyak_alpha),

@@ -228,6 +228,11 @@ class LearnerConfig:
     return self.mc_mix < 1.0
 
   @property
+  def keeps_target(self) -> bool:
+    """Whether a Polyak target p_theta_bar is kept: only a bootstrapped target reads it."""
+    return self.uses_p and self.bootstraps
+
+  @property
   def num_output_heads(self) -> int:
     """Heads the model must have: 2 for Q-SFT with a shared trunk or encoder, else 1."""
     return 2 if self.uses_p and self.architecture != "separate" else 1

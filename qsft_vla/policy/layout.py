@@ -59,8 +59,7 @@ def param_groups(variables, learner) -> dict[str, Any]:
   a LearnerConfig. The groups share leaves with `variables`: copy them before
   updating in place."""
   variables = dict(variables)
-  # The pure Monte-Carlo target (mc_mix = 1) never reads p_theta_bar: no target kept.
-  target = variables if learner.uses_p and learner.bootstraps else {}
+  target = variables if learner.keeps_target else {}
   if learner.num_output_heads == 2:
     pi, p = split_shared(variables, learner)
     return {"params_pi": pi, "params_p": p, "params_target": target}
