@@ -351,9 +351,17 @@ def _chunks(c: ml_collections.ConfigDict) -> None:
   c.learner.chunk_length = 8
 
 
+def _weighted(c: ml_collections.ConfigDict) -> None:
+  """Half of every Q-SFT batch value-sampled (learner.weighted_rows = 0.5): drawn in
+  proportion to the Monte-Carlo weight, so p_theta's action term sees the
+  successful steps more often at the same objective (learning/learner.py, "Value-
+  sampled rows"). Needs the pure Monte-Carlo target (the robot configs' choice)."""
+  c.learner.weighted_rows = 0.5
+
+
 # Variants that modify whatever algorithm and backbone they join.
 MODIFIER_VARIANTS = {"lora": _lora, "shared_encoder": _shared_encoder, "pi_head": _pi_head,
-                     "separate": _separate, "chunks": _chunks}
+                     "separate": _separate, "chunks": _chunks, "weighted": _weighted}
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:

@@ -522,3 +522,38 @@ def test_example_spec_is_what_the_pipeline_yields(hand_dir, window, image_size):
   tf.nest.assert_same_structure(got, want)
   for g, w in zip(tf.nest.flatten(got), tf.nest.flatten(want)):
     assert g == w, (g, w)
+
+
+def test_value_sampled_rows_come_in_proportion_to_the_return_to_go(hand_dir, sparse_dir):
+  """weighted_rows=8 of 16: the last 8 rows of every batch are kept with probability
+  G_t (rewards unscaled, all G_t <= 1 here), so steps with G_t = 0 never appear there,
+  and within one episode a step with half the return-to-go of another appears about
+  half as often; the uniform rows are the usual ones."""
+  cfg = _cfg([hand_dir, sparse_dir], reward_rescale="none")
+  it = pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=GAMMA, batch_size=16, seed=0,
+                                 validate=False, weighted_rows=8)
+  counts, uniform_zero = {}, 0
+  for _ in range(200):
+    b = next(it)
+    np.testing.assert_array_equal(b["weighted_row"], [False] * 8 + [True] * 8)
+    drawn = b["weighted_row"]
+    assert (b["return_to_go"][drawn] > 0).all()
+    uniform_zero += int((b["return_to_go"][~drawn] == 0).sum())
+    for key in zip(b["dataset_index"][drawn], b["episode_index"][drawn], b["step_index"][drawn]):
+      counts[key] = counts.get(key, 0) + 1
+  assert uniform_zero > 0  # the uniform rows still hold the failed episode's steps
+  # The hand set's truncated episode (index 1): G = 0.98, 0.99, 0.495, 0.5.
+  high = counts.get((0, 1, 0), 0) + counts.get((0, 1, 1), 0)
+  low = counts.get((0, 1, 2), 0) + counts.get((0, 1, 3), 0)
+  assert high > 100 and 0.35 < low / high < 0.7, (low, high)
+  with pytest.raises(ValueError, match="weighted_rows=16 needs training batches"):
+    pipeline.make_dataset(cfg.data, SPEC, TOKENIZER, gamma=GAMMA, batch_size=16, seed=0,
+                          validate=False, weighted_rows=16)
+
+
+def test_value_sampling_refuses_data_without_a_positive_reward(tmp_path):
+  flat = _write(tmp_path / "flat", [_episode([0, 0, 0], False, "pick it", seed=4)])
+  cfg = _cfg(flat, reward_rescale="none")
+  with pytest.raises(DataError, match="no step of the mixture has a positive"):
+    pipeline.make_dataset(cfg.data, SPEC, TOKENIZER, gamma=GAMMA, batch_size=4, seed=0,
+                          validate=False, weighted_rows=2)
