@@ -38,6 +38,7 @@ def _with_drawn(data, drawn):
   out = {k: ({c: take(v) for c, v in x.items()} if isinstance(x, dict) else take(x))
          for k, x in data.items()}
   out["weighted_row"] = np.arange(4 + len(drawn)) >= 4
+  out["mean_weight"] = np.full(4 + len(drawn), G.mean(), np.float32)  # E[w] over the dataset
   return out
 
 
@@ -72,13 +73,15 @@ def test_rows_drawn_in_proportion_give_the_loss_and_gradients_of_l_wce(architect
 def test_the_batch_must_mark_both_kinds_of_rows():
   lrn = _learner(weighted_rows=0.5)
   data = _dataset()
-  with pytest.raises(ValueError, match="needs a batch field 'weighted_row'"):
+  with pytest.raises(ValueError, match=r"needs the batch fields \['weighted_row', "
+                     r"'mean_weight'\]"):
     lrn._select(data)
   only_uniform = dict(_with_drawn(data, IN_PROPORTION), weighted_row=np.zeros(8, bool))
   with pytest.raises(ValueError, match="uniform and value-sampled rows"):
     lrn._select(only_uniform)
-  # Without weighted_rows the field is dropped, never sent to a device.
-  assert "weighted_row" not in _learner()._select(_with_drawn(data, IN_PROPORTION))
+  # Without weighted_rows the fields are dropped, never sent to a device.
+  selected = _learner()._select(_with_drawn(data, IN_PROPORTION))
+  assert "weighted_row" not in selected and "mean_weight" not in selected
 
 
 def test_config_needs_the_pure_monte_carlo_target_and_single_step_batches():

@@ -528,14 +528,19 @@ def test_value_sampled_rows_come_in_proportion_to_the_return_to_go(hand_dir, spa
   """weighted_rows=8 of 16: the last 8 rows of every batch are kept with probability
   G_t (rewards unscaled, all G_t <= 1 here), so steps with G_t = 0 never appear there,
   and within one episode a step with half the return-to-go of another appears about
-  half as often; the uniform rows are the usual ones."""
+  half as often; the uniform rows are the usual ones. mean_weight is E[w] over the
+  mixture (the two members weigh alike), exactly."""
   cfg = _cfg([hand_dir, sparse_dir], reward_rescale="none")
   it = pipeline.as_numpy_batches(cfg.data, SPEC, TOKENIZER, gamma=GAMMA, batch_size=16, seed=0,
                                  validate=False, weighted_rows=8)
+  hand = np.concatenate([_rtg([0, 0, 0, 0, 1], GAMMA), _rtg([0, 0.5, 0, 0.5], GAMMA)])
+  sparse = np.concatenate([_rtg([0, 0, 1], GAMMA), _rtg([0, 0], GAMMA)])
+  expected_c = 0.5 * np.clip(hand, 0, 1).mean() + 0.5 * np.clip(sparse, 0, 1).mean()
   counts, uniform_zero = {}, 0
   for _ in range(200):
     b = next(it)
     np.testing.assert_array_equal(b["weighted_row"], [False] * 8 + [True] * 8)
+    np.testing.assert_allclose(b["mean_weight"], expected_c, rtol=1e-6)
     drawn = b["weighted_row"]
     assert (b["return_to_go"][drawn] > 0).all()
     uniform_zero += int((b["return_to_go"][~drawn] == 0).sum())
@@ -554,6 +559,6 @@ def test_value_sampled_rows_come_in_proportion_to_the_return_to_go(hand_dir, spa
 def test_value_sampling_refuses_data_without_a_positive_reward(tmp_path):
   flat = _write(tmp_path / "flat", [_episode([0, 0, 0], False, "pick it", seed=4)])
   cfg = _cfg(flat, reward_rescale="none")
-  with pytest.raises(DataError, match="no step of the mixture has a positive"):
+  with pytest.raises(DataError, match="no step of the mixture has a positive one"):
     pipeline.make_dataset(cfg.data, SPEC, TOKENIZER, gamma=GAMMA, batch_size=4, seed=0,
                           validate=False, weighted_rows=2)

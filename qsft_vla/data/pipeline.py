@@ -21,7 +21,8 @@ Value-sampled rows (weighted_rows = K > 0, for learner.weighted_rows): every
 batch is B - K uniform rows as above, then K rows from a second stream over the
 same mixture (its own seed) that keeps each step with probability
 clip(return_to_go, 0, 1), so they come in proportion to the Monte-Carlo weight;
-"weighted_row" marks them. The second stream has its own shuffle buffer of
+"weighted_row" marks them, and "mean_weight" carries E[w] over the mixture (one
+ordered pass of the episode function when the pipeline is built). The second stream has its own shuffle buffer of
 data.shuffle_buffer steps (twice the buffer memory) and reads about 1 / E[w]
 steps per row it keeps (encoded frames; only kept steps are decoded).
 
@@ -220,32 +221,40 @@ def _accept_by_value(seed: int):
   return accept
 
 
-def _join_rows(n_uniform: int, n_drawn: int):
+def _join_rows(n_uniform: int, n_drawn: int, c: float):
   """(uniform batch, value-sampled batch) -> one batch, uniform rows first, with
-  the bool[B] field weighted_row."""
+  the bool[B] field weighted_row and the float32[B] field mean_weight: c = E[w]
+  over the mixture, the same on every row."""
   def join(uniform, drawn):
     out = tf.nest.map_structure(lambda a, b: tf.concat([a, b], 0), uniform, drawn)
     out["weighted_row"] = tf.concat([tf.zeros([n_uniform], tf.bool),
                                      tf.ones([n_drawn], tf.bool)], 0)
+    out["mean_weight"] = tf.fill([n_uniform + n_drawn], tf.constant(c, tf.float32))
     return out
   return join
 
 
-def _check_some_value(members, stats, data, spec) -> None:
-  """Value sampling draws steps with probability clip(G_t, 0, 1): a mixture whose
-  rescaled rewards are all <= 0 has no such step, and the stream would search
-  forever. Rewards are what G_t sums, so one positive rescaled reward suffices."""
-  from qsft_vla.data import statistics  # pylint: disable=g-import-not-at-top
-  dirs, weights = _data_dirs(data)
-  stats = stats or [None] * len(dirs)
-  for m, s, wt in zip(members, stats, weights):
-    if s is None:
-      s = statistics.load_or_compute(m.dir, spec, split=data.split)
-    if wt > 0 and float(s["reward"]["max"]) * m.scale + m.shift > 0:
-      return
-  raise DataError(", ".join(dirs), "learner.weighted_rows draws steps in proportion to their "
-                  "return-to-go, but no step of the mixture has a positive (rescaled) reward",
-                  key="reward")
+def _mean_weight(members, weights, data, spec, options) -> float:
+  """E[clip(G_t, 0, 1)] over the mixture's steps (member m drawn with its weight,
+  then a step uniformly), from one ordered pass of the episode function: the
+  acceptance rate of the value-sampled stream, and the constant by which the
+  learner scales its rows. Exact, where an estimate from a batch's uniform rows
+  is 0 whenever none of them succeeded (often, where successes are rare)."""
+  total = 0.0
+  for m, wt in zip(members, weights):
+    ds = m.episodes(data, spec, shuffle_files=False, seed=0, options=options)
+    ds = ds.map(m.episode_fn).map(lambda ep: (
+        tf.reduce_sum(tf.clip_by_value(tf.cast(ep["return_to_go"], tf.float64), 0.0, 1.0)),
+        tf.cast(tf.size(ep["return_to_go"]), tf.float64)))
+    s, n = ds.reduce((tf.constant(0.0, tf.float64), tf.constant(0.0, tf.float64)),
+                     lambda acc, x: (acc[0] + x[0], acc[1] + x[1]))
+    if float(n) > 0:
+      total += float(wt) * float(s) / float(n)
+  if not total > 0:
+    raise DataError(", ".join(m.dir for m in members), "learner.weighted_rows draws steps in "
+                    "proportion to their return-to-go, but no step of the mixture has a "
+                    "positive one", key="reward")
+  return total
 
 
 def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: Optional[int],
@@ -281,7 +290,7 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
   multiple of it.
   weighted_rows: with train=True, the last this many rows of every batch are
   value-sampled (the module docstring) and the batch gains "weighted_row",
-  bool[B], True on them.
+  bool[B], True on them, and "mean_weight", float32[B], E[w] on every row.
   """
   chunk = int(chunk_length)
   if chunk > 1 and not train:
@@ -347,12 +356,12 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
   if batch_size is None:  # the examples themselves (replay mixes them with its samples)
     return ds.with_options(options)
   if drawn:
-    _check_some_value(members, stats, data, spec)
+    c = _mean_weight(members, weights, data, spec, options)
     value_seed = seed + _VALUE_SEED_OFFSET
     by_value = examples_of(mixed(value_seed, by_value=True), value_seed).batch(
         drawn, drop_remainder=True)
     ds = tf.data.Dataset.zip((ds.batch(batch_size - drawn, drop_remainder=True), by_value))
-    ds = ds.map(_join_rows(batch_size - drawn, drawn))
+    ds = ds.map(_join_rows(batch_size - drawn, drawn, c))
   else:
     ds = ds.batch(batch_size, drop_remainder=train)
   if data.prefetch:

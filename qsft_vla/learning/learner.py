@@ -72,9 +72,10 @@ next row differently from s' in this row's next_observation; both are valid).
 
 Value-sampled rows (LearnerConfig.weighted_rows, pure Monte-Carlo target): the
 batch field weighted_row marks the rows the pipeline drew in proportion to their
-weight w = clip(G_t, 0, 1); the others are uniform. pi_phi's L_CE reads the
-uniform rows; p_theta's L_WCE is estimated from both (`_value_sampled_loss`), the
-same objective in expectation with less noise where successful steps are rare.
+weight w = clip(G_t, 0, 1), and mean_weight carries E[w] over the data; the other
+rows are uniform. pi_phi's L_CE reads the uniform rows; p_theta's L_WCE is
+estimated from both (`_value_sampled_loss`): the same objective in expectation,
+with less noise where successful steps are rare.
 
 Targets (LearnerConfig.backup, mc_lower_bound, mc_mix): the paper's in-support
 max of p_theta_bar / pi_phi at the next state, the behaviour's value
@@ -140,7 +141,8 @@ RESIDUAL_DUMMY_BIAS = 20.0
 NEG_INF = reweighting.NEG_INF
 BATCH_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
               "text_ids", "text_mask", "action_tokens", "reward", "terminal", "has_next",
-              "return_to_go", "weighted_row")
+              "return_to_go", "weighted_row", "mean_weight")
+VALUE_SAMPLED_KEYS = ("weighted_row", "mean_weight")  # learner.weighted_rows
 CHUNK_KEYS = ("episode_index", "step_index")  # what check_chunks reads (dataset_index too)
 
 
@@ -383,11 +385,13 @@ class Learner:
         and "return_to_go" not in out:
       raise ValueError("mc_lower_bound / mc_mix need a batch field 'return_to_go'")
     if not self.config.uses_weighted_rows:
-      out.pop("weighted_row", None)
+      for k in VALUE_SAMPLED_KEYS:
+        out.pop(k, None)
     elif check_targets:
-      if "weighted_row" not in out:
-        raise ValueError(f"learner.weighted_rows={self.config.weighted_rows} needs a batch "
-                         "field 'weighted_row' (the pipeline's value-sampled rows)")
+      missing = [k for k in VALUE_SAMPLED_KEYS if k not in out]
+      if missing:
+        raise ValueError(f"learner.weighted_rows={self.config.weighted_rows} needs the batch "
+                         f"fields {missing} (the pipeline's value-sampled rows)")
       flags = np.asarray(out["weighted_row"], bool)
       if not (flags.any(axis=-1).all() and (~flags).any(axis=-1).all()):
         raise ValueError("learner.weighted_rows: every batch needs uniform and "
@@ -533,7 +537,8 @@ class Learner:
             p_logits, tokens, w, residual=cfg.residual, dummy_id=self.dummy_id,
             valid_mask=self.valid, mask=td_mask)
       else:
-        loss_p, wmetrics = self._value_sampled_loss(p_logits, tokens, w, td_mask, uniform)
+        loss_p, wmetrics = self._value_sampled_loss(p_logits, tokens, w, td_mask, uniform,
+                                                    jnp.mean(batch["mean_weight"]))
       logp_p = jax.nn.log_softmax(jax.lax.stop_gradient(p_logits), -1)
       logp_pi = jax.nn.log_softmax(pi_sg, -1)
       tok = tokens[..., None]
@@ -548,19 +553,21 @@ class Learner:
         state.params_pi, state.params_p)
     return g_pi, g_p, aux
 
-  def _value_sampled_loss(self, p_logits, tokens, w, td_mask, uniform):
+  def _value_sampled_loss(self, p_logits, tokens, w, td_mask, uniform, c):
     """L_WCE from a batch of uniform rows (U) and rows drawn in proportion to w (W):
 
       L = mean_U[-(1 - f) w log p(k|x) - (1 - w) log p(a_d|x)] + f c mean_W[-log p(k|x)]
 
-    with f the share of W rows and c = E[w], estimated on U (independent of W, so the
-    product is unbiased): E[L] is L_WCE over the data, since E_W[g] = E[w g] / c. The
-    weight metrics describe the data's weights (U rows); weighted_rows_c is c."""
+    with f the share of W rows and c = E[w] over the data (the pipeline's exact
+    mean_weight): E[L] is L_WCE over the data, since E_W[g] = E[w g] / c. (c estimated
+    on a batch's U rows would also be unbiased, but is 0 whenever none of them
+    succeeded, which silences the W rows of that batch.) The weight metrics describe
+    the data's weights (U rows); weighted_rows_c is c."""
     cfg = self.config
     drawn = 1.0 - uniform
     f = jnp.mean(drawn)
     m_u, m_w = td_mask * uniform[:, None], td_mask * drawn[:, None]
-    c = jax.lax.stop_gradient(losses.masked_mean(w, m_u))
+    c = jax.lax.stop_gradient(jnp.asarray(c, jnp.float32))
     loss_u, metrics = losses.weighted_cross_entropy(
         p_logits, tokens, w, residual=cfg.residual, dummy_id=self.dummy_id,
         valid_mask=self.valid, mask=m_u, action_scale=1.0 - f)

@@ -129,7 +129,7 @@ class LearnerConfig:
   # pipeline accepts each step with probability w), the rest uniformly as always.
   # L_WCE's action term E[w * -log p(a|s)] is then estimated from both parts: the
   # uniform rows give (1 - share) of it, the drawn rows share * c * mean(-log p(a|s))
-  # with c = E[w] (its estimate from the uniform rows). Same objective in
+  # with c = E[w] over the data (the pipeline computes it once). Same objective in
   # expectation, so p_theta converges to the same pi_beta * Q; the drawn rows only
   # cut the noise of its gradient where successful steps are rare (e.g. 15% of the
   # steps). pi_phi's L_CE reads the uniform rows alone (it is the behaviour policy).

@@ -17,7 +17,7 @@ LEARNER_KEYS = ("observation", "history_mask", "next_observation", "next_history
 # them and never sends them to a device.
 INDEX_KEYS = ("episode_index", "step_index", "dataset_index")
 # Present only in batches with value-sampled rows (learner.weighted_rows).
-OPTIONAL_KEYS = ("weighted_row",)
+OPTIONAL_KEYS = ("weighted_row", "mean_weight")
 _CACHE_LIMIT = 100_000  # distinct instructions kept; beyond that the cache restarts
 
 
