@@ -256,7 +256,7 @@ def apply_algorithm_variant(c: ml_collections.ConfigDict, variant: str, where: s
 def measured_learner(c: ml_collections.ConfigDict) -> None:
   """The learning choices the policy-quality measurements support, which the
   robot configs take instead of the paper's (benchmarks/results/
-  policy_quality_exploration.md and policy_quality_small.md). The paper's
+  policy_quality_exploration.md and policy_quality_medium.md). The paper's
   in-support max backup pinned every Bellman weight at the clip (the max of noisy
   ratios of two networks exceeds 1/gamma), so p_theta = pi_phi and Q-SFT was BC;
   the Monte-Carlo target did as well as every bootstrapped variant tried, and
@@ -351,17 +351,9 @@ def _chunks(c: ml_collections.ConfigDict) -> None:
   c.learner.chunk_length = 8
 
 
-def _weighted(c: ml_collections.ConfigDict) -> None:
-  """Half of every Q-SFT batch value-sampled (learner.weighted_rows = 0.5): drawn in
-  proportion to the Monte-Carlo weight, so p_theta's action term sees the
-  successful steps more often at the same objective (learning/learner.py, "Value-
-  sampled rows"). Needs the pure Monte-Carlo target (the robot configs' choice)."""
-  c.learner.weighted_rows = 0.5
-
-
 # Variants that modify whatever algorithm and backbone they join.
 MODIFIER_VARIANTS = {"lora": _lora, "shared_encoder": _shared_encoder, "pi_head": _pi_head,
-                     "separate": _separate, "chunks": _chunks, "weighted": _weighted}
+                     "separate": _separate, "chunks": _chunks}
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str, where: str) -> None:

@@ -214,24 +214,6 @@ def _check_chunks(cfg, lcfg) -> None:
         f"gives {per_call} rows per microbatch, not whole chunks")
 
 
-def _check_weighted_rows(cfg, lcfg) -> None:
-  """Value-sampled rows (learner.weighted_rows) come from the RLDS pipeline, and every
-  process's batch holds rows of both kinds."""
-  if not lcfg.uses_weighted_rows:
-    return
-  if cfg.data.source == "reverb":
-    raise qconfig.ConfigError(
-        f"learner.weighted_rows={lcfg.weighted_rows} draws steps by their return-to-go in "
-        "the RLDS pipeline; replay (data.source='reverb') samples uniformly: set "
-        "learner.weighted_rows=0 or data.source='rlds'")
-  local = cfg.train.batch_size // distributed.count()
-  drawn = lcfg.weighted_batch_rows(local)
-  if not 0 < drawn < local:
-    raise qconfig.ConfigError(
-        f"learner.weighted_rows={lcfg.weighted_rows} of a batch of {local} rows per process "
-        f"gives {drawn} value-sampled rows: a batch needs rows of both kinds")
-
-
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
   """A workdir resumes only the run it holds: same model, learner, action space
   and (LoRA) frozen base. Both sides are read back through their loaders first, so
@@ -412,7 +394,6 @@ def train(cfg, workdir: str) -> dict[str, Any]:
                               f"training examples (steps) of {', '.join(setup.data_dirs)} "
                               f"(split {cfg.data.split!r}): every batch would repeat them")
   _check_chunks(cfg, setup.policy.learner)
-  _check_weighted_rows(cfg, setup.policy.learner)
   _check_workdir(workdir)
 
   from qsft_vla.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -434,8 +415,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
                                    gamma=policy.learner.gamma,
                                    batch_size=local_batch, seed=data_seed, train=True,
                                    validate=tcfg.validate_data, keep_returns=thresholds,
-                                   stats=setup.stats, chunk_length=policy.learner.chunk_length,
-                                   weighted_rows=policy.learner.weighted_batch_rows(local_batch))
+                                   stats=setup.stats, chunk_length=policy.learner.chunk_length)
   prepare = batches_lib.BatchPreparer(policy.text_tokenizer, policy.model_config.max_text_len)
   primary = distributed.is_primary()
   probe = q_gap.maybe_probe(cfg, setup, prepare) if primary else None

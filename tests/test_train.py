@@ -251,23 +251,6 @@ def test_chunked_batches_need_the_pipeline_and_whole_chunks(dataset, tmp_path):
     train._check_chunks(cfg, train.learner_config(cfg))
 
 
-def test_value_sampled_rows_train_and_are_refused_where_they_cannot_be(dataset, tmp_path):
-  summary = train.train(_config(dataset, "qsft+weighted", **{"train.num_steps": 2}),
-                        str(tmp_path / "w"))
-  assert summary["step"] == 2 and np.isfinite(summary["loss_p"])
-  row = metrics_lib.read_jsonl(str(tmp_path / "w"))[-1]
-  assert 0.0 < row["weighted_rows_c"] < 1.0  # E[w] over the uniform rows
-  with pytest.raises(qconfig.ConfigError, match=r"learner.weighted_rows=0.05 of a batch of 8 "
-                     r"rows per process gives 0 value-sampled rows"):
-    train.train(_config(dataset, **{"train.num_steps": 2, "learner.weighted_rows": 0.05}),
-                str(tmp_path / "few"))
-  assert not (tmp_path / "few").exists()
-  cfg = _config(dataset, "qsft+weighted", **{"data.source": "reverb"})
-  with pytest.raises(qconfig.ConfigError, match=r"replay \(data.source='reverb'\) samples "
-                     "uniformly"):
-    train._check_weighted_rows(cfg, train.learner_config(cfg))
-
-
 def test_a_failed_save_stops_with_a_clear_error(dataset, tmp_path, monkeypatch):
   """Disk full while saving: one TrainingError naming the step and the intact one."""
   real_save = checkpoints.save

@@ -17,15 +17,6 @@ steps holds data.shuffle_buffer // L runs), and a batch is B / L whole runs. A
 run may cross from one episode's last step into the next episode, where nothing
 bootstraps.
 
-Value-sampled rows (weighted_rows = K > 0, for learner.weighted_rows): every
-batch is B - K uniform rows as above, then K rows from a second stream over the
-same mixture (its own seed) that keeps each step with probability
-clip(return_to_go, 0, 1), so they come in proportion to the Monte-Carlo weight;
-"weighted_row" marks them, and "mean_weight" carries E[w] over the mixture (one
-ordered pass of the episode function when the pipeline is built). The second stream has its own shuffle buffer of
-data.shuffle_buffer steps (twice the buffer memory) and reads about 1 / E[w]
-steps per row it keeps (encoded frames; only kept steps are decoded).
-
 Each training example's layout: data/examples.py.
 
 Bad data fails with DataError naming the dataset dir, episode, step and key:
@@ -207,62 +198,12 @@ def _keep_episode(threshold: float):
   return lambda ex: tf.cast(ex["episode_return"][0], tf.float64) >= t
 
 
-# The value-sampled rows' stream: its own file order, mixing, draws and augmentation.
-_VALUE_SEED_OFFSET = 7_919
-
-
-def _accept_by_value(seed: int):
-  """Predicate on (element counter, example): a uniform draw < clip(return_to_go, 0, 1),
-  the draw a function of the seed and the counter (deterministic, and fresh every
-  time a repeating stream meets the same step again)."""
-  def accept(counter, ex):
-    u = tf.random.stateless_uniform([], tf.stack([tf.constant(seed, tf.int64), counter]))
-    return u < tf.clip_by_value(ex["return_to_go"], 0.0, 1.0)
-  return accept
-
-
-def _join_rows(n_uniform: int, n_drawn: int, c: float):
-  """(uniform batch, value-sampled batch) -> one batch, uniform rows first, with
-  the bool[B] field weighted_row and the float32[B] field mean_weight: c = E[w]
-  over the mixture, the same on every row."""
-  def join(uniform, drawn):
-    out = tf.nest.map_structure(lambda a, b: tf.concat([a, b], 0), uniform, drawn)
-    out["weighted_row"] = tf.concat([tf.zeros([n_uniform], tf.bool),
-                                     tf.ones([n_drawn], tf.bool)], 0)
-    out["mean_weight"] = tf.fill([n_uniform + n_drawn], tf.constant(c, tf.float32))
-    return out
-  return join
-
-
-def _mean_weight(members, weights, data, spec, options) -> float:
-  """E[clip(G_t, 0, 1)] over the mixture's steps (member m drawn with its weight,
-  then a step uniformly), from one ordered pass of the episode function: the
-  acceptance rate of the value-sampled stream, and the constant by which the
-  learner scales its rows. Exact, where an estimate from a batch's uniform rows
-  is 0 whenever none of them succeeded (often, where successes are rare)."""
-  total = 0.0
-  for m, wt in zip(members, weights):
-    ds = m.episodes(data, spec, shuffle_files=False, seed=0, options=options)
-    ds = ds.map(m.episode_fn).map(lambda ep: (
-        tf.reduce_sum(tf.clip_by_value(tf.cast(ep["return_to_go"], tf.float64), 0.0, 1.0)),
-        tf.cast(tf.size(ep["return_to_go"]), tf.float64)))
-    s, n = ds.reduce((tf.constant(0.0, tf.float64), tf.constant(0.0, tf.float64)),
-                     lambda acc, x: (acc[0] + x[0], acc[1] + x[1]))
-    if float(n) > 0:
-      total += float(wt) * float(s) / float(n)
-  if not total > 0:
-    raise DataError(", ".join(m.dir for m in members), "learner.weighted_rows draws steps in "
-                    "proportion to their return-to-go, but no step of the mixture has a "
-                    "positive one", key="reward")
-  return total
-
-
 def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: Optional[int],
                  seed: int,
                  train: bool = True, validate: bool = True,
                  keep_returns: Optional[Sequence[float]] = None,
                  stats: Optional[Sequence[Optional[dict[str, Any]]]] = None,
-                 chunk_length: int = 1, weighted_rows: int = 0) -> tf.data.Dataset:
+                 chunk_length: int = 1) -> tf.data.Dataset:
   """The batched tf.data pipeline (see the module docstring for one example).
 
   data: the config's data section (dirs, weights, split, window, shuffle,
@@ -288,18 +229,10 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
   chunk_length: with train=True, every chunk_length examples in a row are
   consecutive steps of one member (the module docstring); batch_size must be a
   multiple of it.
-  weighted_rows: with train=True, the last this many rows of every batch are
-  value-sampled (the module docstring) and the batch gains "weighted_row",
-  bool[B], True on them, and "mean_weight", float32[B], E[w] on every row.
   """
   chunk = int(chunk_length)
   if chunk > 1 and not train:
     raise ValueError("chunk_length > 1 is for training batches (train=True)")
-  drawn = int(weighted_rows)
-  if drawn and (not train or chunk > 1 or batch_size is None or not 0 < drawn < batch_size):
-    raise ValueError(f"weighted_rows={drawn} needs training batches (train=True) of single "
-                     f"steps with uniform rows too, got batch size {batch_size}, "
-                     f"chunk_length {chunk}, train={train}")
   if chunk > 1 and (batch_size is None or batch_size % chunk):
     raise ValueError(f"batch size {batch_size} is not a multiple of chunk_length={chunk}")
   members, weights = _members(data, spec, tokenizer, gamma, stats)
@@ -312,58 +245,41 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
   options = _options(deterministic)
   parallel = _parallel_calls(data)
 
-  def mixed(seed, by_value=False):
-    """The members' steps (images still encoded), mixed and shuffled for training;
-    by_value: only the steps a draw keeps with probability clip(G_t, 0, 1)."""
-    streams = []
-    for m in members:
-      member_seed = seed * 1_000_003 + m.index
-      ds = m.episodes(data, spec, shuffle_files=train, seed=member_seed, options=options)
-      if train:
-        ds = ds.repeat()
-      ds = ds.map(m.episode_fn, num_parallel_calls=parallel, deterministic=deterministic)
-      if keep_returns is not None:
-        ds = ds.filter(_keep_episode(keep_returns[m.index]))
-      ds = ds.unbatch()
-      streams.append(ds.batch(chunk, drop_remainder=True) if chunk > 1 else ds)
-    if not train:
-      ds = streams[0]
-      for s in streams[1:]:
-        ds = ds.concatenate(s)
-      return ds
+  streams = []
+  for m in members:
+    member_seed = seed * 1_000_003 + m.index
+    ds = m.episodes(data, spec, shuffle_files=train, seed=member_seed, options=options)
+    if train:
+      ds = ds.repeat()
+    ds = ds.map(m.episode_fn, num_parallel_calls=parallel, deterministic=deterministic)
+    if keep_returns is not None:
+      ds = ds.filter(_keep_episode(keep_returns[m.index]))
+    ds = ds.unbatch()
+    streams.append(ds.batch(chunk, drop_remainder=True) if chunk > 1 else ds)
+  if train:
     if len(streams) == 1:
       ds = streams[0]
     else:
       ds = tf.data.Dataset.sample_from_datasets(streams, weights=list(weights), seed=seed)
-    if by_value:
-      ds = ds.enumerate().filter(_accept_by_value(seed)).map(lambda _, ex: ex)
     ds = ds.shuffle(max(1, data.shuffle_buffer // chunk), seed=seed,
                     reshuffle_each_iteration=True)
-    return ds.unbatch() if chunk > 1 else ds
+    if chunk > 1:
+      ds = ds.unbatch()
+  else:
+    ds = streams[0]
+    for s in streams[1:]:
+      ds = ds.concatenate(s)
 
   augment = data.augment if (train and data.augment.enabled) else None
   image_size = None if data.image_size is None else tuple(data.image_size)
-
-  def examples_of(ds, seed):
-    step_fn = examples.step_fn(spec, members[0].encoded, tuple(m.dir for m in members),
-                               image_size=image_size, augment=augment, seed=seed,
-                               window=data.window)
-    # Chunks need the runs' order kept through the parallel map.
-    return ds.enumerate().map(step_fn, num_parallel_calls=parallel,
-                              deterministic=deterministic or chunk > 1)
-
-  ds = examples_of(mixed(seed), seed)
+  step_fn = examples.step_fn(spec, members[0].encoded, tuple(m.dir for m in members),
+                     image_size=image_size, augment=augment, seed=seed, window=data.window)
+  # Chunks need the runs' order kept through the parallel map.
+  ds = ds.enumerate().map(step_fn, num_parallel_calls=parallel,
+                          deterministic=deterministic or chunk > 1)
   if batch_size is None:  # the examples themselves (replay mixes them with its samples)
     return ds.with_options(options)
-  if drawn:
-    c = _mean_weight(members, weights, data, spec, options)
-    value_seed = seed + _VALUE_SEED_OFFSET
-    by_value = examples_of(mixed(value_seed, by_value=True), value_seed).batch(
-        drawn, drop_remainder=True)
-    ds = tf.data.Dataset.zip((ds.batch(batch_size - drawn, drop_remainder=True), by_value))
-    ds = ds.map(_join_rows(batch_size - drawn, drawn, c))
-  else:
-    ds = ds.batch(batch_size, drop_remainder=train)
+  ds = ds.batch(batch_size, drop_remainder=train)
   if data.prefetch:
     ds = ds.prefetch(tf.data.AUTOTUNE if data.prefetch < 0 else data.prefetch)
   return ds.with_options(options)
@@ -374,11 +290,10 @@ def as_numpy_batches(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_si
                      train: bool = True, validate: bool = True,
                      keep_returns: Optional[Sequence[float]] = None,
                      stats: Optional[Sequence[Optional[dict[str, Any]]]] = None,
-                     chunk_length: int = 1, weighted_rows: int = 0) -> BatchIterator:
+                     chunk_length: int = 1) -> BatchIterator:
   """`make_dataset(...)` wrapped in a BatchIterator."""
   return BatchIterator(make_dataset(data, spec, tokenizer, gamma=gamma, batch_size=batch_size,
                                     seed=seed,
                                     train=train, validate=validate, keep_returns=keep_returns,
-                                    stats=stats, chunk_length=chunk_length,
-                                    weighted_rows=weighted_rows),
+                                    stats=stats, chunk_length=chunk_length),
                        _data_dirs(data)[0])

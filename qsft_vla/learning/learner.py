@@ -70,13 +70,6 @@ weights equal the reference path's to float tolerance when the instruction is
 the same at t and t+1 and nothing augments frames (augmentation crops s' in the
 next row differently from s' in this row's next_observation; both are valid).
 
-Value-sampled rows (LearnerConfig.weighted_rows, pure Monte-Carlo target): the
-batch field weighted_row marks the rows the pipeline drew in proportion to their
-weight w = clip(G_t, 0, 1), and mean_weight carries E[w] over the data; the other
-rows are uniform. pi_phi's L_CE reads the uniform rows; p_theta's L_WCE is
-estimated from both (`_value_sampled_loss`): the same objective in expectation,
-with less noise where successful steps are rare.
-
 Targets (LearnerConfig.backup, mc_lower_bound, mc_mix): the paper's in-support
 max of p_theta_bar / pi_phi at the next state, the behaviour's value
 sum_b p_theta_bar(b), or the expectile of the in-support ratios between them
@@ -141,8 +134,7 @@ RESIDUAL_DUMMY_BIAS = 20.0
 NEG_INF = reweighting.NEG_INF
 BATCH_KEYS = ("observation", "history_mask", "next_observation", "next_history_mask",
               "text_ids", "text_mask", "action_tokens", "reward", "terminal", "has_next",
-              "return_to_go", "weighted_row", "mean_weight")
-VALUE_SAMPLED_KEYS = ("weighted_row", "mean_weight")  # learner.weighted_rows
+              "return_to_go")
 CHUNK_KEYS = ("episode_index", "step_index")  # what check_chunks reads (dataset_index too)
 
 
@@ -384,18 +376,6 @@ class Learner:
     if check_targets and self.config.uses_p and (self.config.mc_lower_bound or self.config.mc_mix) \
         and "return_to_go" not in out:
       raise ValueError("mc_lower_bound / mc_mix need a batch field 'return_to_go'")
-    if not self.config.uses_weighted_rows:
-      for k in VALUE_SAMPLED_KEYS:
-        out.pop(k, None)
-    elif check_targets:
-      missing = [k for k in VALUE_SAMPLED_KEYS if k not in out]
-      if missing:
-        raise ValueError(f"learner.weighted_rows={self.config.weighted_rows} needs the batch "
-                         f"fields {missing} (the pipeline's value-sampled rows)")
-      flags = np.asarray(out["weighted_row"], bool)
-      if not (flags.any(axis=-1).all() and (~flags).any(axis=-1).all()):
-        raise ValueError("learner.weighted_rows: every batch needs uniform and "
-                         "value-sampled rows (batch field 'weighted_row')")
     return out
 
   def _active(self, step):
@@ -501,11 +481,7 @@ class Learner:
         p_logits = (self._apply(self.network(state, group_p), obs, hm, ti, tm, tokens, rng_p)
                     if cfg.uses_p else None)
       pi_logits = self.mask_pi_logits(pi_logits)
-      # With value-sampled rows pi_phi, the behaviour policy, learns from the uniform ones.
-      uniform = (None if not cfg.uses_weighted_rows else
-                 (~jnp.asarray(batch["weighted_row"], bool)).astype(jnp.float32))
-      loss_pi = losses.cross_entropy(pi_logits, tokens,
-                                     None if uniform is None else uniform[:, None])
+      loss_pi = losses.cross_entropy(pi_logits, tokens)
       aux = {"loss_pi": loss_pi}
       if not cfg.uses_p:
         return loss_pi, aux
@@ -532,13 +508,9 @@ class Learner:
           cfg.clip_weights,
           return_to_go=batch["return_to_go"] if cfg.mc_lower_bound else None,
           mixed_return=batch["return_to_go"] if cfg.mc_mix else None, mc_mix=cfg.mc_mix)
-      if uniform is None:
-        loss_p, wmetrics = losses.weighted_cross_entropy(
-            p_logits, tokens, w, residual=cfg.residual, dummy_id=self.dummy_id,
-            valid_mask=self.valid, mask=td_mask)
-      else:
-        loss_p, wmetrics = self._value_sampled_loss(p_logits, tokens, w, td_mask, uniform,
-                                                    jnp.mean(batch["mean_weight"]))
+      loss_p, wmetrics = losses.weighted_cross_entropy(
+          p_logits, tokens, w, residual=cfg.residual, dummy_id=self.dummy_id,
+          valid_mask=self.valid, mask=td_mask)
       logp_p = jax.nn.log_softmax(jax.lax.stop_gradient(p_logits), -1)
       logp_pi = jax.nn.log_softmax(pi_sg, -1)
       tok = tokens[..., None]
@@ -552,31 +524,6 @@ class Learner:
     (_, aux), (g_pi, g_p) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params_pi, state.params_p)
     return g_pi, g_p, aux
-
-  def _value_sampled_loss(self, p_logits, tokens, w, td_mask, uniform, c):
-    """L_WCE from a batch of uniform rows (U) and rows drawn in proportion to w (W):
-
-      L = mean_U[-(1 - f) w log p(k|x) - (1 - w) log p(a_d|x)] + f c mean_W[-log p(k|x)]
-
-    with f the share of W rows and c = E[w] over the data (the pipeline's exact
-    mean_weight): E[L] is L_WCE over the data, since E_W[g] = E[w g] / c. (c estimated
-    on a batch's U rows would also be unbiased, but is 0 whenever none of them
-    succeeded, which silences the W rows of that batch.) The weight metrics describe
-    the data's weights (U rows); weighted_rows_c is c."""
-    cfg = self.config
-    drawn = 1.0 - uniform
-    f = jnp.mean(drawn)
-    m_u, m_w = td_mask * uniform[:, None], td_mask * drawn[:, None]
-    c = jax.lax.stop_gradient(jnp.asarray(c, jnp.float32))
-    loss_u, metrics = losses.weighted_cross_entropy(
-        p_logits, tokens, w, residual=cfg.residual, dummy_id=self.dummy_id,
-        valid_mask=self.valid, mask=m_u, action_scale=1.0 - f)
-    # w = 1: the action term alone (the residual term is exactly 0).
-    loss_w, _ = losses.weighted_cross_entropy(
-        p_logits, tokens, 1.0, residual=cfg.residual, dummy_id=self.dummy_id,
-        valid_mask=self.valid, mask=m_w)
-    metrics["weighted_rows_c"] = c
-    return loss_u + f * c * loss_w, metrics
 
   def _update(self, state: TrainState, g_pi, g_p, aux, train_pi, train_p):
     """The optimiser steps, the Polyak target and the metrics, from the gradients."""

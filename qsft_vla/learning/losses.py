@@ -38,7 +38,7 @@ def cross_entropy(logits, tokens, mask=None):
 
 
 def weighted_cross_entropy(logits, tokens, weights, *, residual="dummy", dummy_id=None,
-                           valid_mask=None, mask=None, action_scale=1.0):
+                           valid_mask=None, mask=None):
   """L_WCE of QSFT.md for p_theta, averaged over unmasked tokens.
 
   dummy:   -[w log p(k|x) + (1 - w) log p(a_d|x)], a_d = dummy_id.
@@ -54,9 +54,6 @@ def weighted_cross_entropy(logits, tokens, weights, *, residual="dummy", dummy_i
       "uniform"; used for the valid_mass metric when given).
     mask: broadcastable to tokens, e.g. bellman_weights' td_mask times a batch
       padding mask.
-    action_scale: a constant on the action term alone, -[s w log p(k|x) + (1 - w)
-      log p(a_d|x)]: with value-sampled rows the uniform rows carry (1 - share)
-      of the action term (learner.py).
 
   Returns:
     (loss, metrics): metrics are means over the mask of the weight
@@ -86,7 +83,7 @@ def weighted_cross_entropy(logits, tokens, weights, *, residual="dummy", dummy_i
     total = jnp.sum(jnp.where(others, logp, 0.0), axis=-1)
     res_logp = total / jnp.maximum(n_valid - 1.0, 1.0)
   # With w == 1 the residual term is exactly 0, so L_WCE == L_CE bit for bit.
-  loss = masked_mean(-(action_scale * w * token_logp + (1.0 - w) * res_logp), m)
+  loss = masked_mean(-(w * token_logp + (1.0 - w) * res_logp), m)
   w_mean = masked_mean(w, m)
   metrics = {
       "weight_mean": w_mean,

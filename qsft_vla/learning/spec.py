@@ -124,17 +124,6 @@ class LearnerConfig:
   # chunk. 1: independent examples (the reference path). No effect on the pure
   # Monte-Carlo target beyond the batches' make-up.
   chunk_length: int = 1
-  # Value-sampled rows (pure Monte-Carlo target only): this share of every Q-SFT batch
-  # is drawn from the data in proportion to its weight w = clip(G_t, 0, 1) (the
-  # pipeline accepts each step with probability w), the rest uniformly as always.
-  # L_WCE's action term E[w * -log p(a|s)] is then estimated from both parts: the
-  # uniform rows give (1 - share) of it, the drawn rows share * c * mean(-log p(a|s))
-  # with c = E[w] over the data (the pipeline computes it once). Same objective in
-  # expectation, so p_theta converges to the same pi_beta * Q; the drawn rows only
-  # cut the noise of its gradient where successful steps are rare (e.g. 15% of the
-  # steps). pi_phi's L_CE reads the uniform rows alone (it is the behaviour policy).
-  # 0: uniform batches (the paper).
-  weighted_rows: float = 0.0
 
   def __post_init__(self):
     for name, allowed in (("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
@@ -182,17 +171,6 @@ class LearnerConfig:
     if isinstance(self.sample_k, bool) or not isinstance(self.sample_k, int) \
         or not 1 <= self.sample_k <= 4096:
       raise ValueError(f"sample_k must be an integer in [1, 4096], got {self.sample_k!r}")
-    if not (np.isfinite(self.weighted_rows) and 0.0 <= self.weighted_rows < 1.0):
-      raise ValueError(f"weighted_rows must be in [0, 1), got {self.weighted_rows}")
-    if self.uses_weighted_rows:
-      for bad, why in ((self.bootstraps, f"mc_mix={self.mc_mix} (a bootstrapped weight is "
-                        "only known inside the step; the pipeline draws by G_t: use mc_mix=1)"),
-                       (self.chunk_length > 1, f"chunk_length={self.chunk_length}"),
-                       (self.microbatches > 1, f"microbatches={self.microbatches} (each "
-                        "microbatch would need both kinds of rows)")):
-        if bad:
-          raise ValueError(f"weighted_rows={self.weighted_rows} needs the pure Monte-Carlo "
-                           f"target with uniform single-step batches; got {why}")
     if not 0.0 <= self.ratio_eps < 1.0:
       raise ValueError(f"ratio_eps must be in [0, 1), got {self.ratio_eps}")
     if self.uses_p and self.architecture == "pi_head" and self.schedule == "sequential":
@@ -248,15 +226,6 @@ class LearnerConfig:
   def bootstraps(self) -> bool:
     """False for the pure Monte-Carlo target (mc_mix = 1): no target network pass."""
     return self.mc_mix < 1.0
-
-  @property
-  def uses_weighted_rows(self) -> bool:
-    """Whether Q-SFT batches hold value-sampled rows (BC and filtered BC never do)."""
-    return self.uses_p and self.weighted_rows > 0
-
-  def weighted_batch_rows(self, batch_size: int) -> int:
-    """How many of `batch_size` rows are value-sampled (0 without them)."""
-    return int(round(self.weighted_rows * batch_size)) if self.uses_weighted_rows else 0
 
   @property
   def keeps_target(self) -> bool:

@@ -16,8 +16,6 @@ LEARNER_KEYS = ("observation", "history_mask", "next_observation", "next_history
 # Where each row comes from: the learner checks chunked batches on the host with
 # them and never sends them to a device.
 INDEX_KEYS = ("episode_index", "step_index", "dataset_index")
-# Present only in batches with value-sampled rows (learner.weighted_rows).
-OPTIONAL_KEYS = ("weighted_row", "mean_weight")
 _CACHE_LIMIT = 100_000  # distinct instructions kept; beyond that the cache restarts
 
 
@@ -45,7 +43,7 @@ class BatchPreparer:
 
   def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: batch[k] for k in LEARNER_KEYS}
-    out.update({k: batch[k] for k in INDEX_KEYS + OPTIONAL_KEYS if k in batch})
+    out.update({k: batch[k] for k in INDEX_KEYS if k in batch})
     out["text_ids"], out["text_mask"] = self.encode(batch["instruction"])
     return out
 
