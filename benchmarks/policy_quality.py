@@ -3,6 +3,10 @@
   .venv/bin/python benchmarks/policy_quality.py --size=small [--tasks=gotolocal,reach] \
       [--seeds=0,1,2] [--jobs=2] [--workdir=runs/policy_quality] [--results=benchmarks/results]
 
+Sizes (SIZES): small, about 2 hours on 2 cores with --jobs=2, one task per
+simulator (GoToLocal, reach); medium, every task, hours per task on 2 cores (the
+committed table); large, for accelerators.
+
 For every task: generate the dataset with a behaviour mixture whose most
 common behaviour is wrong (data_tools.generate --behavior), train every method
 for every seed through the training binary (python -m qsft_vla.train: same
@@ -106,31 +110,46 @@ TASKS = {
     "drawer_open": Task("metaworld:drawer-open-v3", _MW_MIX),
 }
 
-# Per size and robot: dataset episodes, training steps and batch, evaluation
-# episodes per stream, the time limit of data and evaluation (None: the env's).
+# Per size: its tasks, and per robot: dataset episodes, training steps and batch,
+# evaluation episodes per stream, the time limit of data and evaluation (None: the
+# env's), the training-time evaluation interval and the validation sweep's extractions.
 SIZES = {
-    # small: one BabyAI task with 3 seeds takes about 1.5 hours on 2 cores
-    # (gotolocal: 89 min measured), so run it a task at a time (--tasks=...);
-    # the BabyAI cell is the default job's size, so the two read side by side.
-    "small": {"babyai": dict(episodes=4000, steps=2000, batch=64, eval_episodes=100,
-                             max_steps=None, every=500),
-              # Meta-World at 1500 steps: on reach every method's validation curve
-              # was still rising (filtered BC 51 -> 56%, Q-SFT 23 -> 27% over steps
-              # 1000..1500; push: filtered BC 41 -> 44%); at 3000, training seed 0,
-              # Q-SFT's best extraction went 37 -> 73% and filtered BC 60 -> 53%
-              # (30 episodes). Runs of 1500 steps resume to 3000 (same batches).
-              "metaworld": dict(episodes=200, steps=3000, batch=32, eval_episodes=30,
-                                max_steps=120, every=500)},
-    "large": {"babyai": dict(episodes=8000, steps=20000, batch=128, eval_episodes=200,
-                             max_steps=None, every=2000),
+    # small: the about-2-hour check on 2 cores (--jobs=2): one task per simulator,
+    # three methods x three seeds, each trained to a success rate. GoToLocal at the
+    # default job's size; reach at 1500 steps, where its methods separate (Q-SFT 59%,
+    # BC 30%, filtered BC 70% on test in the medium size's first run). Meta-World
+    # sweeps the configs' extraction only: an evaluation there runs up to 120 steps of
+    # MuJoCo and the model per episode: push's sweep of three extractions (30 episodes,
+    # 3 seeds) took about 1.8 hours by itself.
+    "small": {"tasks": ("gotolocal", "reach"),
+              "babyai": dict(episodes=4000, steps=1000, batch=64, eval_episodes=100,
+                             max_steps=None, every=500, extractions=EXTRACTIONS),
+              "metaworld": dict(episodes=200, steps=1500, batch=32, eval_episodes=20,
+                                max_steps=120, every=750, extractions=("sample",))},
+    # medium: every task, hours per task on 2 cores (gotolocal: 71 min, reach: 253
+    # min; run a few tasks at a time with --tasks=...). The BabyAI cell is the default
+    # job's size before steps_factor.
+    "medium": {"tasks": tuple(TASKS),
+               "babyai": dict(episodes=4000, steps=2000, batch=64, eval_episodes=100,
+                              max_steps=None, every=500, extractions=EXTRACTIONS),
+               # Meta-World at 1500 steps: on reach every method's validation curve
+               # was still rising (filtered BC 51 -> 56%, Q-SFT 23 -> 27% over steps
+               # 1000..1500; push: filtered BC 41 -> 44%); at 3000, training seed 0,
+               # Q-SFT's best extraction went 37 -> 73% and filtered BC 60 -> 53%
+               # (30 episodes). Runs of 1500 steps resume to 3000 (same batches).
+               "metaworld": dict(episodes=200, steps=3000, batch=32, eval_episodes=30,
+                                 max_steps=120, every=500, extractions=EXTRACTIONS)},
+    "large": {"tasks": tuple(TASKS),
+              "babyai": dict(episodes=8000, steps=20000, batch=128, eval_episodes=200,
+                             max_steps=None, every=2000, extractions=EXTRACTIONS),
               "metaworld": dict(episodes=2000, steps=20000, batch=128, eval_episodes=100,
-                                max_steps=200, every=2000)},
+                                max_steps=200, every=2000, extractions=EXTRACTIONS)},
 }
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("size", "small", list(SIZES), "Dataset, training and evaluation sizes.")
-flags.DEFINE_list("tasks", list(TASKS), f"Tasks: {', '.join(TASKS)}; empty (--tasks=): only "
-                  "rebuild the table and plots from the committed summaries.")
+flags.DEFINE_list("tasks", None, f"Tasks: {', '.join(TASKS)} (default: the size's); empty "
+                  "(--tasks=): only rebuild the table and plots from the committed summaries.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
 flags.DEFINE_list("methods", list(METHODS), "Methods.")
 flags.DEFINE_string("workdir", "runs/policy_quality", "Datasets, runs and evaluations (kept; "
@@ -337,7 +356,7 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
     workdirs = list(pool.map(lambda c: train(name, task, size, c[0], c[1], data), cells))
   runs = {m: [w for (mm, _), w in zip(cells, workdirs) if mm == m] for m in FLAGS.methods}
   _prefetch(task, size, [(w, FLAGS.val_seed, e, BETAS) for w in runs.get("qsft", [])
-                         for e in EXTRACTIONS]
+                         for e in size["extractions"]]
             + [(w, FLAGS.test_seed, None, (None,)) for m, ws in runs.items() if m != "qsft"
                for w in ws])
 
@@ -351,7 +370,7 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
   sweep: dict[str, dict[float, float]] = {}
   choice = None
   if "qsft" in runs:
-    for extraction in EXTRACTIONS:
+    for extraction in size["extractions"]:
       sweep[extraction] = {
           b: float(np.mean([evaluate(w, task, size, FLAGS.val_seed, extraction, b)
                             ["success_rate"] for w in runs["qsft"]])) for b in BETAS}
@@ -361,7 +380,7 @@ def run_task(name: str, seeds: list[int]) -> dict[str, Any]:
     out["qsft_choice"] = {"extraction": choice[0], "beta": choice[1],
                           "val_success": sweep[choice[0]][choice[1]]}
     out["beta_sweep_val"] = sweep
-    out["extractions_val"] = list(EXTRACTIONS)
+    out["extractions_val"] = list(size["extractions"])
   for m, workdirs in runs.items():
     if m == "qsft":
       test = [evaluate(w, task, size, FLAGS.test_seed, choice[0], choice[1]) for w in workdirs]
@@ -572,7 +591,8 @@ def rebuild(prefix: str, run_seconds: float | None = None) -> str:
 
 def main(argv):
   del argv
-  unknown = [t for t in FLAGS.tasks if t not in TASKS]
+  tasks = list(SIZES[FLAGS.size]["tasks"]) if FLAGS.tasks is None else FLAGS.tasks
+  unknown = [t for t in tasks if t not in TASKS]
   if unknown:
     raise app.UsageError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
   bad = [m for m in FLAGS.methods if m not in METHODS]
@@ -581,7 +601,7 @@ def main(argv):
   seeds = [int(s) for s in FLAGS.seeds]
   start = time.time()
   prefix = os.path.join(FLAGS.results, f"policy_quality_{FLAGS.size}")
-  for name in FLAGS.tasks:
+  for name in tasks:
     logging.info("task %s (%s)", name, TASKS[name].env)
     t0 = time.time()
     result = run_task(name, seeds)
@@ -590,7 +610,7 @@ def main(argv):
     result["wall_min"] = round(_earlier_wall_min(prefix, name) + (time.time() - t0) / 60, 1)
     write_summary(prefix, result)
     print(rebuild(prefix, time.time() - start))
-  if not FLAGS.tasks:  # --tasks= : the table and plots from the committed summaries alone
+  if not tasks:  # --tasks= : the table and plots from the committed summaries alone
     print(rebuild(prefix))
   return 0
 

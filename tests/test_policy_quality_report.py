@@ -35,8 +35,8 @@ def test_table_and_plots(tmp_path):
   results[1]["beta_sweep_val"] = {e: {b: v for b, v in s.items() if float(b) <= 32}
                                   for e, s in results[1]["beta_sweep_val"].items()}
   text = pq.table(results)
-  assert "| gotolocal | 0,1,2 | 2000 x 64 |" in text and "70.0% [60, 80]" in text
-  assert "| reach | 0,1,2 | 3000 x 32 |" in text  # a summary without steps: its size's
+  assert "| gotolocal | 0,1,2 | 1000 x 64 |" in text and "70.0% [60, 80]" in text
+  assert "| reach | 0,1,2 | 1500 x 32 |" in text  # a summary without steps: its size's
   # Q-SFT's networks: recorded, or "separate" for summaries from before they were.
   assert "| separate | ratio, beta 16" in text
   assert "| pi_head | ratio, beta 16" in pq.table([{**results[0], "architecture": "pi_head"}])
@@ -57,7 +57,8 @@ def test_table_and_plots(tmp_path):
 
 def test_a_task_trains_longer_by_its_factor_and_the_table_says_so():
   pq.FLAGS(["policy_quality"])
-  base = pq.SIZES["small"]["babyai"]
+  pq.FLAGS(["policy_quality", "--size=medium"])
+  base = pq.SIZES["medium"]["babyai"]
   slow = pq.Task("babyai:BabyAI-PickupLoc-v0", "expert:1", steps_factor=2)
   assert pq.task_size(slow) == {**base, "steps": 2 * base["steps"]}
   assert pq.task_size(pq.Task("babyai:BabyAI-GoToLocal-v0", "expert:1")) == base
@@ -66,6 +67,25 @@ def test_a_task_trains_longer_by_its_factor_and_the_table_says_so():
   assert pq.task_size(short) == {**base, "max_steps": 64} and base["max_steps"] is None
   result = {**_result("pickuploc", 0.5, 0.2, 0.6), "steps": 4000, "batch": 64}
   assert "| pickuploc | 0,1,2 | 4000 x 64 |" in pq.table([result])
+  pq.FLAGS.unparse_flags()
+
+
+def test_a_size_runs_its_own_tasks_and_sweeps(tmp_path, monkeypatch):
+  """Without --tasks a size runs its tasks (small: one per simulator); --tasks picks others."""
+  ran = []
+  monkeypatch.setattr(pq, "run_task", lambda name, seeds: ran.append(name) or
+                      _result(name, 0.5, 0.2, 0.6))
+  monkeypatch.setattr(pq, "plots", lambda results, prefix: [])
+  for argv, want in ((["--size=small"], ["gotolocal", "reach"]),
+                     (["--size=medium", "--tasks=push"], ["push"])):
+    ran.clear()
+    pq.FLAGS(["policy_quality", *argv, f"--results={tmp_path}"])
+    assert pq.main(["policy_quality"]) == 0 and ran == want
+    pq.FLAGS.unparse_flags()
+  assert sorted(os.listdir(tmp_path / "policy_quality_small")) == ["gotolocal.json", "reach.json"]
+  assert pq.SIZES["medium"]["tasks"] == tuple(pq.TASKS)
+  # small's Meta-World task sweeps the configs' extraction alone (its evaluations are slow).
+  assert pq.SIZES["small"]["metaworld"]["extractions"] == (pq.default_choice(pq.TASKS["reach"])[0],)
 
 
 def test_summaries_from_several_runs_make_one_table(tmp_path):
