@@ -120,12 +120,15 @@ SIZES = {
     # BC 30%, filtered BC 70% on test in the medium size's first run). Meta-World
     # sweeps the configs' extraction only: an evaluation there runs up to 120 steps of
     # MuJoCo and the model per episode: push's sweep of three extractions (30 episodes,
-    # 3 seeds) took about 1.8 hours by itself.
+    # 3 seeds) took about 1.8 hours by itself. Its Q-SFT is pi_head (qsft_modifier), at
+    # about BC's cost: with separate networks a training of 1500 steps took 28 min
+    # beside another, so reach alone ran past 2 hours.
     "small": {"tasks": ("gotolocal", "reach"),
               "babyai": dict(episodes=4000, steps=1000, batch=64, eval_episodes=100,
                              max_steps=None, every=500, extractions=EXTRACTIONS),
               "metaworld": dict(episodes=200, steps=1500, batch=32, eval_episodes=20,
-                                max_steps=120, every=750, extractions=("sample",))},
+                                max_steps=120, every=750, extractions=("sample",),
+                                qsft_modifier="+pi_head")},
     # medium: every task, hours per task on 2 cores (gotolocal: 71 min, reach: 253
     # min; run a few tasks at a time with --tasks=...). The BabyAI cell is the default
     # job's size before steps_factor.
@@ -197,7 +200,8 @@ def train(name: str, task: Task, size: dict[str, Any], method: str, seed: int, d
     overrides.append(f"--config.eval.max_steps={size['max_steps']}")
   overrides += [f"--config.{o}" for o in FLAGS.override]
   _run([sys.executable, "-m", "qsft_vla.train",
-        f"--config=robot_configs/{task.robot}.py:{method}", f"--workdir={workdir}",
+        f"--config=robot_configs/{task.robot}.py:{method}"
+        + (size.get("qsft_modifier", "") if method == "qsft" else ""), f"--workdir={workdir}",
         *overrides], workdir + ".log")
   return workdir
 

@@ -86,6 +86,16 @@ def test_a_size_runs_its_own_tasks_and_sweeps(tmp_path, monkeypatch):
   assert pq.SIZES["medium"]["tasks"] == tuple(pq.TASKS)
   # small's Meta-World task sweeps the configs' extraction alone (its evaluations are slow).
   assert pq.SIZES["small"]["metaworld"]["extractions"] == (pq.default_choice(pq.TASKS["reach"])[0],)
+  # ... and trains Q-SFT as pi_head (its cost near BC's); the baselines as configured.
+  cmds = []
+  monkeypatch.setattr(pq, "_run", lambda cmd, log: cmds.append(cmd))
+  pq.FLAGS(["policy_quality", "--size=small", f"--workdir={tmp_path}"])
+  size = pq.task_size(pq.TASKS["reach"])
+  for method in ("qsft", "bc"):
+    pq.train("reach", pq.TASKS["reach"], size, method, 0, "data")
+  pq.FLAGS.unparse_flags()
+  assert [c[3] for c in cmds] == ["--config=robot_configs/metaworld.py:qsft+pi_head",
+                                  "--config=robot_configs/metaworld.py:bc"]
 
 
 def test_summaries_from_several_runs_make_one_table(tmp_path):
