@@ -3,7 +3,7 @@
   .venv/bin/python benchmarks/policy_quality.py --size=small [--tasks=gotolocal,reach] \
       [--seeds=0,1,2] [--jobs=2] [--workdir=runs/policy_quality] [--results=benchmarks/results]
 
-Sizes (SIZES): small, about 2 hours on 2 cores with --jobs=2, one task per
+Sizes (SIZES): small, sized for about 2 hours on 2 cores with --jobs=2, one task per
 simulator (GoToLocal, reach); medium, every task, hours per task on 2 cores (the
 committed table); large, for accelerators.
 

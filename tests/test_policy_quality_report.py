@@ -56,7 +56,6 @@ def test_table_and_plots(tmp_path):
 
 
 def test_a_task_trains_longer_by_its_factor_and_the_table_says_so():
-  pq.FLAGS(["policy_quality"])
   pq.FLAGS(["policy_quality", "--size=medium"])
   base = pq.SIZES["medium"]["babyai"]
   slow = pq.Task("babyai:BabyAI-PickupLoc-v0", "expert:1", steps_factor=2)

@@ -273,7 +273,8 @@ def make_dataset(data, spec: RobotSpec, tokenizer, *, gamma: float, batch_size: 
   augment = data.augment if (train and data.augment.enabled) else None
   image_size = None if data.image_size is None else tuple(data.image_size)
   step_fn = examples.step_fn(spec, members[0].encoded, tuple(m.dir for m in members),
-                     image_size=image_size, augment=augment, seed=seed, window=data.window)
+                             image_size=image_size, augment=augment, seed=seed,
+                             window=data.window)
   # Chunks need the runs' order kept through the parallel map.
   ds = ds.enumerate().map(step_fn, num_parallel_calls=parallel,
                           deterministic=deterministic or chunk > 1)
